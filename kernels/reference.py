@@ -1,0 +1,177 @@
+"""Plain-torch references for the kernels: same rounding rules, same Philox stream, fp32 math.
+
+They are exact enough that the Triton kernels can be compared element by element, and fast enough on CPU to be the
+fallback path (`impl="torch"`) of the functional API.
+
+Random stream (shared with the kernels): element (row, col) of a matrix with `cols` columns draws 16 bits from
+Philox-4x32-10 with key = seed and counter = (n, 0, 0, 0), n = row * ceil(cols / 8) + col // 8; of the four 32-bit
+words it returns, lane = col % 8 takes word lane // 2, low half for even lanes and high half for odd lanes. One
+Philox call therefore serves 8 consecutive elements of a row. This is exactly `tl.randint4x(seed, n)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Philox-4x32 constants (Salmon et al. 2011), as in triton.language.random.
+_PHILOX_KEY_A = np.uint64(0x9E3779B9)
+_PHILOX_KEY_B = np.uint64(0xBB67AE85)
+_PHILOX_ROUND_A = np.uint64(0xD2511F53)
+_PHILOX_ROUND_B = np.uint64(0xCD9E8D57)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+# (mantissa bits, smallest normal exponent, largest finite value) of the 8-bit formats.
+FP8_FORMATS = {
+    torch.float8_e4m3fn: (3, -6, 448.0),
+    torch.float8_e5m2: (2, -14, 57344.0),
+}
+
+# fp8 dots scale G = sigmoid(z) - y (|G| < 1) by this fixed power of two so that small gradients stay representable.
+GRAD_FP8_SCALE = 256.0
+
+
+def philox4x32(seed: int, counters: np.ndarray, rounds: int = 10) -> tuple[np.ndarray, ...]:
+    """Four uint32 words (as uint64 arrays) of Philox-4x32 for 64-bit counters (lo, hi, 0, 0) and a 64-bit seed."""
+    counters = np.asarray(counters, dtype=np.uint64)
+    c0 = counters & _MASK32
+    c1 = counters >> np.uint64(32)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0 = np.uint64(seed & 0xFFFFFFFF)
+    k1 = np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(rounds):
+        # A 32x32 product fits in uint64 exactly, so the high word is a plain shift.
+        prod_b = _PHILOX_ROUND_B * c2
+        prod_a = _PHILOX_ROUND_A * c0
+        c0, c1, c2, c3 = (
+            (prod_b >> np.uint64(32)) ^ c1 ^ k0,
+            prod_b & _MASK32,
+            (prod_a >> np.uint64(32)) ^ c3 ^ k1,
+            prod_a & _MASK32,
+        )
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def random_u16(seed: int, rows: int, cols: int, row_offset: int = 0) -> torch.Tensor:
+    """16 random bits per element of a (rows, cols) matrix whose first row is `row_offset` of the stream (int32)."""
+    groups = (cols + 7) // 8
+    n = (np.arange(row_offset, row_offset + rows, dtype=np.uint64)[:, None] * np.uint64(groups)) + np.arange(
+        groups, dtype=np.uint64
+    )[None, :]
+    words = np.stack(philox4x32(seed, n), axis=-1)  # (rows, groups, 4)
+    halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1)  # (rows, groups, 4, 2)
+    bits = halves.reshape(rows, groups * 8)[:, :cols]
+    return torch.from_numpy(bits.astype(np.int32))
+
+
+def _round_bf16_bits(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    bits = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = ((bits + add.to(torch.int64)) & 0xFFFF0000).to(torch.uint32).view(torch.int32)
+    out = bits.view(torch.float32)
+    return torch.where(torch.isnan(x), x.float(), out)
+
+
+def stochastic_round_bf16(x: torch.Tensor, rand16: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 grid: add 16 random bits below the bf16 mantissa, then truncate. Returned as fp32 on the grid."""
+    return _round_bf16_bits(x, rand16)
+
+
+def nearest_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 grid, round to nearest even (the same bit trick as the kernels). fp32 on the grid."""
+    bits = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return _round_bf16_bits(x, 0x7FFF + ((bits >> 16) & 1))
+
+
+def round_fp8_grid(x: torch.Tensor, threshold: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """Round |x| (saturated at the format's max) to the fp8 grid: up when the fraction exceeds `threshold`.
+
+    threshold = (r16 + 0.5) / 2**16 is stochastic rounding; 0.5 is round to nearest (ties toward zero).
+    Returns fp32 on the grid, sign kept, NaN kept.
+    """
+    man_bits, min_exp, max_val = FP8_FORMATS[dtype]
+    x = x.float()
+    a = x.abs().clamp(max=max_val)
+    e = ((a.view(torch.int32) >> 23) & 0xFF) - 127
+    e = e.clamp(min=min_exp)
+    ulp = ((e - man_bits + 127) << 23).view(torch.float32)
+    inv_ulp = ((127 - (e - man_bits)) << 23).view(torch.float32)
+    q = a * inv_ulp
+    fl = torch.floor(q)
+    y = (fl + (q - fl > threshold).float()) * ulp
+    y = torch.where(x < 0, -y, y)
+    return torch.where(torch.isnan(x), x, y)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset: int = 0) -> torch.Tensor:
+    """Reference of `kernels.rounding.stochastic_round`: x viewed as (rows, last dim), returned in `dtype`."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+    r = random_u16(seed, x2.shape[0], x2.shape[1], row_offset)
+    if dtype == torch.bfloat16:
+        y = stochastic_round_bf16(x2, r)
+    elif dtype in FP8_FORMATS:
+        y = round_fp8_grid(x2, (r.float() + 0.5) / 65536.0, dtype)
+    else:
+        raise ValueError(f"stochastic rounding targets bfloat16, float8_e4m3fn or float8_e5m2, not {dtype}")
+    return y.to(dtype).reshape(x.shape)
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype, rand16: torch.Tensor | None) -> torch.Tensor:
+    """Round fp32 x onto the grid of `dtype`: stochastically with `rand16`, to nearest without. fp32 result."""
+    if dtype == torch.bfloat16:
+        return nearest_bf16(x) if rand16 is None else stochastic_round_bf16(x, rand16)
+    if dtype in FP8_FORMATS:
+        threshold = 0.5 if rand16 is None else (rand16.float() + 0.5) / 65536.0
+        return round_fp8_grid(x, threshold, dtype)
+    return x.float()
+
+
+def head_step_chunk(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    row_offset: int,
+    num_valid: int,
+    kahan: torch.Tensor | None = None,
+    fp8_dots: bool = False,
+) -> torch.Tensor:
+    """One fused ELMO step for one label chunk, in place on `w` (and `kahan`); returns this chunk's dX (fp32).
+
+    w: (Lc, D) bf16 or float8_e4m3fn; x: (B, D) bf16 or fp32; y: (B, Lc) 0/1 targets; rows >= num_valid are padding
+    and never change. kahan: None or (H, D) bf16/float8_e5m2 compensation for the first H rows of this chunk.
+    The quantisation of operands mirrors the kernel: G is rounded to bf16 (nearest), or, with fp8 dots, X to e4m3
+    (nearest) and G * 256 to e4m3 (stochastic, on the stream seed + 1 over (label, batch row)).
+    """
+    wf = w.float()
+    xf = x.float()
+    if fp8_dots:
+        xf = x.float().clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    logits = xf @ wf.T
+    g = torch.sigmoid(logits) - y.float()
+    g[:, num_valid:] = 0.0
+    if fp8_dots:
+        r = random_u16(seed + 1, w.shape[0], x.shape[0], row_offset).T
+        g = round_fp8_grid(g * GRAD_FP8_SCALE, (r.float() + 0.5) / 65536.0, torch.float8_e4m3fn) / GRAD_FP8_SCALE
+    else:
+        g = nearest_bf16(g)
+    dx = g @ wf
+    delta = -lr * (g.T @ xf + weight_decay * wf)
+    rand16 = random_u16(seed, w.shape[0], w.shape[1], row_offset)
+    if kahan is not None and kahan.shape[0] > 0:
+        h = kahan.shape[0]
+        comp = torch.zeros_like(wf)
+        comp[:h] = kahan.float()
+        corrected = delta - comp
+        new_w = round_to(wf + corrected, w.dtype, rand16)
+        new_comp = (new_w - wf) - corrected
+        kahan.copy_(round_to(new_comp[:h], kahan.dtype, None).to(kahan.dtype))
+    else:
+        new_w = round_to(wf + delta, w.dtype, rand16)
+    w[:num_valid] = new_w[:num_valid].to(w.dtype)
+    return dx

@@ -1,0 +1,179 @@
+"""Stochastic rounding fp32 -> bf16 / float8 (E4M3, E5M2): Triton device functions, a standalone kernel, a launcher.
+
+Rounding x down or up to its two neighbouring grid points a <= x < b with P(up) = (x - a) / (b - a) makes
+E[round(x)] = x: tiny updates to low-precision weights survive in expectation instead of vanishing (the reason
+ELMO can drop fp32 master weights). The random bits come from Philox (`tl.randint4x`), counter-based, so a
+(seed, element) pair always rounds the same way; `kernels.reference` documents the stream and reproduces it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import FP8_FORMATS
+
+BLOCK_ROWS = 8
+BLOCK_COLS = 256  # a multiple of 8: each Philox call serves 8 consecutive elements of a row
+
+
+@triton.jit
+def random_u16(seed, counters):
+    """16 random bits per element: (R, C) Philox counters -> (R, 8 * C) int32 values in [0, 65536).
+
+    Element 8 * j + lane takes 16 bits of the four 32-bit Philox words of counter j (word lane // 2, low half for
+    even lanes): one Philox evaluation per 8 elements, laid out exactly as `kernels.reference.random_u16`.
+    """
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    r0 = r0.to(tl.uint32, bitcast=True)
+    r1 = r1.to(tl.uint32, bitcast=True)
+    r2 = r2.to(tl.uint32, bitcast=True)
+    r3 = r3.to(tl.uint32, bitcast=True)
+    # tl.join stacks along a new LAST axis, so the flat lane of bits[..., a, b, c] is 4a + 2b + c: the innermost
+    # join picks a (word bit 1), the middle one b (word bit 0), the outer one c (low or high half).
+    lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+    hi = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+    bits = tl.join(lo, hi)
+    R: tl.constexpr = counters.shape[0]
+    C: tl.constexpr = counters.shape[1]
+    return tl.reshape(bits, (R, 8 * C)).to(tl.int32)
+
+
+@triton.jit
+def round_bf16(x, add):
+    """fp32 -> bf16 grid by adding `add` to the 16 bits that bf16 drops, then truncating.
+
+    add = 16 random bits is stochastic rounding (the carry into the kept bits happens with probability equal to the
+    dropped fraction); add = 0x7FFF + lsb is round-to-nearest-even. Exact for subnormals too, because bf16 shares
+    fp32's exponent range. The result is fp32 on the bf16 grid, so the final cast is exact (also in the interpreter,
+    whose own fp32 -> bf16 cast truncates).
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + add.to(tl.uint32)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
+def nearest_bf16(x):
+    bits = x.to(tl.uint32, bitcast=True)
+    return round_bf16(x, 0x7FFF + ((bits >> 16) & 1))
+
+
+@triton.jit
+def round_fp8_grid(x, threshold, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VAL: tl.constexpr):
+    """Round fp32 x onto an fp8 grid: |x| goes up when its fraction of a grid step exceeds `threshold`.
+
+    threshold = (r16 + 0.5) / 2^16 gives stochastic rounding, 0.5 nearest. The grid step in the binade of |x| is
+    2^(e - MAN_BITS), with e clamped below at the smallest normal exponent, which is also the (uniform) step of the
+    subnormals: one formula covers both ranges. |x| is saturated at MAX_VAL first (MAX_VAL is on the grid, so
+    rounding never overflows and never produces NaN); NaN stays NaN. Steps are powers of two built from bits, so the
+    scaling is exact and the cast to fp8 afterwards is exact.
+    """
+    a = tl.minimum(tl.abs(x), MAX_VAL)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, MIN_EXP)
+    ulp = ((e - MAN_BITS + 127) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((127 - (e - MAN_BITS)) << 23).to(tl.float32, bitcast=True)
+    q = a * inv_ulp
+    fl = tl.floor(q)
+    y = (fl + tl.where(q - fl > threshold, 1.0, 0.0)) * ulp
+    y = tl.where(x < 0, -y, y)
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
+def round_to(x, rand16, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Round fp32 x onto the grid of DTYPE (bf16, fp8e4nv, fp8e5), stochastically with `rand16` or to nearest."""
+    if DTYPE == tl.bfloat16:
+        if STOCHASTIC:
+            y = round_bf16(x, rand16)
+        else:
+            y = nearest_bf16(x)
+    else:
+        if STOCHASTIC:
+            threshold = (rand16.to(tl.float32) + 0.5) * (1.0 / 65536.0)
+        else:
+            threshold = 0.5
+        if DTYPE == tl.float8e4nv:
+            y = round_fp8_grid(x, threshold, 3, -6, 448.0)
+        else:
+            y = round_fp8_grid(x, threshold, 2, -14, 57344.0)
+    return y
+
+
+@triton.jit
+def cast_on_grid(y, DTYPE: tl.constexpr):
+    """Cast fp32 values already on DTYPE's grid. NaN is set by its bits: the interpreter's fp8 cast mangles it."""
+    if DTYPE == tl.float8e4nv or DTYPE == tl.float8e5:
+        bits = y.to(DTYPE).to(tl.uint8, bitcast=True)
+        return tl.where(y != y, 0x7F, bits).to(tl.uint8).to(DTYPE, bitcast=True)
+    else:
+        return y.to(DTYPE)
+
+
+@triton.jit
+def _stochastic_round_kernel(
+    x_ptr,
+    out_ptr,
+    rows,
+    cols,
+    row_offset,
+    seed,
+    stride_xr,
+    stride_or,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    c0 = tl.program_id(1) * BLOCK_COLS
+    c = c0 + tl.arange(0, BLOCK_COLS)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_xr + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    groups = (cols + 7) // 8
+    counters = (row_offset + r[:, None]).to(tl.int64) * groups + (c0 // 8 + tl.arange(0, BLOCK_COLS // 8))[None, :]
+    y = round_to(x, random_u16(seed, counters), OUT_DTYPE, True)
+    tl.store(out_ptr + r[:, None].to(tl.int64) * stride_or + c[None, :], cast_on_grid(y, OUT_DTYPE), mask=mask)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset: int = 0) -> torch.Tensor:
+    """Stochastically round fp32/bf16 `x` to `dtype` (bfloat16, float8_e4m3fn, float8_e5m2).
+
+    x is viewed as rows of its last dimension; element (r, c) uses the random stream of row `row_offset + r`
+    (see `kernels.reference`). E4M3/E5M2 saturate at their largest finite value; NaN stays NaN.
+    """
+    if dtype != torch.bfloat16 and dtype not in FP8_FORMATS:
+        raise ValueError(f"stochastic rounding targets bfloat16, float8_e4m3fn or float8_e5m2, not {dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    x2 = (x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)).contiguous()
+    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    if x2.numel() == 0:
+        return out.reshape(x.shape)
+    rows, cols = x2.shape
+    grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS))
+    _stochastic_round_kernel[grid](
+        x2,
+        out,
+        rows,
+        cols,
+        row_offset,
+        seed,
+        x2.stride(0),
+        out.stride(0),
+        BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_COLS=BLOCK_COLS,
+        OUT_DTYPE=_TL_DTYPES[dtype],
+    )
+    return out.reshape(x.shape)
+
+
+_TL_DTYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float8_e4m3fn: tl.float8e4nv,
+    torch.float8_e5m2: tl.float8e5,
+    torch.float32: tl.float32,
+}
