@@ -108,7 +108,7 @@ def round_fp8_grid(x: torch.Tensor, threshold: torch.Tensor | float, dtype: torc
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset: int = 0) -> torch.Tensor:
     """Reference of `kernels.rounding.stochastic_round`: x viewed as (rows, last dim), returned in `dtype`."""
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
-    r = random_u16(seed, x2.shape[0], x2.shape[1], row_offset)
+    r = random_u16(seed, x2.shape[0], x2.shape[1], row_offset).to(x.device)
     if dtype == torch.bfloat16:
         y = stochastic_round_bf16(x2, r)
     elif dtype in FP8_FORMATS:
@@ -126,6 +126,11 @@ def round_to(x: torch.Tensor, dtype: torch.dtype, rand16: torch.Tensor | None) -
         threshold = 0.5 if rand16 is None else (rand16.float() + 0.5) / 65536.0
         return round_fp8_grid(x, threshold, dtype)
     return x.float()
+
+
+def quantize_embeddings(x: torch.Tensor, fp8_dots: bool) -> torch.Tensor:
+    """X as the head's dots consume it: e4m3 (nearest, saturating) for fp8 dots, else bf16."""
+    return x.float().clamp(-448, 448).to(torch.float8_e4m3fn) if fp8_dots else x.to(torch.bfloat16)
 
 
 def head_step_chunk(
@@ -149,20 +154,18 @@ def head_step_chunk(
     (nearest) and G * 256 to e4m3 (stochastic, on the stream seed + 1 over (label, batch row)).
     """
     wf = w.float()
-    xf = x.float()
-    if fp8_dots:
-        xf = x.float().clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    xf = quantize_embeddings(x, fp8_dots).float()
     logits = xf @ wf.T
     g = torch.sigmoid(logits) - y.float()
     g[:, num_valid:] = 0.0
     if fp8_dots:
-        r = random_u16(seed + 1, w.shape[0], x.shape[0], row_offset).T
+        r = random_u16(seed + 1, w.shape[0], x.shape[0], row_offset).T.to(w.device)
         g = round_fp8_grid(g * GRAD_FP8_SCALE, (r.float() + 0.5) / 65536.0, torch.float8_e4m3fn) / GRAD_FP8_SCALE
     else:
         g = nearest_bf16(g)
     dx = g @ wf
     delta = -lr * (g.T @ xf + weight_decay * wf)
-    rand16 = random_u16(seed, w.shape[0], w.shape[1], row_offset)
+    rand16 = random_u16(seed, w.shape[0], w.shape[1], row_offset).to(w.device)
     if kahan is not None and kahan.shape[0] > 0:
         h = kahan.shape[0]
         comp = torch.zeros_like(wf)

@@ -1,0 +1,502 @@
+"""The fused ELMO classifier-head step: logits, gradient, dX and the stochastic-rounding SGD update of BF16/FP8 weights.
+
+Per label chunk W (Lc x D), embeddings X (B x D) and targets Y (given as positive (row, label) pairs):
+
+    G  = sigmoid(X W^T) - Y                       (the gradient of the summed BCE w.r.t. the logits)
+    dX += G W                                      (with W before its update)
+    W  <- SR(W - lr (G^T X + wd W))                (the weight gradient G^T X is never written to memory)
+
+Two kernels per chunk, both streaming W:
+  1. `_logits_grad_kernel`: one program per block of labels computes the B x BLOCK_L logits over all of D in
+     registers, subtracts the targets and writes G (bf16, or e4m3 scaled by 2^8 for fp8 dots): B x Lc, the only
+     per-chunk buffer (the B x Lc logits never exist in memory).
+  2. `_update_kernel`: a program owns one D-tile and a contiguous group of label blocks. For each block it loads
+     G and the old W tile once, accumulates dX += G W in registers, forms G^T X for that tile and writes the
+     rounded new W (and Kahan compensation). Its dX partial is written once per program and summed on the host, so
+     the result is deterministic. Programs of one group are adjacent in the grid, so their G tiles come from L2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.reference import GRAD_FP8_SCALE
+from kernels.rounding import _TL_DTYPES, cast_on_grid, nearest_bf16, random_u16, round_to
+
+WEIGHT_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+KAHAN_DTYPES = (torch.bfloat16, torch.float8_e5m2)
+LABEL_ALIGN = 16  # fp8 GEMMs want 16-aligned leading dimensions; odd ones cost up to 7x in cuBLAS
+MAX_BATCH = 256  # the logits tile of a label block lives in registers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class HeadStepConfig:
+    """Hyper-parameters of one head step. fp8_dots=None uses FP8 tensor cores where the GPU has them (sm_89+)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    seed: int = 0
+    compute_loss: bool = False
+    fp8_dots: bool | None = None
+
+
+class HeadStepOutput(NamedTuple):
+    dx: torch.Tensor  # (B, D) fp32: gradient of the summed BCE w.r.t. the embeddings
+    loss: float | None  # summed BCE over valid (row, label) pairs divided by B, when asked for
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_DTYPE: tl.constexpr):
+    # fp32 operands only under the interpreter, whose bf16 dot multiplies raw bit patterns (triton issue 11584).
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    x_ptr,
+    w_ptr,
+    g_ptr,
+    pos_row_ptr,
+    pos_col_ptr,
+    block_start_ptr,
+    loss_ptr,
+    B,
+    D,
+    num_rows,
+    num_valid,
+    row_offset,
+    seed,
+    stride_xb,
+    stride_wl,
+    stride_gb,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    HOT_DTYPE: tl.constexpr,
+    G_FP8: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_B)
+    labels = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+    row_ok = rows < B
+    label_ok = labels < num_valid
+
+    z = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        w = tl.load(
+            w_ptr + labels[:, None].to(tl.int64) * stride_wl + d[None, :],
+            mask=label_ok[:, None] & (d[None, :] < D),
+            other=0.0,
+        )
+        z = _mma(x, tl.trans(w), z, DOT_DTYPE)
+
+    # Targets: Y = R^T C, with R / C the one-hot rows / labels of this block's positives (sorted by label on the
+    # host, duplicates removed). A few small dots instead of a dense B x L target matrix.
+    y = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
+    p_start = tl.load(block_start_ptr + pid)
+    p_end = tl.load(block_start_ptr + pid + 1)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < p_end
+        p_row = tl.load(pos_row_ptr + p, mask=p_ok, other=-1)
+        p_col = tl.load(pos_col_ptr + p, mask=p_ok, other=-1)
+        row_hot = tl.where(rows[:, None] == p_row[None, :], 1.0, 0.0)
+        col_hot = tl.where(p_col[:, None] == row_offset + labels[None, :], 1.0, 0.0)
+        y = _mma(row_hot, col_hot, y, HOT_DTYPE)
+
+    valid = row_ok[:, None] & label_ok[None, :]
+    g = tl.where(valid, tl.sigmoid(z) - y, 0.0)
+    if COMPUTE_LOSS:
+        # BCE with logits, stably: max(z, 0) - y z + log(1 + exp(-|z|)).
+        bce = tl.maximum(z, 0.0) - y * z + tl.log(1.0 + tl.exp(-tl.abs(z)))
+        tl.atomic_add(loss_ptr, tl.sum(tl.sum(tl.where(valid, bce, 0.0), axis=1), axis=0))
+
+    g_ptrs = g_ptr + rows[:, None] * stride_gb + labels[None, :]
+    g_mask = row_ok[:, None] & (labels[None, :] < num_rows)
+    if G_FP8:
+        # |G| < 1: scale by 2^8 so that small gradients stay above e4m3's subnormals, and round stochastically
+        # (stream seed + 1, counter per (label, batch row)) so that the quantised G is unbiased.
+        counters = (row_offset + labels[:, None]).to(tl.int64) * ((B + 7) // 8) + tl.arange(0, BLOCK_B // 8)[None, :]
+        gq = round_to(tl.trans(g) * 256.0, random_u16(seed + 1, counters), tl.float8e4nv, True)
+        tl.store(g_ptrs, cast_on_grid(tl.trans(gq), tl.float8e4nv), mask=g_mask)
+    else:
+        tl.store(g_ptrs, nearest_bf16(g).to(tl.bfloat16), mask=g_mask)
+
+
+@triton.jit
+def _update_kernel(
+    x_ptr,
+    w_ptr,
+    g_ptr,
+    kahan_ptr,
+    dx_ptr,
+    B,
+    D,
+    num_valid,
+    num_kahan,
+    row_offset,
+    seed,
+    lr,
+    weight_decay,
+    grad_scale_inv,
+    num_label_blocks,
+    blocks_per_group,
+    stride_xb,
+    stride_wl,
+    stride_gb,
+    stride_kl,
+    stride_dxg,
+    stride_dxb,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    KAHAN_DTYPE: tl.constexpr,
+    HAS_KAHAN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_dtiles = tl.cdiv(D, BLOCK_D)
+    tile = pid % num_dtiles
+    group = pid // num_dtiles
+    rows = tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    d = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    x = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    col_groups = (D + 7) // 8
+    col_counter = tile * (BLOCK_D // 8) + tl.arange(0, BLOCK_D // 8)
+
+    dx = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    first = group * blocks_per_group
+    last = tl.minimum(first + blocks_per_group, num_label_blocks)
+    for block in range(first, last):
+        labels = block * BLOCK_L + tl.arange(0, BLOCK_L)
+        w_mask = (labels < num_valid)[:, None] & d_ok[None, :]
+        w_offs = labels[:, None].to(tl.int64) * stride_wl + d[None, :]
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_gb + labels[None, :],
+            mask=row_ok[:, None] & (labels < num_valid)[None, :],
+            other=0.0,
+        )
+        w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
+        dx = _mma(g, w, dx, DOT_DTYPE)  # the old W: dX must not see this step's update
+        dw = _mma(tl.trans(g), x, tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32), DOT_DTYPE)
+
+        wf = w.to(tl.float32)
+        delta = -lr * (dw * grad_scale_inv + weight_decay * wf)
+        rand16 = random_u16(seed, (row_offset + labels[:, None]).to(tl.int64) * col_groups + col_counter[None, :])
+        if HAS_KAHAN:
+            # Kahan: c holds what earlier roundings lost; feed it back, then keep what this rounding loses.
+            k_mask = (labels < num_kahan)[:, None] & d_ok[None, :]
+            k_offs = labels[:, None].to(tl.int64) * stride_kl + d[None, :]
+            comp = tl.load(kahan_ptr + k_offs, mask=k_mask, other=0.0).to(tl.float32)
+            corrected = delta - comp
+            new_w = round_to(wf + corrected, rand16, W_DTYPE, True)
+            new_comp = round_to((new_w - wf) - corrected, rand16, KAHAN_DTYPE, False)
+            tl.store(kahan_ptr + k_offs, cast_on_grid(new_comp, KAHAN_DTYPE), mask=k_mask)
+        else:
+            new_w = round_to(wf + delta, rand16, W_DTYPE, True)
+        tl.store(w_ptr + w_offs, cast_on_grid(new_w, W_DTYPE), mask=w_mask)
+
+    dx_ptrs = dx_ptr + group * stride_dxg + rows[:, None] * stride_dxb + d[None, :]
+    tl.store(dx_ptrs, dx * grad_scale_inv, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@dataclass(frozen=True)
+class _LaunchPlan:
+    block_b: int
+    fwd_block_l: int
+    fwd_block_d: int
+    upd_block_l: int
+    upd_block_d: int
+    fwd_warps: int
+    upd_warps: int
+    fwd_stages: int
+    upd_stages: int
+    programs_per_sm: int
+
+
+def _launch_plan(batch: int, dim: int, fp8_dots: bool) -> _LaunchPlan:
+    block_b = max(32 if fp8_dots else 16, triton.next_power_of_2(batch))
+    if _interpreting():
+        # The interpreter pays per program: few, large blocks.
+        bd = min(256, max(16, triton.next_power_of_2(dim)))
+        return _LaunchPlan(block_b, 64, bd, 64, bd, 4, 4, 1, 1, 1)
+    big_b = block_b > 128
+    return _LaunchPlan(
+        block_b=block_b,
+        fwd_block_l=64 if big_b else 128,
+        fwd_block_d=128 if fp8_dots else 64,
+        upd_block_l=32 if big_b else 64,
+        upd_block_d=128 if not big_b else 64,
+        fwd_warps=8,
+        upd_warps=8,
+        fwd_stages=3,
+        upd_stages=2,
+        programs_per_sm=4,
+    )
+
+
+def _has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _check_inputs(chunks, x, pos_rows, pos_cols, num_labels, kahan) -> int:
+    if not chunks:
+        raise ValueError("chunks is empty: the head needs at least one (Lc, D) weight chunk")
+    if x.dim() != 2:
+        raise ValueError(f"x must be (B, D), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    batch, dim = x.shape
+    if batch < 1:
+        raise ValueError("x has no rows")
+    dtype = chunks[0].dtype
+    total = 0
+    for i, w in enumerate(chunks):
+        if w.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"chunk {i} has dtype {w.dtype}; the head is bfloat16 or float8_e4m3fn")
+        if w.dtype != dtype:
+            raise ValueError(f"chunk {i} has dtype {w.dtype} but chunk 0 has {dtype}: all chunks share one dtype")
+        if w.dim() != 2 or w.shape[1] != dim:
+            raise ValueError(f"chunk {i} has shape {tuple(w.shape)}; expected (Lc, {dim}) to match x")
+        if w.shape[0] % LABEL_ALIGN:
+            raise ValueError(f"chunk {i} has {w.shape[0]} rows; pad each chunk to a multiple of {LABEL_ALIGN}")
+        if w.device != x.device:
+            raise ValueError(f"chunk {i} is on {w.device} but x is on {x.device}")
+        if not w.is_contiguous():
+            raise ValueError(f"chunk {i} is not contiguous: the update writes it in place")
+        total += w.shape[0]
+    num_labels = total if num_labels is None else num_labels
+    if not 0 < num_labels <= total:
+        raise ValueError(f"num_labels={num_labels} must be in [1, {total}] (the rows of all chunks)")
+    if pos_rows.shape != pos_cols.shape or pos_rows.dim() != 1:
+        raise ValueError("pos_rows and pos_cols must be 1-D tensors of the same length")
+    if pos_rows.dtype.is_floating_point or pos_cols.dtype.is_floating_point:
+        raise ValueError("pos_rows and pos_cols must be integer tensors")
+    if pos_rows.numel():
+        if int(pos_rows.min()) < 0 or int(pos_rows.max()) >= batch:
+            raise ValueError(f"pos_rows must lie in [0, {batch})")
+        if int(pos_cols.min()) < 0 or int(pos_cols.max()) >= num_labels:
+            raise ValueError(f"pos_cols must lie in [0, {num_labels}) (padded labels have no positives)")
+    if kahan is not None:
+        if kahan.dtype not in KAHAN_DTYPES:
+            raise ValueError(f"kahan must be bfloat16 or float8_e5m2, got {kahan.dtype}")
+        if kahan.dim() != 2 or kahan.shape[1] != dim or kahan.shape[0] > num_labels:
+            raise ValueError(f"kahan must be (H, {dim}) with H <= num_labels={num_labels}, got {tuple(kahan.shape)}")
+        if kahan.device != x.device or not kahan.is_contiguous():
+            raise ValueError("kahan must be contiguous and on the device of x")
+    return num_labels
+
+
+def _sorted_positives(pos_rows: torch.Tensor, pos_cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = torch.unique(pos_cols.to(torch.int64) * batch + pos_rows.to(torch.int64))
+    return keys % batch, keys // batch
+
+
+def head_step(
+    chunks: list[torch.Tensor],
+    x: torch.Tensor,
+    pos_rows: torch.Tensor,
+    pos_cols: torch.Tensor,
+    config: HeadStepConfig,
+    *,
+    num_labels: int | None = None,
+    kahan: torch.Tensor | None = None,
+    impl: Literal["auto", "triton", "torch"] = "auto",
+) -> HeadStepOutput:
+    """One SGD step of the whole head, in place on `chunks` (and `kahan`); returns dX for the encoder.
+
+    chunks: label chunks of the head, each (Lc_i, D) bfloat16 or float8_e4m3fn with Lc_i a multiple of 16, in label
+    order; rows past `num_labels` are padding and never change. x: (B, D) bf16/fp32, B <= 256 for impl="triton".
+    pos_rows/pos_cols: the positive (batch row, global label) pairs. kahan: optional (H, D) bfloat16/float8_e5m2
+    compensation for the first H labels. impl: "triton" (GPU, or CPU under TRITON_INTERPRET=1), "torch" (the
+    reference, CPU fallback) or "auto" (triton on CUDA tensors, torch otherwise).
+    """
+    num_labels = _check_inputs(chunks, x, pos_rows, pos_cols, num_labels, kahan)
+    if not 0 <= config.seed < 2**62:
+        raise ValueError(f"seed must be in [0, 2**62), got {config.seed}")
+    if impl == "auto":
+        impl = "triton" if x.is_cuda else "torch"
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    fp8_dots = config.fp8_dots
+    if fp8_dots is None:
+        fp8_dots = chunks[0].dtype == torch.float8_e4m3fn and _has_fp8_tensor_cores(x.device)
+    if fp8_dots and chunks[0].dtype != torch.float8_e4m3fn:
+        raise ValueError("fp8_dots needs float8_e4m3fn weights")
+    rows, cols = _sorted_positives(pos_rows.to(x.device), pos_cols.to(x.device), x.shape[0])
+    if impl == "torch":
+        return _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots)
+    if x.shape[0] > MAX_BATCH:
+        raise ValueError(f"impl='triton' takes at most {MAX_BATCH} rows per step, got {x.shape[0]}")
+    return _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots)
+
+
+def _chunk_kahan(kahan: torch.Tensor | None, start: int, rows: int) -> tuple[torch.Tensor | None, int]:
+    if kahan is None or start >= kahan.shape[0]:
+        return None, 0
+    part = kahan[start : start + rows]
+    return part, part.shape[0]
+
+
+def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots) -> HeadStepOutput:
+    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    loss = 0.0
+    start = 0
+    for w in chunks:
+        n = w.shape[0]
+        num_valid = max(0, min(n, num_labels - start))
+        y = torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
+        sel = (cols >= start) & (cols < start + n)
+        y[rows[sel], cols[sel] - start] = 1.0
+        if config.compute_loss and num_valid:
+            z = reference.quantize_embeddings(x, fp8_dots).float() @ w[:num_valid].float().T
+            loss += float(torch.nn.functional.binary_cross_entropy_with_logits(z, y[:, :num_valid], reduction="sum"))
+        part, _ = _chunk_kahan(kahan, start, n)
+        dx += reference.head_step_chunk(
+            w,
+            x,
+            y,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            seed=config.seed,
+            row_offset=start,
+            num_valid=num_valid,
+            kahan=part,
+            fp8_dots=fp8_dots,
+        )
+        start += n
+    return HeadStepOutput(dx, loss / x.shape[0] if config.compute_loss else None)
+
+
+def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots) -> HeadStepOutput:
+    batch, dim = x.shape
+    plan = _launch_plan(batch, dim, fp8_dots)
+    interp = _interpreting()
+    dot_dtype = tl.float32 if interp else (tl.float8e4nv if fp8_dots else tl.bfloat16)
+    hot_dtype = tl.float32 if interp else tl.float16
+    xq = reference.quantize_embeddings(x, fp8_dots).contiguous()
+    max_rows = max(w.shape[0] for w in chunks)
+    g_buf = torch.empty((batch, max_rows), dtype=torch.float8_e4m3fn if fp8_dots else torch.bfloat16, device=x.device)
+    num_dtiles = triton.cdiv(dim, plan.upd_block_d)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    max_groups = max(1, triton.cdiv(plan.programs_per_sm * sms, num_dtiles))
+    max_blocks = triton.cdiv(max_rows, plan.upd_block_l)
+    dx_parts = torch.empty((min(max_groups, max_blocks), batch, dim), dtype=torch.float32, device=x.device)
+    dx = torch.zeros((batch, dim), dtype=torch.float32, device=x.device)
+    loss = torch.zeros(1, dtype=torch.float32, device=x.device)
+    rows32 = rows.to(torch.int32)
+    cols64 = cols.contiguous()
+    scale_inv = 1.0 / GRAD_FP8_SCALE if fp8_dots else 1.0
+    start = 0
+    for w in chunks:
+        n = w.shape[0]
+        num_valid = max(0, min(n, num_labels - start))
+        if num_valid == 0:
+            start += n
+            continue
+        fwd_blocks = triton.cdiv(n, plan.fwd_block_l)
+        bounds = start + torch.arange(fwd_blocks + 1, device=x.device, dtype=torch.int64) * plan.fwd_block_l
+        block_start = torch.searchsorted(cols64, bounds).to(torch.int32)
+        _logits_grad_kernel[(fwd_blocks,)](
+            xq,
+            w,
+            g_buf,
+            rows32,
+            cols64,
+            block_start,
+            loss,
+            batch,
+            dim,
+            n,
+            num_valid,
+            start,
+            config.seed,
+            xq.stride(0),
+            w.stride(0),
+            g_buf.stride(0),
+            BLOCK_B=plan.block_b,
+            BLOCK_L=plan.fwd_block_l,
+            BLOCK_D=plan.fwd_block_d,
+            BLOCK_P=16,
+            DOT_DTYPE=dot_dtype,
+            HOT_DTYPE=hot_dtype,
+            G_FP8=fp8_dots,
+            COMPUTE_LOSS=config.compute_loss,
+            num_warps=plan.fwd_warps,
+            num_stages=plan.fwd_stages,
+        )
+        part, num_kahan = _chunk_kahan(kahan, start, n)
+        label_blocks = triton.cdiv(n, plan.upd_block_l)
+        groups = min(dx_parts.shape[0], label_blocks)
+        per_group = triton.cdiv(label_blocks, groups)
+        groups = triton.cdiv(label_blocks, per_group)
+        _update_kernel[(groups * num_dtiles,)](
+            xq,
+            w,
+            g_buf,
+            part if part is not None else w,
+            dx_parts,
+            batch,
+            dim,
+            num_valid,
+            num_kahan,
+            start,
+            config.seed,
+            config.lr,
+            config.weight_decay,
+            scale_inv,
+            label_blocks,
+            per_group,
+            xq.stride(0),
+            w.stride(0),
+            g_buf.stride(0),
+            part.stride(0) if part is not None else 0,
+            dx_parts.stride(0),
+            dx_parts.stride(1),
+            BLOCK_B=plan.block_b,
+            BLOCK_L=plan.upd_block_l,
+            BLOCK_D=plan.upd_block_d,
+            DOT_DTYPE=dot_dtype,
+            W_DTYPE=_TL_DTYPES[w.dtype],
+            KAHAN_DTYPE=_TL_DTYPES[part.dtype] if part is not None else tl.bfloat16,
+            HAS_KAHAN=part is not None,
+            num_warps=plan.upd_warps,
+            num_stages=plan.upd_stages,
+        )
+        dx += dx_parts[:groups].sum(dim=0)
+        start += n
+    return HeadStepOutput(dx, float(loss) / batch if config.compute_loss else None)
+
+
+def head_logits(chunks: list[torch.Tensor], x: torch.Tensor, num_labels: int | None = None) -> torch.Tensor:
+    """(B, num_labels) fp32 logits, one chunk at a time (evaluation at small L; serving uses kernels.topk)."""
+    total = sum(w.shape[0] for w in chunks)
+    num_labels = total if num_labels is None else num_labels
+    if x.dim() != 2 or any(w.dim() != 2 or w.shape[1] != x.shape[1] for w in chunks):
+        raise ValueError("x must be (B, D) and every chunk (Lc, D)")
+    if not 0 < num_labels <= total:
+        raise ValueError(f"num_labels={num_labels} must be in [1, {total}]")
+    xf = x.float()
+    return torch.cat([xf @ w.float().T for w in chunks], dim=1)[:, :num_labels]
