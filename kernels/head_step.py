@@ -49,6 +49,7 @@ class HeadStepConfig:
     seed: int = 0
     compute_loss: bool = False
     fp8_dots: bool | None = None
+    stochastic_rounding: bool = True  # False rounds weights to nearest: the ablation that shows why SR exists
 
 
 class HeadStepOutput(NamedTuple):
@@ -173,6 +174,7 @@ def _update_kernel(
     W_DTYPE: tl.constexpr,
     KAHAN_DTYPE: tl.constexpr,
     HAS_KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_dtiles = tl.cdiv(D, BLOCK_D)
@@ -211,11 +213,11 @@ def _update_kernel(
             k_offs = labels[:, None].to(tl.int64) * stride_kl + d[None, :]
             comp = tl.load(kahan_ptr + k_offs, mask=k_mask, other=0.0).to(tl.float32)
             corrected = delta - comp
-            new_w = round_to(wf + corrected, rand16, W_DTYPE, True)
+            new_w = round_to(wf + corrected, rand16, W_DTYPE, STOCHASTIC)
             new_comp = round_to((new_w - wf) - corrected, rand16, KAHAN_DTYPE, False)
             tl.store(kahan_ptr + k_offs, cast_on_grid(new_comp, KAHAN_DTYPE), mask=k_mask)
         else:
-            new_w = round_to(wf + delta, rand16, W_DTYPE, True)
+            new_w = round_to(wf + delta, rand16, W_DTYPE, STOCHASTIC)
         tl.store(w_ptr + w_offs, cast_on_grid(new_w, W_DTYPE), mask=w_mask)
 
     dx_ptrs = dx_ptr + group * stride_dxg + rows[:, None] * stride_dxb + d[None, :]
@@ -385,6 +387,7 @@ def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots)
             num_valid=num_valid,
             kahan=part,
             fp8_dots=fp8_dots,
+            stochastic=config.stochastic_rounding,
         )
         start += n
     return HeadStepOutput(dx, loss / x.shape[0] if config.compute_loss else None)
@@ -482,6 +485,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             W_DTYPE=_TL_DTYPES[w.dtype],
             KAHAN_DTYPE=_TL_DTYPES[part.dtype] if part is not None else tl.bfloat16,
             HAS_KAHAN=part is not None,
+            STOCHASTIC=config.stochastic_rounding,
             num_warps=plan.upd_warps,
             num_stages=plan.upd_stages,
         )

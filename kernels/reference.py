@@ -85,22 +85,27 @@ def nearest_bf16(x: torch.Tensor) -> torch.Tensor:
     return _round_bf16_bits(x, 0x7FFF + ((bits >> 16) & 1))
 
 
-def round_fp8_grid(x: torch.Tensor, threshold: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """Round |x| (saturated at the format's max) to the fp8 grid: up when the fraction exceeds `threshold`.
+def round_fp8(x: torch.Tensor, rand16: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> fp8 grid of `dtype` by the kernels' bit trick: stochastic with 16 random bits, else nearest-even.
 
-    threshold = (r16 + 0.5) / 2**16 is stochastic rounding; 0.5 is round to nearest (ties toward zero).
-    Returns fp32 on the grid, sign kept, NaN kept.
+    Normal range: add the random bits at the top of the dropped mantissa field (or half a step for nearest) and
+    mask the field off. Subnormals: shift into the first normal binade by adding 2^min_exp, round, subtract.
+    Saturates at the largest finite value, keeps NaN. Returns fp32 on the grid.
     """
     man_bits, min_exp, max_val = FP8_FORMATS[dtype]
+    drop = 23 - man_bits
+    min_normal = 2.0**min_exp
     x = x.float()
     a = x.abs().clamp(max=max_val)
-    e = ((a.view(torch.int32) >> 23) & 0xFF) - 127
-    e = e.clamp(min=min_exp)
-    ulp = ((e - man_bits + 127) << 23).view(torch.float32)
-    inv_ulp = ((127 - (e - man_bits)) << 23).view(torch.float32)
-    q = a * inv_ulp
-    fl = torch.floor(q)
-    y = (fl + (q - fl > threshold).float()) * ulp
+    small = a < min_normal
+    t = torch.where(small, a + min_normal, a)
+    bits = t.view(torch.int32).to(torch.int64)
+    if rand16 is None:
+        add = (1 << (drop - 1)) - 1 + ((bits >> drop) & 1)
+    else:
+        add = rand16.to(torch.int64) << (drop - 16)
+    y = ((bits + add) & ~((1 << drop) - 1)).to(torch.int32).view(torch.float32)
+    y = torch.where(small, y - min_normal, y)
     y = torch.where(x < 0, -y, y)
     return torch.where(torch.isnan(x), x, y)
 
@@ -112,7 +117,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset:
     if dtype == torch.bfloat16:
         y = stochastic_round_bf16(x2, r)
     elif dtype in FP8_FORMATS:
-        y = round_fp8_grid(x2, (r.float() + 0.5) / 65536.0, dtype)
+        y = round_fp8(x2, r, dtype)
     else:
         raise ValueError(f"stochastic rounding targets bfloat16, float8_e4m3fn or float8_e5m2, not {dtype}")
     return y.to(dtype).reshape(x.shape)
@@ -123,8 +128,7 @@ def round_to(x: torch.Tensor, dtype: torch.dtype, rand16: torch.Tensor | None) -
     if dtype == torch.bfloat16:
         return nearest_bf16(x) if rand16 is None else stochastic_round_bf16(x, rand16)
     if dtype in FP8_FORMATS:
-        threshold = 0.5 if rand16 is None else (rand16.float() + 0.5) / 65536.0
-        return round_fp8_grid(x, threshold, dtype)
+        return round_fp8(x, rand16, dtype)
     return x.float()
 
 
@@ -145,11 +149,12 @@ def head_step_chunk(
     num_valid: int,
     kahan: torch.Tensor | None = None,
     fp8_dots: bool = False,
+    stochastic: bool = True,
 ) -> torch.Tensor:
     """One fused ELMO step for one label chunk, in place on `w` (and `kahan`); returns this chunk's dX (fp32).
 
     w: (Lc, D) bf16 or float8_e4m3fn; x: (B, D) bf16 or fp32; y: (B, Lc) 0/1 targets; rows >= num_valid are padding
-    and never change. kahan: None or (H, D) bf16/float8_e5m2 compensation for the first H rows of this chunk.
+    and never change. stochastic=False rounds the weights to nearest instead. kahan: None or (H, D) bf16/float8_e5m2 compensation for the first H rows of this chunk.
     The quantisation of operands mirrors the kernel: G is rounded to bf16 (nearest), or, with fp8 dots, X to e4m3
     (nearest) and G * 256 to e4m3 (stochastic, on the stream seed + 1 over (label, batch row)).
     """
@@ -160,12 +165,12 @@ def head_step_chunk(
     g[:, num_valid:] = 0.0
     if fp8_dots:
         r = random_u16(seed + 1, w.shape[0], x.shape[0], row_offset).T.to(w.device)
-        g = round_fp8_grid(g * GRAD_FP8_SCALE, (r.float() + 0.5) / 65536.0, torch.float8_e4m3fn) / GRAD_FP8_SCALE
+        g = round_fp8(g * GRAD_FP8_SCALE, r, torch.float8_e4m3fn) / GRAD_FP8_SCALE
     else:
         g = nearest_bf16(g)
     dx = g @ wf
     delta = -lr * (g.T @ xf + weight_decay * wf)
-    rand16 = random_u16(seed, w.shape[0], w.shape[1], row_offset).to(w.device)
+    rand16 = random_u16(seed, w.shape[0], w.shape[1], row_offset).to(w.device) if stochastic else None
     if kahan is not None and kahan.shape[0] > 0:
         h = kahan.shape[0]
         comp = torch.zeros_like(wf)

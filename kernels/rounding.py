@@ -61,23 +61,32 @@ def nearest_bf16(x):
 
 
 @triton.jit
-def round_fp8_grid(x, threshold, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VAL: tl.constexpr):
-    """Round fp32 x onto an fp8 grid: |x| goes up when its fraction of a grid step exceeds `threshold`.
+def round_fp8_bits(
+    x, rand16, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VAL: tl.constexpr, STOCHASTIC: tl.constexpr
+):
+    """Round fp32 x onto an fp8 grid (MAN_BITS mantissa bits, smallest normal 2^MIN_EXP, largest MAX_VAL).
 
-    threshold = (r16 + 0.5) / 2^16 gives stochastic rounding, 0.5 nearest. The grid step in the binade of |x| is
-    2^(e - MAN_BITS), with e clamped below at the smallest normal exponent, which is also the (uniform) step of the
-    subnormals: one formula covers both ranges. |x| is saturated at MAX_VAL first (MAX_VAL is on the grid, so
-    rounding never overflows and never produces NaN); NaN stays NaN. Steps are powers of two built from bits, so the
-    scaling is exact and the cast to fp8 afterwards is exact.
+    Normal range: the fp8 grid is the fp32 grid with the low 23 - MAN_BITS mantissa bits dropped, so adding
+    random bits there (stochastic: 16 random bits at the top of the dropped field; nearest: half a step minus one,
+    plus the kept lsb for ties-to-even) and masking them off rounds in one integer add. Subnormal range
+    (|x| < 2^MIN_EXP, uniform step 2^(MIN_EXP - MAN_BITS)): adding 2^MIN_EXP moves |x| into the first normal
+    binade, whose step is that same step, so the same bit trick applies, and subtracting 2^MIN_EXP back is exact.
+    |x| is saturated at MAX_VAL first; MAX_VAL is on the grid, so rounding never overflows (no NaN from overflow).
+    NaN stays NaN. Returns fp32 on the grid, so the cast to fp8 afterwards is exact.
     """
+    DROP: tl.constexpr = 23 - MAN_BITS
+    MIN_NORMAL: tl.constexpr = 2.0**MIN_EXP
+    KEEP: tl.constexpr = (0xFFFFFFFF << DROP) & 0xFFFFFFFF
     a = tl.minimum(tl.abs(x), MAX_VAL)
-    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    e = tl.maximum(e, MIN_EXP)
-    ulp = ((e - MAN_BITS + 127) << 23).to(tl.float32, bitcast=True)
-    inv_ulp = ((127 - (e - MAN_BITS)) << 23).to(tl.float32, bitcast=True)
-    q = a * inv_ulp
-    fl = tl.floor(q)
-    y = (fl + tl.where(q - fl > threshold, 1.0, 0.0)) * ulp
+    small = a < MIN_NORMAL
+    t = tl.where(small, a + MIN_NORMAL, a)
+    bits = t.to(tl.uint32, bitcast=True)
+    if STOCHASTIC:
+        add = rand16.to(tl.uint32) << (DROP - 16)
+    else:
+        add = (1 << (DROP - 1)) - 1 + ((bits >> DROP) & 1)
+    y = ((bits + add) & KEEP).to(tl.float32, bitcast=True)
+    y = tl.where(small, y - MIN_NORMAL, y)
     y = tl.where(x < 0, -y, y)
     return tl.where(x != x, x, y)
 
@@ -90,15 +99,10 @@ def round_to(x, rand16, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
             y = round_bf16(x, rand16)
         else:
             y = nearest_bf16(x)
+    elif DTYPE == tl.float8e4nv:
+        y = round_fp8_bits(x, rand16, 3, -6, 448.0, STOCHASTIC)
     else:
-        if STOCHASTIC:
-            threshold = (rand16.to(tl.float32) + 0.5) * (1.0 / 65536.0)
-        else:
-            threshold = 0.5
-        if DTYPE == tl.float8e4nv:
-            y = round_fp8_grid(x, threshold, 3, -6, 448.0)
-        else:
-            y = round_fp8_grid(x, threshold, 2, -14, 57344.0)
+        y = round_fp8_bits(x, rand16, 2, -14, 57344.0, STOCHASTIC)
     return y
 
 

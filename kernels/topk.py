@@ -1,0 +1,461 @@
+"""Exact top-k labels of x @ W^T without materializing the B x L score matrix: a fused Triton kernel, a chunked torch
+path, a merge for label-sharded heads, and the plain full-logits reference.
+
+Score definition (shared by every path): score[b, l] = inv_scale[b] * sum_d xq[b, d] * W[l, d], accumulated in fp32,
+where xq = `prepare_queries(x, ...)` is exactly what the kernel multiplies:
+- fp8 dots (fp8 weights on an sm_89+ GPU, or `fp8_dot=True`): each query row is scaled by a power of two s_b so that
+  max|x_b| * s_b <= 448, rounded to float8_e4m3fn (nearest), and inv_scale = 1 / s_b (exact);
+- otherwise: xq = x rounded to bf16 for fp8/bf16 weights (fp32 for fp32 weights), inv_scale = 1.
+
+Ranking: scores descending, equal scores by the lower label id (-0.0 counts as +0.0, NaN as -inf). Both are encoded
+in one sortable int64 key, (monotone int32 image of the fp32 score bits) << 32 | (2^32 - 1 - id), so that "largest
+key" means "best label" and every key is distinct; ids must stay below 2^32 - 1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Sentinels. Real keys are >= (monotone image of -inf) << 32 = -2139095041 * 2^32 > KEY_EMPTY + 2^32, so both
+# KEY_EMPTY (padded / excluded / masked entries) and the distinct fillers KEY_EMPTY + 1 + j of the running list sort
+# below every real key. KEY_FULL marks running-list slots past `k`, which are never the minimum and never replaced.
+KEY_EMPTY = -(2**63) + 2**20
+KEY_FULL = 2**63 - 1
+_KEY_EMPTY = tl.constexpr(KEY_EMPTY)
+_KEY_FULL = tl.constexpr(KEY_FULL)
+_KEY_FILLER_MAX = tl.constexpr(KEY_EMPTY + 2**19)
+
+FP8_MAX = 448.0
+WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
+QUERY_DTYPES = (torch.bfloat16, torch.float32)
+MAX_LABELS = 2**32 - 2
+DEFAULT_MAX_PARTIAL_BYTES = 64 * 2**20
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _topk_kernel(
+    x_ptr,
+    w_ptr,
+    inv_scale_ptr,
+    excl_ptr,
+    part_ptr,
+    B,
+    num_labels,
+    D,
+    labels_per_split,
+    num_qblocks,
+    E,
+    stride_xb,
+    stride_wl,
+    stride_eb,
+    stride_pb,
+    stride_ps,
+    KEEP: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SORT_MIN: tl.constexpr,
+    FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_EXCL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Program (query block qb, label split): consecutive programs share a split, so the weight tiles they stream are
+    # read from HBM once and served from L2 to the other query blocks.
+    pid = tl.program_id(0)
+    qb = pid % num_qblocks
+    split = pid // num_qblocks
+    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    cols = tl.arange(0, KP)
+    fillers = _KEY_EMPTY + 1 + cols.to(tl.int64)
+    lo = split * labels_per_split
+    hi = tl.minimum(lo + labels_per_split, num_labels)
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+
+    # Running top-KEEP per query row, kept as an unordered set of keys in slots [0, KEEP); slots >= KEEP hold KEY_FULL.
+    # Empty slots hold distinct fillers, so "the slot equal to the row minimum" is always exactly one slot.
+    R = tl.zeros((BLOCK_B, KP), dtype=tl.int64) + tl.where(cols < KEEP, fillers, _KEY_FULL)[None, :]
+
+    for start in range(lo, hi, BLOCK_L):
+        labs = start + tl.arange(0, BLOCK_L)
+        lab_ok = labs < hi
+        acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
+            w_ptrs = w_ptr + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
+            if EVEN_D:
+                xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
+            else:
+                xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
+                wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
+            if UPCAST:
+                # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which
+                # holds every bf16/fp8 value exactly, with IEEE products.
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            elif FP8_DOT:
+                acc = tl.dot(xt, wt, acc)
+            else:
+                acc = tl.dot(xt, wt.to(xt.dtype), acc)
+
+        s = acc
+        if HAS_SCALE:
+            s = s * inv_scale[:, None]
+        # Canonical scores: -0.0 -> +0.0 (so that ties at zero fall to the id rule), NaN -> -inf.
+        s = tl.where(s == 0.0, 0.0, s)
+        s = tl.where(s != s, float("-inf"), s)
+        # Monotone int32 image of an IEEE float: flip the magnitude bits of negatives (two's complement order then
+        # matches float order). The low word holds the inverted id, so among equal scores the lower id is larger.
+        bits = s.to(tl.int32, bitcast=True)
+        mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
+        valid = row_ok[:, None] & lab_ok[None, :]
+        if HAS_EXCL:
+            for e in range(E):
+                ex = tl.load(excl_ptr + rows.to(tl.int64) * stride_eb + e, mask=row_ok, other=-1)
+                valid = valid & (labs[None, :] != ex[:, None])
+        key = tl.where(valid, key, _KEY_EMPTY)
+
+        # Only keys above the row's current KEEP-th best can enter the list: after a few tiles there are almost none.
+        thr = tl.min(R, axis=1)
+        cand = key > thr[:, None]
+        nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
+        if SORT_MIN > 0 and nmax >= SORT_MIN:
+            # Many candidates (the first tiles): one bitonic top-KP of the running list joined with the tile's best.
+            if BLOCK_L == KP:
+                best = key
+            else:
+                best = tl.topk(key, KP)
+            both = tl.reshape(tl.join(tl.where(R == _KEY_FULL, _KEY_EMPTY, R), best), (BLOCK_B, 2 * KP))
+            merged = tl.topk(both, KP)  # sorted descending: slots [0, KEEP) are the new top-KEEP
+            merged = tl.where(merged > _KEY_FILLER_MAX, merged, fillers[None, :])
+            R = tl.where(cols[None, :] < KEEP, merged, _KEY_FULL)
+        else:
+            # Few candidates: extract them best first and let each replace the row minimum when larger. The top-KEEP
+            # of (list U tile) holds at most KEEP tile keys, all extracted within KEEP rounds.
+            key = tl.where(cand, key, _KEY_EMPTY)
+            for _ in range(tl.minimum(nmax, KEEP)):
+                c = tl.max(key, axis=1)
+                thr = tl.min(R, axis=1)
+                R = tl.where((R == thr[:, None]) & (c > thr)[:, None], c[:, None], R)
+                key = tl.where(key == c[:, None], _KEY_EMPTY, key)
+
+    out_ptrs = part_ptr + rows[:, None].to(tl.int64) * stride_pb + split.to(tl.int64) * stride_ps + cols[None, :]
+    tl.store(out_ptrs, R, mask=row_ok[:, None] & (cols[None, :] < KEEP))
+
+
+@dataclass
+class TopkConfig:
+    """Launch options of the Triton path; None picks a default from the shapes (see `_resolve_config`)."""
+
+    block_b: int | None = None  # queries per program (>= 16 for tl.dot)
+    block_l: int | None = None  # labels per tile (power of two)
+    block_d: int | None = None  # reduction chunk (power of two >= 16)
+    splits: int | None = None  # label ranges scored in parallel; the partial lists are B x splits x k keys
+    sort_min: int | None = None  # bitonic merge when a tile has >= this many candidates in a row (0: never)
+    num_warps: int | None = None
+    num_stages: int | None = None
+    max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES  # bound on the partial lists when `splits` is automatic
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, device: torch.device) -> TopkConfig:
+    kp = _next_pow2(k)
+    block_b = cfg.block_b or (128 if B >= 128 and kp <= 16 else 64 if B >= 64 else 32 if B >= 32 else 16)
+    block_l = cfg.block_l or 128
+    block_d = cfg.block_d or max(16, min(128, _next_pow2(D)))
+    sort_min = cfg.sort_min if cfg.sort_min is not None else (max(16, kp // 4) if block_l >= kp >= 16 else 0)
+    qblocks = triton.cdiv(B, block_b)
+    tiles = triton.cdiv(num_labels, block_l)
+    if cfg.splits:
+        splits = cfg.splits
+    else:
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+        splits = triton.cdiv(target, qblocks)
+        splits = min(splits, max(1, cfg.max_partial_bytes // (8 * B * k)))
+    splits = max(1, min(splits, tiles))
+    num_warps = cfg.num_warps or (8 if block_b * max(block_l, kp) >= 8192 else 4)
+    num_stages = cfg.num_stages or 3
+    return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes)
+
+
+def _check_args(x, weights, k, num_labels) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(weights, torch.Tensor):
+        raise ValueError("x and weights must be torch tensors")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (B, D), got shape {tuple(x.shape)}")
+    if weights.dim() != 2:
+        raise ValueError(f"weights must be 2-D (L_pad, D), got shape {tuple(weights.shape)}")
+    if x.dtype not in QUERY_DTYPES:
+        raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+    if weights.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be float8_e4m3fn, bfloat16 or float32, got {weights.dtype}")
+    if x.shape[1] != weights.shape[1]:
+        raise ValueError(f"x has D={x.shape[1]} but weights have D={weights.shape[1]}")
+    if x.device != weights.device:
+        raise ValueError(f"x is on {x.device} but weights are on {weights.device}")
+    for name, v in (("k", k), ("num_labels", num_labels)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {type(v).__name__}")
+    if not 1 <= num_labels <= weights.shape[0]:
+        raise ValueError(f"num_labels must be in [1, {weights.shape[0]}] (rows of weights), got {num_labels}")
+    if num_labels > MAX_LABELS:
+        raise ValueError(f"num_labels must be <= {MAX_LABELS}, got {num_labels}")
+    if not 1 <= k <= num_labels:
+        raise ValueError(f"k must be in [1, num_labels={num_labels}], got {k}")
+
+
+def _check_exclude(exclude, B: int, k: int, num_labels: int, device: torch.device) -> torch.Tensor | None:
+    """(B, E) int64 on `device`, -1 = no entry; or None. Raises ValueError when a row would keep fewer than k labels."""
+    if exclude is None:
+        return None
+    if not isinstance(exclude, torch.Tensor):
+        if len(exclude) != B:
+            raise ValueError(f"exclude must have one list per query ({B}), got {len(exclude)}")
+        width = max((len(r) for r in exclude), default=0)
+        exclude = torch.tensor([list(r) + [-1] * (width - len(r)) for r in exclude], dtype=torch.int64).view(B, width)
+    if exclude.dim() != 2 or exclude.shape[0] != B:
+        raise ValueError(f"exclude must be (B={B}, E), got shape {tuple(exclude.shape)}")
+    if exclude.dtype.is_floating_point or exclude.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(f"exclude must hold integer label ids, got {exclude.dtype}")
+    exclude = exclude.to(device=device, dtype=torch.int64).contiguous()
+    if exclude.shape[1] == 0:
+        return None
+    if bool(((exclude < -1) | (exclude >= num_labels)).any()):
+        raise ValueError(f"exclude ids must be -1 (padding) or in [0, num_labels={num_labels})")
+    srt = exclude.sort(dim=1).values
+    distinct = (srt >= 0) & torch.cat([torch.ones_like(srt[:, :1], dtype=torch.bool), srt[:, 1:] != srt[:, :-1]], 1)
+    most = int(distinct.sum(dim=1).max())
+    if k > num_labels - most:
+        raise ValueError(f"k={k} exceeds the {num_labels - most} labels left after exclusions in some query")
+    return exclude
+
+
+def prepare_queries(x: torch.Tensor, weights_dtype: torch.dtype, fp8_dot: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries the dot products use, and the per-row factor applied to the fp32 sums (see the module docstring).
+
+    Returns (xq (B, D) float8_e4m3fn / bf16 / fp32, inv_scale (B,) fp32).
+    """
+    if fp8_dot:
+        amax = x.float().abs().amax(dim=1)
+        exp = torch.floor(torch.log2(FP8_MAX / amax.clamp_min(1e-30))).clamp(-126, 126)
+        exp = torch.where(amax > 0, exp, torch.zeros_like(exp))
+        scale = torch.exp2(exp)
+        xq = (x.float() * scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return xq, torch.exp2(-exp)
+    dtype = torch.float32 if weights_dtype == torch.float32 else torch.bfloat16
+    return x.to(dtype), torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+
+
+def _auto_fp8_dot(weights: torch.Tensor) -> bool:
+    return (
+        weights.dtype == torch.float8_e4m3fn
+        and weights.is_cuda
+        and torch.cuda.get_device_capability(weights.device) >= (8, 9)
+    )
+
+
+def scores_to_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sortable int64 keys of (fp32 score, id) pairs: larger key = better label (score desc, then id asc)."""
+    s = scores.float()
+    s = torch.where(s == 0, torch.zeros_like(s), s)
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    bits = s.view(torch.int32)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return mono.to(torch.int64) * 2**32 + (0xFFFFFFFF - ids.to(torch.int64))
+
+
+def keys_to_scores(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `scores_to_keys`: (fp32 scores, int64 ids)."""
+    ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    mono = (keys >> 32).to(torch.int32)
+    bits = mono ^ ((mono >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32), ids
+
+
+def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig):
+    B, D = xq.shape
+    c = _resolve_config(cfg, B, D, k, num_labels, xq.device)
+    tiles = triton.cdiv(num_labels, c.block_l)
+    labels_per_split = triton.cdiv(tiles, c.splits) * c.block_l
+    splits = triton.cdiv(num_labels, labels_per_split)
+    qblocks = triton.cdiv(B, c.block_b)
+    part = torch.empty((B, splits, k), dtype=torch.int64, device=xq.device)
+    has_excl = exclude is not None
+    excl = exclude if has_excl else part
+    _topk_kernel[(qblocks * splits,)](
+        xq,
+        weights,
+        inv_scale,
+        excl,
+        part,
+        B,
+        num_labels,
+        D,
+        labels_per_split,
+        qblocks,
+        excl.shape[1] if has_excl else 0,
+        xq.stride(0),
+        weights.stride(0),
+        excl.stride(0) if has_excl else 0,
+        part.stride(0),
+        part.stride(1),
+        KEEP=k,
+        KP=_next_pow2(k),
+        BLOCK_B=c.block_b,
+        BLOCK_L=c.block_l,
+        BLOCK_D=c.block_d,
+        SORT_MIN=c.sort_min,
+        FP8_DOT=fp8_dot,
+        HAS_SCALE=fp8_dot,
+        HAS_EXCL=has_excl,
+        EVEN_D=D % c.block_d == 0,
+        UPCAST=_interpreting(),
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+    )
+    keys = part.view(B, splits * k)
+    if splits > 1:
+        keys = torch.topk(keys, k, dim=1).values
+    else:
+        keys = keys.sort(dim=1, descending=True).values
+    return keys_to_scores(keys)
+
+
+def _topk_torch(xq, inv_scale, weights, k, num_labels, exclude, chunk_size):
+    B = xq.shape[0]
+    chunk = chunk_size or max(1024, min(1 << 20, (1 << 24) // max(B, 1)))
+    xf = xq.float()
+    best = None
+    for start in range(0, num_labels, chunk):
+        stop = min(start + chunk, num_labels)
+        ids = torch.arange(start, stop, device=xq.device)
+        logits = (xf @ weights[start:stop].float().T) * inv_scale[:, None]
+        keys = scores_to_keys(logits, ids[None, :])
+        if exclude is not None:
+            local = exclude - start
+            hit = (local >= 0) & (local < stop - start)
+            rows, cols = hit.nonzero(as_tuple=True)
+            keys[rows, local[rows, cols]] = KEY_EMPTY
+        keys = torch.topk(keys, min(k, stop - start), dim=1).values
+        best = keys if best is None else torch.topk(torch.cat([best, keys], dim=1), k, dim=1).values
+    return keys_to_scores(best)
+
+
+def topk_scores(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    num_labels: int,
+    exclude: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    *,
+    impl: str = "auto",
+    fp8_dot: bool | None = None,
+    config: TopkConfig | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k labels of each query: (scores fp32 (B, k) sorted descending, ids int64 (B, k)).
+
+    x: (B, D) bf16/fp32 queries. weights: (L_pad, D) float8_e4m3fn/bf16/fp32 head; rows >= num_labels are padding and
+    never returned. k in [1, num_labels]. exclude: per-query ids never returned, a (B, E) integer tensor padded with
+    -1 or a list of B lists; each row must keep >= k labels. impl: "triton" (GPU, or CPU under TRITON_INTERPRET=1),
+    "torch" (chunked matmul + topk, bounded memory), "auto" (triton on CUDA, torch otherwise). fp8_dot: quantize x
+    to e4m3 and use fp8 x fp8 dots (needs fp8 weights); None = where the GPU has fp8 tensor cores (sm_89+).
+    Scores and tie rule: see the module docstring.
+    """
+    _check_args(x, weights, k, num_labels)
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if x.is_cuda else "torch"
+    if impl == "triton" and not x.is_cuda and not _interpreting():
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if fp8_dot is None:
+        fp8_dot = _auto_fp8_dot(weights)
+    if fp8_dot and weights.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8_dot needs float8_e4m3fn weights, got {weights.dtype}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B = x.shape[0]
+    exclude = _check_exclude(exclude, B, k, num_labels, x.device)
+    if B == 0:
+        return torch.empty((0, k), dtype=torch.float32, device=x.device), torch.empty(
+            (0, k), dtype=torch.int64, device=x.device
+        )
+    xq, inv_scale = prepare_queries(x, weights.dtype, fp8_dot)
+    xq = xq.contiguous()
+    if weights.stride(1) != 1:
+        weights = weights.contiguous()
+    if impl == "torch":
+        return _topk_torch(xq, inv_scale, weights, k, num_labels, exclude, chunk_size)
+    return _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, config or TopkConfig())
+
+
+def merge_topk(
+    scores: Sequence[torch.Tensor],
+    ids: Sequence[torch.Tensor],
+    k: int,
+    id_offsets: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of per-shard top-k lists: scores[i] fp32 (B, k_i), ids[i] int64 (B, k_i) -> (B, k) each.
+
+    ids are global, or local to shard i when id_offsets[i] (the shard's first global id) is given. Same order and
+    tie rule as `topk_scores`, so merging the shards' lists equals the top-k of the unsharded head.
+    """
+    if len(scores) == 0 or len(scores) != len(ids):
+        raise ValueError(f"need one ids tensor per scores tensor and at least one shard, got {len(scores)}/{len(ids)}")
+    if id_offsets is not None and len(id_offsets) != len(scores):
+        raise ValueError(f"id_offsets needs one entry per shard ({len(scores)}), got {len(id_offsets)}")
+    B = scores[0].shape[0] if scores[0].dim() == 2 else -1
+    keys = []
+    for i, (s, j) in enumerate(zip(scores, ids, strict=True)):
+        if s.dim() != 2 or s.shape != j.shape or s.shape[0] != B:
+            raise ValueError(f"shard {i}: scores {tuple(s.shape)} and ids {tuple(j.shape)} must both be (B={B}, k_i)")
+        if j.dtype.is_floating_point:
+            raise ValueError(f"shard {i}: ids must be integers, got {j.dtype}")
+        g = j.to(torch.int64) + (id_offsets[i] if id_offsets is not None else 0)
+        if j.numel() and (int(g.min()) < 0 or int(g.max()) > MAX_LABELS):
+            raise ValueError(f"shard {i}: global ids must be in [0, {MAX_LABELS}]")
+        keys.append(scores_to_keys(s, g))
+    total = sum(t.shape[1] for t in keys)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
+        raise ValueError(f"k must be an int in [1, {total}] (entries over all shards), got {k}")
+    return keys_to_scores(torch.topk(torch.cat(keys, dim=1), k, dim=1).values)
+
+
+def reference_topk(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    num_labels: int,
+    exclude: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    fp8_dot: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain reference: full (B, num_labels) fp32 logits, excluded ids set to -inf, stable descending sort."""
+    xq, inv_scale = prepare_queries(x, weights.dtype, fp8_dot)
+    logits = (xq.float() @ weights[:num_labels].float().T) * inv_scale[:, None]
+    if exclude is not None:
+        for b, row in enumerate(exclude.tolist() if isinstance(exclude, torch.Tensor) else exclude):
+            for i in row:
+                if i >= 0:
+                    logits[b, i] = float("-inf")
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
+    return logits.gather(1, order), order
