@@ -154,8 +154,9 @@ def head_step_chunk(
     """One fused ELMO step for one label chunk, in place on `w` (and `kahan`); returns this chunk's dX (fp32).
 
     w: (Lc, D) bf16 or float8_e4m3fn; x: (B, D) bf16 or fp32; y: (B, Lc) 0/1 targets; rows >= num_valid are padding
-    and never change. stochastic=False rounds the weights to nearest instead. kahan: None or (H, D) bf16/float8_e5m2 compensation for the first H rows of this chunk.
-    The quantisation of operands mirrors the kernel: G is rounded to bf16 (nearest), or, with fp8 dots, X to e4m3
+    and never change. stochastic=False rounds the weights to nearest instead. kahan: None or (H, D) bf16/float8_e5m2
+    compensation for the first H rows of this chunk. The quantisation of operands mirrors the kernel: G is rounded
+    to bf16 (nearest), or, with fp8 dots, X to e4m3
     (nearest) and G * 256 to e4m3 (stochastic, on the stream seed + 1 over (label, batch row)).
     """
     wf = w.float()
