@@ -36,6 +36,11 @@ LABEL_ALIGN = 16  # fp8 GEMMs want 16-aligned leading dimensions; odd ones cost 
 MAX_BATCH = 256  # the logits tile of a label block lives in registers
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Scratch buffers (G, dX partials); tests replace this to poison them."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -401,12 +406,12 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
     hot_dtype = tl.float32 if interp else tl.float16
     xq = reference.quantize_embeddings(x, fp8_dots).contiguous()
     max_rows = max(w.shape[0] for w in chunks)
-    g_buf = torch.empty((batch, max_rows), dtype=torch.float8_e4m3fn if fp8_dots else torch.bfloat16, device=x.device)
+    g_buf = _empty((batch, max_rows), torch.float8_e4m3fn if fp8_dots else torch.bfloat16, x.device)
     num_dtiles = triton.cdiv(dim, plan.upd_block_d)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     max_groups = max(1, triton.cdiv(plan.programs_per_sm * sms, num_dtiles))
     max_blocks = triton.cdiv(max_rows, plan.upd_block_l)
-    dx_parts = torch.empty((min(max_groups, max_blocks), batch, dim), dtype=torch.float32, device=x.device)
+    dx_parts = _empty((min(max_groups, max_blocks), batch, dim), torch.float32, x.device)
     dx = torch.zeros((batch, dim), dtype=torch.float32, device=x.device)
     loss = torch.zeros(1, dtype=torch.float32, device=x.device)
     rows32 = rows.to(torch.int32)

@@ -141,11 +141,14 @@ def _stochastic_round_kernel(
     tl.store(out_ptr + r[:, None].to(tl.int64) * stride_or + c[None, :], cast_on_grid(y, OUT_DTYPE), mask=mask)
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset: int = 0) -> torch.Tensor:
+def stochastic_round(
+    x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset: int = 0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Stochastically round fp32/bf16 `x` to `dtype` (bfloat16, float8_e4m3fn, float8_e5m2).
 
     x is viewed as rows of its last dimension; element (r, c) uses the random stream of row `row_offset + r`
     (see `kernels.reference`). E4M3/E5M2 saturate at their largest finite value; NaN stays NaN.
+    out: optional contiguous tensor of x's shape and `dtype` to write into.
     """
     if dtype != torch.bfloat16 and dtype not in FP8_FORMATS:
         raise ValueError(f"stochastic rounding targets bfloat16, float8_e4m3fn or float8_e5m2, not {dtype}")
@@ -154,9 +157,14 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset:
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     x2 = (x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)).contiguous()
-    out = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != dtype or not out.is_contiguous() or out.device != x.device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+    result = out
+    out = out.view(x2.shape)
     if x2.numel() == 0:
-        return out.reshape(x.shape)
+        return result
     rows, cols = x2.shape
     grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS))
     _stochastic_round_kernel[grid](
@@ -172,7 +180,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset:
         BLOCK_COLS=BLOCK_COLS,
         OUT_DTYPE=_TL_DTYPES[dtype],
     )
-    return out.reshape(x.shape)
+    return result
 
 
 _TL_DTYPES = {

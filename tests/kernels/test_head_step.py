@@ -1,0 +1,155 @@
+"""Fused head step (Triton, interpreted on CPU) vs the plain-torch reference, plus validation and learning tests."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import assert_same_bits
+
+from kernels import head_step as hs
+
+
+@dataclass
+class Case:
+    batch: int
+    chunk_rows: tuple[int, ...]
+    num_labels: int
+    dim: int
+    dtype: torch.dtype
+    kahan_rows: int = 0
+    kahan_dtype: torch.dtype = torch.bfloat16
+    fp8_dots: bool = False
+    stochastic: bool = True
+
+
+CASES = {
+    "bf16-odd": Case(3, (1024,), 1009, 77, torch.bfloat16),
+    "fp8-b1": Case(1, (1024,), 1009, 77, torch.float8_e4m3fn),
+    "fp8-d768-kahan": Case(5, (320,), 300, 768, torch.float8_e4m3fn, kahan_rows=40),
+    "bf16-chunks-kahan-e5m2": Case(
+        6, (128, 256, 64), 400, 48, torch.bfloat16, kahan_rows=200, kahan_dtype=torch.float8_e5m2
+    ),
+    "fp8-dots": Case(33, (208,), 200, 96, torch.float8_e4m3fn, fp8_dots=True),
+    "fp8-nearest": Case(4, (96,), 90, 40, torch.float8_e4m3fn, stochastic=False),
+}
+
+
+def _poison(monkeypatch):
+    def empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), device=device).to(dtype)
+
+    monkeypatch.setattr(hs, "_empty", empty)
+
+
+def _problem(case: Case):
+    chunks = [(torch.randn(n, case.dim) * 0.2).to(case.dtype) for n in case.chunk_rows]
+    x = torch.randn(case.batch, case.dim).to(torch.bfloat16)
+    npos = 3 * case.batch
+    rows = torch.randint(0, case.batch, (npos,))
+    cols = torch.cat([torch.randint(0, case.num_labels, (npos - 2,)), torch.tensor([0, case.num_labels - 1])])
+    kahan = (torch.randn(case.kahan_rows, case.dim) * 1e-3).to(case.kahan_dtype) if case.kahan_rows else None
+    return chunks, x, rows, cols, kahan
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(name, monkeypatch):
+    _poison(monkeypatch)
+    case = CASES[name]
+    chunks, x, rows, cols, kahan = _problem(case)
+    cfg = hs.HeadStepConfig(
+        lr=0.3,
+        weight_decay=0.01,
+        seed=17,
+        compute_loss=True,
+        fp8_dots=case.fp8_dots,
+        stochastic_rounding=case.stochastic,
+    )
+    out = {}
+    for impl in ("triton", "torch"):
+        w = [c.clone() for c in chunks]
+        k = kahan.clone() if kahan is not None else None
+        res = hs.head_step(w, x, rows, cols, cfg, num_labels=case.num_labels, kahan=k, impl=impl)
+        out[impl] = (w, res, k)
+    (wt, rt, kt), (wr, rr, kr) = out["triton"], out["torch"]
+    # Same rounding rule and Philox stream: bit-identical weights, save for a pre-rounding value that lands on a
+    # rounding threshold differently because of fp32 summation order.
+    for i, (a, b) in enumerate(zip(wt, wr, strict=True)):
+        assert_same_bits(a, b, max_fraction=1e-4, what=f"{name} chunk {i}")
+    torch.testing.assert_close(rt.dx, rr.dx, rtol=1e-5, atol=1e-5)
+    assert not torch.isnan(rt.dx).any()
+    assert rt.loss == pytest.approx(rr.loss, rel=1e-5)
+    if kahan is not None:
+        assert_same_bits(kt, kr, max_fraction=1e-4, what=f"{name} kahan")
+        assert (kt.float() != kahan.float()).any(), "the compensation buffer must be updated"
+    # Padding rows never change; real rows do (weight decay alone moves every one of them).
+    flat_new = torch.cat([w.float() for w in wt])
+    flat_old = torch.cat([w.float() for w in chunks])
+    assert torch.equal(flat_new[case.num_labels :], flat_old[case.num_labels :])
+    assert (flat_new[: case.num_labels] != flat_old[: case.num_labels]).float().mean() > 0.5
+
+
+def test_reference_step_is_sgd_on_bce():
+    # On a bf16 head with a step far above one ulp, the SR update follows w - lr (G^T X + wd W) closely.
+    w = (torch.randn(64, 16) * 0.5).to(torch.bfloat16)
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    rows, cols = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 9, 9, 63])
+    y = torch.zeros(4, 64)
+    y[rows, cols] = 1
+    wf, xf = w.float(), x.float()
+    g = torch.sigmoid(xf @ wf.T) - y
+    expected = wf - 0.5 * (g.T @ xf + 0.1 * wf)
+    out = hs.head_step([w], x, rows, cols, hs.HeadStepConfig(lr=0.5, weight_decay=0.1), impl="torch")
+    torch.testing.assert_close(out.dx, g @ wf, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_head_logits():
+    chunks = [torch.randn(32, 8).to(torch.bfloat16), torch.randn(16, 8).to(torch.bfloat16)]
+    x = torch.randn(3, 8)
+    logits = hs.head_logits(chunks, x, num_labels=40)
+    torch.testing.assert_close(logits, x @ torch.cat(chunks).float()[:40].T)
+
+
+def _valid():
+    return [torch.randn(32, 8).to(torch.bfloat16)], torch.randn(2, 8), torch.tensor([0, 1]), torch.tensor([3, 4])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda a: a.update(chunks=[]), "chunks is empty"),
+        (lambda a: a.update(chunks=[torch.randn(32, 8)]), "bfloat16 or float8_e4m3fn"),
+        (lambda a: a.update(chunks=[torch.randn(30, 8).to(torch.bfloat16)]), "multiple of 16"),
+        (lambda a: a.update(chunks=[torch.randn(32, 9).to(torch.bfloat16)]), "expected"),
+        (lambda a: a.update(x=torch.randn(8)), r"must be \(B, D\)"),
+        (lambda a: a.update(x=torch.randn(2, 8).double()), "bfloat16 or float32"),
+        (lambda a: a.update(pos_rows=torch.tensor([0, 2])), "pos_rows must lie"),
+        (lambda a: a.update(pos_cols=torch.tensor([0, 32])), "pos_cols must lie"),
+        (lambda a: a.update(pos_cols=torch.tensor([0.0, 1.0])), "integer"),
+        (lambda a: a.update(pos_cols=torch.tensor([0])), "same length"),
+        (lambda a: a.update(num_labels=33), "num_labels"),
+        (lambda a: a.update(kahan=torch.zeros(40, 8, dtype=torch.bfloat16)), "kahan must be"),
+        (lambda a: a.update(kahan=torch.zeros(4, 8)), "kahan must be bfloat16"),
+        (lambda a: a.update(impl="cuda"), "impl must be"),
+        (lambda a: a.update(config=hs.HeadStepConfig(lr=0.1, seed=-3)), "seed"),
+        (lambda a: a.update(x=torch.randn(300, 8), impl="triton"), "at most 256"),
+        (lambda a: a.update(config=hs.HeadStepConfig(lr=0.1, fp8_dots=True)), "fp8_dots"),
+    ],
+)
+def test_bad_arguments(mutate, message):
+    chunks, x, rows, cols = _valid()
+    args = dict(
+        chunks=chunks,
+        x=x,
+        pos_rows=rows,
+        pos_cols=cols,
+        config=hs.HeadStepConfig(lr=0.1),
+        num_labels=None,
+        kahan=None,
+        impl="auto",
+    )
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        hs.head_step(
+            args.pop("chunks"), args.pop("x"), args.pop("pos_rows"), args.pop("pos_cols"), args.pop("config"), **args
+        )
