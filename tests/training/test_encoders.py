@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from training.encoders import HashedBagConfig, HashedBagEncoder, HashedNgramFeaturizer, HFTextEncoder, bag_inputs
+
+TEXTS = [
+    "libstdc++6 : GNU Standard C++ Library v3",
+    "python3-numpy : Fast array facility to the Python 3 language",
+    "qml6-module-qtquick : Qt 6 Quick QML module",
+    "libc6 : GNU C Library: Shared libraries",
+]
+
+
+def test_features_cover_words_parts_bigrams_and_char_ngrams():
+    feats = HashedNgramFeaturizer().features("Python3-NumPy : Fast array.")
+    assert {"w:python3-numpy", "p:python3", "p:numpy", "w:fast", "w:array"} <= set(feats)
+    assert {"b:python3-numpy fast", "b:fast array", "c:<py", "c:<num", "c:umpy>", "c:ray>"} <= set(feats)
+    assert "w:array." not in feats and "w::" not in feats  # edge punctuation stripped, lone ':' dropped
+    assert all(len(f) - 2 in (3, 4, 5) for f in feats if f.startswith("c:"))
+    plain = HashedNgramFeaturizer(char_ngrams=(0, 0), word_bigrams=False, name_parts=False).features("a-b c")
+    assert plain == ["w:a-b", "w:c"]
+
+
+def test_hashing_is_fixed_across_processes():
+    # BLAKE2b, not Python's salted hash(): these bucket ids must never change (saved models depend on them)
+    f = HashedNgramFeaturizer(num_buckets=2**20, char_ngrams=(0, 0), word_bigrams=False, tfidf=False, min_df=0)
+    assert f.counts(["libc6 python3"]).indices.tolist() == sorted([_b("w:libc6"), _b("w:python3")])
+    assert _b("w:libc6") == 235156 and _b("w:python3") == 975436
+
+
+def _b(feature: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "little") % 2**20
+
+
+def test_transform_tfidf_normalised_compact_and_restorable():
+    f = HashedNgramFeaturizer(num_buckets=2**16)
+    x = f.fit_transform(TEXTS)
+    assert x.shape == (4, f.num_features) and f.num_features == len(f.kept) < 2**16 and x.dtype == np.float32
+    np.testing.assert_allclose(sp.linalg.norm(x, axis=1), 1.0, rtol=1e-6)
+    assert x.has_sorted_indices and (x != f.transform(TEXTS)).nnz == 0
+    # a word shared by several texts weighs less than a word of one text
+    gnu, fast = (f.kept.tolist().index(f.counts([w]).indices[0]) for w in ("gnu", "fast"))
+    assert f.idf[gnu] < f.idf[fast]
+    unseen = f.transform(["zzzz", ""])
+    assert unseen.nnz == 0 and unseen.shape == (2, f.num_features)
+    g = HashedNgramFeaturizer.from_state_dict(f.state_dict())
+    assert (g.transform(TEXTS) != x).nnz == 0
+    with pytest.raises(ValueError, match="call fit"):
+        HashedNgramFeaturizer().transform(TEXTS)
+    raw = HashedNgramFeaturizer(num_buckets=1000, min_df=0, tfidf=False, normalize=False).transform(TEXTS)
+    assert (
+        raw.shape == (4, 1000)
+        and raw.data.min() >= 1
+        and raw.sum() == sum(len(HashedNgramFeaturizer().features(t)) for t in TEXTS)
+    )
+
+
+def test_bag_inputs_select_rows():
+    x = HashedNgramFeaturizer(num_buckets=512).fit_transform(TEXTS)
+    indices, offsets, weights = bag_inputs(x, torch.tensor([2, 0]))
+    assert indices.dtype == offsets.dtype == torch.int64 and weights.dtype == torch.float32
+    assert offsets.tolist() == [0, x[2].nnz] and len(indices) == len(weights) == x[2].nnz + x[0].nnz
+    np.testing.assert_array_equal(indices[: x[2].nnz].numpy(), x[2].indices)
+
+
+@pytest.mark.parametrize("mlp_hidden", [0, 32])
+def test_hashed_bag_encoder_shapes_determinism_and_gradients(mlp_hidden):
+    f = HashedNgramFeaturizer(num_buckets=4096)
+    x = f.fit_transform(TEXTS + ["zzzz"])  # last row: an empty bag
+    enc = HashedBagEncoder(HashedBagConfig(num_features=f.num_features, dim=24, mlp_hidden=mlp_hidden))
+    inputs = bag_inputs(x)
+    out = enc(*inputs)
+    assert out.shape == (5, 24) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(enc(*inputs), out, rtol=0, atol=0)
+    torch.manual_seed(0)
+    twin = HashedBagEncoder(num_features=f.num_features, dim=24, mlp_hidden=mlp_hidden)
+    torch.manual_seed(0)
+    again = HashedBagEncoder(num_features=f.num_features, dim=24, mlp_hidden=mlp_hidden)
+    torch.testing.assert_close(twin(*inputs), again(*inputs), rtol=0, atol=0)
+    # weights matter: doubling one text's weights is undone by LayerNorm, zeroing one changes it
+    indices, offsets, weights = inputs
+    torch.testing.assert_close(enc(indices, offsets, weights * 2), out, rtol=2e-3, atol=2e-3)  # up to LayerNorm eps
+    w = weights.clone()
+    w[0] = 0
+    assert not torch.allclose(enc(indices, offsets, w)[0], out[0])
+
+    out[:4].pow(2).sum().backward()
+    grad = enc.bag.weight.grad
+    used = torch.unique(indices[: offsets[4]])
+    assert grad[used].abs().sum(dim=1).gt(0).all()
+    unused = torch.ones(f.num_features, dtype=torch.bool)
+    unused[used] = False
+    assert grad[unused].abs().sum() == 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+
+
+def test_hashed_bag_encoder_bf16():
+    enc = HashedBagEncoder(num_features=100, dim=16).to(torch.bfloat16)
+    out = enc(torch.tensor([1, 2, 3]), torch.tensor([0, 2]), torch.tensor([0.5, 0.5, 1.0]))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 16)
+
+
+def _tiny_bert(tmp_path):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed: the Hugging Face encoder path is untested here"
+    )
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "gnu", "c", "library", "python", "fast", "array", ":"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    config = transformers.BertConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48
+    )
+    return transformers.BertModel(config).eval(), tokenizer
+
+
+def test_hf_encoder_mean_pools_over_the_mask(tmp_path):
+    model, tokenizer = _tiny_bert(tmp_path)
+    enc = HFTextEncoder(model, tokenizer, max_length=16)
+    batch = enc.tokenize(["gnu c library", "python : fast array fast array"])
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # row 0 is padded
+    out = enc(**batch)
+    assert out.shape == (2, 32) and enc.dim == 32
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(out, (hidden * mask).sum(1) / mask.sum(1))
+    alone = enc(**enc.tokenize(["gnu c library"]))  # no padding: same embedding
+    torch.testing.assert_close(alone[0], out[0], rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_hf_encoder_loads_local_directory_in_bf16(tmp_path):
+    model, tokenizer = _tiny_bert(tmp_path)
+    HFTextEncoder(model, tokenizer).save_pretrained(tmp_path / "model")
+    enc = HFTextEncoder.from_pretrained(tmp_path / "model", dtype=torch.bfloat16, max_length=8)
+    out = enc(**enc.tokenize(["gnu c library", "python"]))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 32) and torch.isfinite(out.float()).all()
+    ref = HFTextEncoder(model, tokenizer)(**enc.tokenize(["gnu c library", "python"]))
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        HFTextEncoder.from_pretrained(tmp_path)
