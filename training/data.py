@@ -86,7 +86,7 @@ def _lines(path: Path, sources: dict[str, str]) -> Iterator[tuple[int, str]]:
     sources[path.name] = digest.hexdigest()
 
 
-def _label_csr(rows: list[int], cols: list[int], shape: tuple[int, int], dtype) -> sp.csr_matrix:
+def _label_csr(rows: list[int], cols: list[int], shape: tuple[int, int], dtype: type) -> sp.csr_matrix:
     m = sp.csr_matrix((np.ones(len(rows), dtype=dtype), (rows, cols)), shape=shape)
     m.sum_duplicates()
     m.data[:] = 1  # a label listed twice is still one positive
@@ -125,7 +125,7 @@ def _parse_bow_line(text: str, num_features: int, num_labels: int) -> tuple[list
     return labels, idx, val
 
 
-def read_bow(path: str | Path, *, label_dtype=np.float32) -> XMCDataset:
+def read_bow(path: str | Path, *, label_dtype: type = np.float32) -> XMCDataset:
     """Read the Repository's sparse BoW text format into features (N x F, float32) and labels (N x L)."""
     path = Path(path)
     sources: dict[str, str] = {}
@@ -218,7 +218,11 @@ def read_filters(path: str | Path, num_rows: int, num_labels: int, sources: dict
 
 
 def read_lf(
-    directory: str | Path, split: str = "trn", *, text_fields: tuple[str, ...] = ("title",), label_dtype=np.float32
+    directory: str | Path,
+    split: str = "trn",
+    *,
+    text_fields: tuple[str, ...] = ("title",),
+    label_dtype: type = np.float32,
 ) -> XMCDataset:
     """Read one split (`trn` or `tst`) of an LF JSON-lines dataset, with `lbl.json` and its filter file if present."""
     directory = Path(directory)
@@ -275,7 +279,7 @@ def frequency_order(labels: sp.csr_matrix) -> np.ndarray:
 def permute_labels(ds: XMCDataset, order: np.ndarray) -> XMCDataset:
     """Renumber labels so that new label j is old label order[j]: label columns, titles, uids and filters move."""
     order = np.asarray(order, dtype=np.int64)
-    if sorted(order.tolist()) != list(range(ds.num_labels)):
+    if order.shape != (ds.num_labels,) or not np.array_equal(np.sort(order), np.arange(ds.num_labels)):
         raise ValueError(f"order is not a permutation of the {ds.num_labels} labels")
     new_of_old = np.empty_like(order)
     new_of_old[order] = np.arange(len(order))

@@ -32,7 +32,7 @@ def jain_propensity(label_counts: np.ndarray, num_points: int, a: float = 0.55, 
     return 1.0 / (1.0 + c * np.exp(-a * np.log(counts + b)))
 
 
-def _as_numpy(x) -> np.ndarray:
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
@@ -55,7 +55,12 @@ class XMCMetrics:
     def reset(self) -> None:
         self.rows, self._sums = 0, {}
 
-    def update(self, pred, true: sp.spmatrix, filtered=None) -> None:
+    def update(
+        self,
+        pred: np.ndarray | torch.Tensor,
+        true: sp.spmatrix,
+        filtered: sp.spmatrix | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
         """pred: (B, K >= max(ks)) label ids ranked best first; true: B x L sparse; filtered: B x L sparse or
         (P, 2) (row-in-batch, label) pairs, or None."""
         pred = _as_numpy(pred).astype(np.int64, copy=True)
@@ -129,17 +134,17 @@ class XMCMetrics:
                     continue
                 if name == "PSP" and self.psp_normalize:
                     ideal = self._sums[f"PSP_ideal@{k}"]
-                    out[key] = self._sums[key] / ideal if ideal > 0 else 0.0
+                    out[key] = float(self._sums[key] / ideal) if ideal > 0 else 0.0
                 else:
-                    out[key] = self._sums[key] / self.rows
+                    out[key] = float(self._sums[key] / self.rows)
         return out
 
 
 def evaluate(
-    pred,
+    pred: np.ndarray | torch.Tensor,
     true: sp.spmatrix,
     *,
-    filtered=None,
+    filtered: sp.spmatrix | np.ndarray | torch.Tensor | None = None,
     propensity: np.ndarray | None = None,
     ks: tuple[int, ...] = (1, 3, 5),
     psp_normalize: bool = True,
