@@ -179,28 +179,20 @@ def sweep_plans(device, num_labels, batch, dim, variant) -> tuple[dict, list[dic
     """Try a few launch plans at one size; return the best plan's fields and all timings."""
     default = hs._launch_plan
     base = default(batch, dim, variant.startswith("fp8"))
-    candidates = []
-    for fbl, fbd, ubl, ubd, fw, uw, fs, us in [
-        (128, 128, 64, 128, 8, 8, 3, 2),
-        (128, 64, 64, 128, 8, 8, 3, 2),
-        (64, 128, 64, 128, 4, 8, 3, 2),
-        (128, 128, 32, 128, 8, 4, 3, 2),
-        (128, 128, 64, 64, 8, 4, 3, 2),
-        (128, 128, 64, 128, 8, 8, 4, 3),
-        (256, 64, 64, 128, 8, 8, 3, 2),
-    ]:
-        candidates.append(
-            dict(
-                fwd_block_l=fbl,
-                fwd_block_d=fbd,
-                upd_block_l=ubl,
-                upd_block_d=ubd,
-                fwd_warps=fw,
-                upd_warps=uw,
-                fwd_stages=fs,
-                upd_stages=us,
-            )
-        )
+    keys = ["dx_block_k", "dx_block_d", "dx_warps", "upd_block_l", "upd_block_d", "upd_warps", "upd_stages"]
+    candidates = [
+        dict(zip(keys, values, strict=True))
+        for values in [
+            (128, 64, 4, 64, 128, 4, 2),
+            (64, 64, 4, 64, 128, 4, 2),
+            (128, 128, 8, 64, 128, 4, 2),
+            (128, 64, 4, 32, 128, 4, 2),
+            (128, 64, 4, 128, 64, 8, 2),
+            (128, 64, 4, 64, 64, 4, 2),
+            (128, 64, 4, 64, 128, 8, 3),
+            (256, 64, 8, 64, 128, 4, 2),
+        ]
+    ]
     timings = []
     for cand in candidates:
         fields = {**base.__dict__, **cand}
@@ -236,6 +228,32 @@ def kernel_breakdown(device, num_labels, batch, dim, variant) -> list[dict]:
             out.append({"kernel": evt.key[:60], "ms_per_step": total / 5 / 1e3, "calls_per_step": evt.count / 5})
     out.sort(key=lambda r: -r["ms_per_step"])
     return out[:8]
+
+
+def compiled_kernel_report() -> list[dict]:
+    """Registers, spills and MMA instructions of every compiled variant of the head-step kernels."""
+    out = []
+    for kernel in (hs._logits_grad_kernel, hs._dx_kernel, hs._update_kernel):
+        for cache in getattr(kernel, "device_caches", {}).values():
+            entries = cache[0] if isinstance(cache, tuple) else cache
+            for compiled in entries.values():
+                try:
+                    compiled._init_handles()
+                    ptx = compiled.asm.get("ptx", "")
+                    out.append(
+                        {
+                            "kernel": kernel.fn.__name__,
+                            "regs": getattr(compiled, "n_regs", None),
+                            "spills": getattr(compiled, "n_spills", None),
+                            "wgmma": ptx.count("wgmma.mma_async"),
+                            "mma_sync": ptx.count("mma.sync"),
+                            "shared": getattr(compiled.metadata, "shared", None),
+                            "warps": getattr(compiled.metadata, "num_warps", None),
+                        }
+                    )
+                except Exception as e:  # introspection differs across Triton versions
+                    out.append({"kernel": kernel.fn.__name__, "error": str(e)[:120]})
+    return out
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
@@ -322,6 +340,9 @@ def main() -> None:
         print(result["breakdown_fp8_2.8M"])
     except Exception as e:
         print("breakdown failed:", e)
+    result["compiled"] = compiled_kernel_report()
+    for row in result["compiled"]:
+        print(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

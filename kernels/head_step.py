@@ -76,6 +76,7 @@ def _logits_grad_kernel(
     x_ptr,
     w_ptr,
     g_ptr,
+    gt_ptr,
     pos_row_ptr,
     pos_col_ptr,
     block_start_ptr,
@@ -89,6 +90,7 @@ def _logits_grad_kernel(
     stride_xb,
     stride_wl,
     stride_gb,
+    stride_gtl,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -136,25 +138,77 @@ def _logits_grad_kernel(
         bce = tl.maximum(z, 0.0) - y * z + tl.log(1.0 + tl.exp(-tl.abs(z)))
         tl.atomic_add(loss_ptr, tl.sum(tl.sum(tl.where(valid, bce, 0.0), axis=1), axis=0))
 
+    # G is stored twice, (B, Lc) for the dX GEMM and (Lc, B) for the weight update, so that both read their
+    # tensor-core operand along the contraction dimension (what FP8 MMAs need); it is 1/6 of W's bytes at B = 128.
     g_ptrs = g_ptr + rows[:, None] * stride_gb + labels[None, :]
+    gt_ptrs = gt_ptr + labels[:, None].to(tl.int64) * stride_gtl + rows[None, :]
     g_mask = row_ok[:, None] & (labels[None, :] < num_rows)
+    gt_mask = (labels[:, None] < num_rows) & row_ok[None, :]
     if G_FP8:
         # |G| < 1: scale by 2^8 so that small gradients stay above e4m3's subnormals, and round stochastically
         # (stream seed + 1, counter per (label, batch row)) so that the quantised G is unbiased.
         counters = (row_offset + labels[:, None]).to(tl.int64) * ((B + 7) // 8) + tl.arange(0, BLOCK_B // 8)[None, :]
-        gq = round_to(tl.trans(g) * 256.0, random_u16(seed + 1, counters), tl.float8e4nv, True)
-        tl.store(g_ptrs, cast_on_grid(tl.trans(gq), tl.float8e4nv), mask=g_mask)
+        gq = cast_on_grid(
+            round_to(tl.trans(g) * 256.0, random_u16(seed + 1, counters), tl.float8e4nv, True), tl.float8e4nv
+        )
+        tl.store(gt_ptrs, gq, mask=gt_mask)
+        tl.store(g_ptrs, tl.trans(gq), mask=g_mask)
     else:
-        tl.store(g_ptrs, nearest_bf16(g).to(tl.bfloat16), mask=g_mask)
+        gq = nearest_bf16(g).to(tl.bfloat16)
+        tl.store(g_ptrs, gq, mask=g_mask)
+        tl.store(gt_ptrs, tl.trans(gq), mask=gt_mask)
+
+
+@triton.jit
+def _dx_kernel(
+    g_ptr,
+    w_ptr,
+    dx_ptr,
+    B,
+    D,
+    num_valid,
+    labels_per_split,
+    grad_scale_inv,
+    stride_gb,
+    stride_wl,
+    stride_dxs,
+    stride_dxb,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    # Split-K GEMM dX = G W over the labels of one split, for one D-tile; partials are summed on the host, so the
+    # result does not depend on scheduling. Runs before the update: dX must see the old W.
+    pid = tl.program_id(0)
+    num_dtiles = tl.cdiv(D, BLOCK_D)
+    tile = pid % num_dtiles
+    split = pid // num_dtiles
+    rows = tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    d = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    first = split * labels_per_split
+    last = tl.minimum(first + labels_per_split, num_valid)
+    for k0 in range(first, last, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < last
+        g = tl.load(g_ptr + rows[:, None] * stride_gb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + k[:, None].to(tl.int64) * stride_wl + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0
+        )
+        acc = _mma(g, w, acc, DOT_DTYPE)
+    dx_ptrs = dx_ptr + split * stride_dxs + rows[:, None] * stride_dxb + d[None, :]
+    tl.store(dx_ptrs, acc * grad_scale_inv, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _update_kernel(
-    x_ptr,
+    xt_ptr,
     w_ptr,
-    g_ptr,
+    gt_ptr,
     kahan_ptr,
-    dx_ptr,
     B,
     D,
     num_valid,
@@ -164,14 +218,10 @@ def _update_kernel(
     lr,
     weight_decay,
     grad_scale_inv,
-    num_label_blocks,
-    blocks_per_group,
-    stride_xb,
+    stride_xtd,
     stride_wl,
-    stride_gb,
+    stride_gtl,
     stride_kl,
-    stride_dxg,
-    stride_dxb,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -181,37 +231,30 @@ def _update_kernel(
     HAS_KAHAN: tl.constexpr,
     STOCHASTIC: tl.constexpr,
 ):
+    # One block of labels, all of D: G^T (BLOCK_L x B) stays in registers while the program walks the D-tiles,
+    # forming G^T X for one tile at a time and writing the rounded new weights.
     pid = tl.program_id(0)
-    num_dtiles = tl.cdiv(D, BLOCK_D)
-    tile = pid % num_dtiles
-    group = pid // num_dtiles
+    labels = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+    label_ok = labels < num_valid
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    d = tile * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    x = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    gt = tl.load(
+        gt_ptr + labels[:, None].to(tl.int64) * stride_gtl + rows[None, :],
+        mask=label_ok[:, None] & row_ok[None, :],
+        other=0.0,
+    )
     col_groups = (D + 7) // 8
-    col_counter = tile * (BLOCK_D // 8) + tl.arange(0, BLOCK_D // 8)
-
-    dx = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    first = group * blocks_per_group
-    last = tl.minimum(first + blocks_per_group, num_label_blocks)
-    for block in range(first, last):
-        labels = block * BLOCK_L + tl.arange(0, BLOCK_L)
-        w_mask = (labels < num_valid)[:, None] & d_ok[None, :]
+    row_counter = (row_offset + labels[:, None]).to(tl.int64) * col_groups
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xt = tl.load(xt_ptr + d[:, None] * stride_xtd + rows[None, :], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        dw = _mma(gt, tl.trans(xt), tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32), DOT_DTYPE)
+        w_mask = label_ok[:, None] & d_ok[None, :]
         w_offs = labels[:, None].to(tl.int64) * stride_wl + d[None, :]
-        g = tl.load(
-            g_ptr + rows[:, None] * stride_gb + labels[None, :],
-            mask=row_ok[:, None] & (labels < num_valid)[None, :],
-            other=0.0,
-        )
-        w = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
-        dx = _mma(g, w, dx, DOT_DTYPE)  # the old W: dX must not see this step's update
-        dw = _mma(tl.trans(g), x, tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32), DOT_DTYPE)
-
-        wf = w.to(tl.float32)
+        wf = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
         delta = -lr * (dw * grad_scale_inv + weight_decay * wf)
-        rand16 = random_u16(seed, (row_offset + labels[:, None]).to(tl.int64) * col_groups + col_counter[None, :])
+        rand16 = random_u16(seed, row_counter + (d0 // 8 + tl.arange(0, BLOCK_D // 8))[None, :])
         if HAS_KAHAN:
             # Kahan: c holds what earlier roundings lost; feed it back, then keep what this rounding loses.
             k_mask = (labels < num_kahan)[:, None] & d_ok[None, :]
@@ -225,22 +268,23 @@ def _update_kernel(
             new_w = round_to(wf + delta, rand16, W_DTYPE, STOCHASTIC)
         tl.store(w_ptr + w_offs, cast_on_grid(new_w, W_DTYPE), mask=w_mask)
 
-    dx_ptrs = dx_ptr + group * stride_dxg + rows[:, None] * stride_dxb + d[None, :]
-    tl.store(dx_ptrs, dx * grad_scale_inv, mask=row_ok[:, None] & d_ok[None, :])
-
 
 @dataclass(frozen=True)
 class _LaunchPlan:
     block_b: int
     fwd_block_l: int
     fwd_block_d: int
+    dx_block_k: int
+    dx_block_d: int
     upd_block_l: int
     upd_block_d: int
-    fwd_warps: int
-    upd_warps: int
-    fwd_stages: int
-    upd_stages: int
-    programs_per_sm: int
+    fwd_warps: int = 8
+    dx_warps: int = 4
+    upd_warps: int = 4
+    fwd_stages: int = 3
+    dx_stages: int = 3
+    upd_stages: int = 2
+    programs_per_sm: int = 4  # dX splits: enough programs to fill the GPU a few times over
 
 
 def _launch_plan(batch: int, dim: int, fp8_dots: bool) -> _LaunchPlan:
@@ -248,21 +292,16 @@ def _launch_plan(batch: int, dim: int, fp8_dots: bool) -> _LaunchPlan:
     if _interpreting():
         # The interpreter pays per program: few, large blocks.
         bd = min(256, max(16, triton.next_power_of_2(dim)))
-        return _LaunchPlan(block_b, 64, bd, 64, bd, 4, 4, 1, 1, 1)
+        return _LaunchPlan(block_b, 64, bd, 64, bd, 64, bd, 4, 4, 4, 1, 1, 1, 1)
     big_b = block_b > 128
-    # Swept on an H200 at 2.8M labels, B = 128 (benchmarks/head_step.py): 64x64 update tiles with 4 warps won for
-    # both fp8 and bf16 (11.7 / 10.1 ms vs 14.1 / 11.1 ms for 64x128 with 8 warps).
     return _LaunchPlan(
         block_b=block_b,
         fwd_block_l=64 if big_b else 128,
         fwd_block_d=128 if fp8_dots else 64,
-        upd_block_l=32 if big_b else 64,
-        upd_block_d=64,
-        fwd_warps=8,
-        upd_warps=4,
-        fwd_stages=3,
-        upd_stages=2,
-        programs_per_sm=4,
+        dx_block_k=64 if big_b else 128,
+        dx_block_d=64,
+        upd_block_l=64,
+        upd_block_d=64 if big_b else 128,
     )
 
 
@@ -407,13 +446,17 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
     dot_dtype = tl.float32 if interp else (tl.float8e4nv if fp8_dots else tl.bfloat16)
     hot_dtype = tl.float32 if interp else tl.float16
     xq = reference.quantize_embeddings(x, fp8_dots).contiguous()
+    xt = xq.t().contiguous()
     max_rows = max(w.shape[0] for w in chunks)
-    g_buf = _empty((batch, max_rows), torch.float8_e4m3fn if fp8_dots else torch.bfloat16, x.device)
-    num_dtiles = triton.cdiv(dim, plan.upd_block_d)
+    g_dtype = torch.float8_e4m3fn if fp8_dots else torch.bfloat16
+    g_buf = _empty((batch, max_rows), g_dtype, x.device)
+    gt_buf = _empty((max_rows, batch), g_dtype, x.device)
+    num_dtiles = triton.cdiv(dim, plan.dx_block_d)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    max_groups = max(1, triton.cdiv(plan.programs_per_sm * sms, num_dtiles))
-    max_blocks = triton.cdiv(max_rows, plan.upd_block_l)
-    dx_parts = _empty((min(max_groups, max_blocks), batch, dim), torch.float32, x.device)
+    max_splits = max(
+        1, min(triton.cdiv(plan.programs_per_sm * sms, num_dtiles), triton.cdiv(max_rows, plan.dx_block_k))
+    )
+    dx_parts = _empty((max_splits, batch, dim), torch.float32, x.device)
     dx = torch.zeros((batch, dim), dtype=torch.float32, device=x.device)
     loss = torch.zeros(1, dtype=torch.float32, device=x.device)
     rows32 = rows.to(torch.int32)
@@ -433,6 +476,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             xq,
             w,
             g_buf,
+            gt_buf,
             rows32,
             cols64,
             block_start,
@@ -446,6 +490,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             xq.stride(0),
             w.stride(0),
             g_buf.stride(0),
+            gt_buf.stride(0),
             BLOCK_B=plan.block_b,
             BLOCK_L=plan.fwd_block_l,
             BLOCK_D=plan.fwd_block_d,
@@ -457,17 +502,37 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             num_warps=plan.fwd_warps,
             num_stages=plan.fwd_stages,
         )
-        part, num_kahan = _chunk_kahan(kahan, start, n)
-        label_blocks = triton.cdiv(n, plan.upd_block_l)
-        groups = min(dx_parts.shape[0], label_blocks)
-        per_group = triton.cdiv(label_blocks, groups)
-        groups = triton.cdiv(label_blocks, per_group)
-        _update_kernel[(groups * num_dtiles,)](
-            xq,
-            w,
+        k_blocks = triton.cdiv(num_valid, plan.dx_block_k)
+        splits = min(max_splits, k_blocks)
+        per_split = triton.cdiv(k_blocks, splits) * plan.dx_block_k
+        splits = triton.cdiv(num_valid, per_split)
+        _dx_kernel[(splits * num_dtiles,)](
             g_buf,
-            part if part is not None else w,
+            w,
             dx_parts,
+            batch,
+            dim,
+            num_valid,
+            per_split,
+            scale_inv,
+            g_buf.stride(0),
+            w.stride(0),
+            dx_parts.stride(0),
+            dx_parts.stride(1),
+            BLOCK_B=plan.block_b,
+            BLOCK_K=plan.dx_block_k,
+            BLOCK_D=plan.dx_block_d,
+            DOT_DTYPE=dot_dtype,
+            num_warps=plan.dx_warps,
+            num_stages=plan.dx_stages,
+        )
+        dx += dx_parts[:splits].sum(dim=0)
+        part, num_kahan = _chunk_kahan(kahan, start, n)
+        _update_kernel[(triton.cdiv(num_valid, plan.upd_block_l),)](
+            xt,
+            w,
+            gt_buf,
+            part if part is not None else w,
             batch,
             dim,
             num_valid,
@@ -477,14 +542,10 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             config.lr,
             config.weight_decay,
             scale_inv,
-            label_blocks,
-            per_group,
-            xq.stride(0),
+            xt.stride(0),
             w.stride(0),
-            g_buf.stride(0),
+            gt_buf.stride(0),
             part.stride(0) if part is not None else 0,
-            dx_parts.stride(0),
-            dx_parts.stride(1),
             BLOCK_B=plan.block_b,
             BLOCK_L=plan.upd_block_l,
             BLOCK_D=plan.upd_block_d,
@@ -496,7 +557,6 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             num_warps=plan.upd_warps,
             num_stages=plan.upd_stages,
         )
-        dx += dx_parts[:groups].sum(dim=0)
         start += n
     return HeadStepOutput(dx, float(loss) / batch if config.compute_loss else None)
 
