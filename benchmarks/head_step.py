@@ -179,19 +179,17 @@ def sweep_plans(device, num_labels, batch, dim, variant) -> tuple[dict, list[dic
     """Try a few launch plans at one size; return the best plan's fields and all timings."""
     default = hs._launch_plan
     base = default(batch, dim, variant.startswith("fp8"))
-    keys = ["dx_block_k", "dx_block_d", "dx_warps", "upd_block_l", "upd_block_d", "upd_warps", "upd_stages"]
+    # Variations around the default plan, one or two fields at a time.
     candidates = [
-        dict(zip(keys, values, strict=True))
-        for values in [
-            (128, 64, 4, 64, 128, 4, 2),
-            (64, 64, 4, 64, 128, 4, 2),
-            (128, 128, 8, 64, 128, 4, 2),
-            (128, 64, 4, 32, 128, 4, 2),
-            (128, 64, 4, 128, 64, 8, 2),
-            (128, 64, 4, 64, 64, 4, 2),
-            (128, 64, 4, 64, 128, 8, 3),
-            (256, 64, 8, 64, 128, 4, 2),
-        ]
+        {},
+        {"fwd_block_l": 64, "fwd_warps": 4},
+        {"fwd_block_l": 64, "fwd_warps": 8},
+        {"fwd_stages": 4},
+        {"dx_block_d": 128, "dx_warps": 8},
+        {"dx_block_k": 64},
+        {"upd_block_l": 128, "upd_warps": 8},
+        {"upd_block_d": 64, "upd_warps": 4, "upd_stages": 2},
+        {"upd_block_d": 128, "upd_warps": 8, "upd_stages": 3},
     ]
     timings = []
     for cand in candidates:
