@@ -270,6 +270,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="CPU smoke run of the correctness check (interpreter)")
     ap.add_argument("--sizes", type=int, nargs="*", default=PAPER_SIZES)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--run-steps", type=int, default=0, help="only run this many fp8 steps at the first size (ncu)")
     args = ap.parse_args()
     if args.small:
         x, rows, cols = make_batch(4, 40, 200, "cpu", seed=0)
@@ -281,6 +282,13 @@ def main() -> None:
         print("max |dx diff|", float((a.dx - b.dx).abs().max()))
         return
     device = torch.device("cuda")
+    if args.run_steps:
+        chunks = make_head(args.sizes[0], 768, torch.float8_e4m3fn, device)
+        x, rows, cols = make_batch(128, 768, args.sizes[0], device, seed=2)
+        for step in range(args.run_steps):
+            hs.head_step(chunks, x, rows, cols, hs.HeadStepConfig(lr=0.05, seed=step), num_labels=args.sizes[0])
+        torch.cuda.synchronize()
+        return
     meta = {
         "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
