@@ -43,6 +43,35 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _insert_candidates(R, key, rounds):
+    """Few candidates: extract the tile's keys best first and let each replace the row minimum of R when larger.
+
+    The top-KEEP of (R U tile) holds at most KEEP tile keys, all extracted within `rounds` = min(candidates, KEEP).
+    """
+    for _ in range(rounds):
+        c = tl.max(key, axis=1)
+        thr = tl.min(R, axis=1)
+        R = tl.where((R == thr[:, None]) & (c > thr)[:, None], c[:, None], R)
+        key = tl.where(key == c[:, None], _KEY_EMPTY, key)
+    return R
+
+
+@triton.jit
+def _merge_bitonic(R, key, fillers, KEEP: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Many candidates (the first tiles): one bitonic top-KP of the running list joined with the tile's best KP."""
+    if BLOCK_L == KP:
+        best = key
+    else:
+        best = tl.topk(key, KP)
+    both = tl.reshape(tl.join(tl.where(R == _KEY_FULL, _KEY_EMPTY, R), best), (BLOCK_B, 2 * KP))
+    merged = tl.topk(both, KP)  # sorted descending: slots [0, KEEP) are the new top-KEEP
+    # Fillers and empty keys that survived become distinct fillers again; slots >= KEEP stay full.
+    merged = tl.where(merged > _KEY_FILLER_MAX, merged, fillers[None, :])
+    cols = tl.arange(0, KP)
+    return tl.where(cols[None, :] < KEEP, merged, _KEY_FULL)
+
+
+@triton.jit
 def _topk_kernel(
     x_ptr,
     w_ptr,
@@ -135,25 +164,13 @@ def _topk_kernel(
         thr = tl.min(R, axis=1)
         cand = key > thr[:, None]
         nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
-        if SORT_MIN > 0 and nmax >= SORT_MIN:
-            # Many candidates (the first tiles): one bitonic top-KP of the running list joined with the tile's best.
-            if BLOCK_L == KP:
-                best = key
+        if SORT_MIN > 0:
+            if nmax >= SORT_MIN:
+                R = _merge_bitonic(R, key, fillers, KEEP, KP, BLOCK_B, BLOCK_L)
             else:
-                best = tl.topk(key, KP)
-            both = tl.reshape(tl.join(tl.where(R == _KEY_FULL, _KEY_EMPTY, R), best), (BLOCK_B, 2 * KP))
-            merged = tl.topk(both, KP)  # sorted descending: slots [0, KEEP) are the new top-KEEP
-            merged = tl.where(merged > _KEY_FILLER_MAX, merged, fillers[None, :])
-            R = tl.where(cols[None, :] < KEEP, merged, _KEY_FULL)
+                R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
         else:
-            # Few candidates: extract them best first and let each replace the row minimum when larger. The top-KEEP
-            # of (list U tile) holds at most KEEP tile keys, all extracted within KEEP rounds.
-            key = tl.where(cand, key, _KEY_EMPTY)
-            for _ in range(tl.minimum(nmax, KEEP)):
-                c = tl.max(key, axis=1)
-                thr = tl.min(R, axis=1)
-                R = tl.where((R == thr[:, None]) & (c > thr)[:, None], c[:, None], R)
-                key = tl.where(key == c[:, None], _KEY_EMPTY, key)
+            R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
 
     out_ptrs = part_ptr + rows[:, None].to(tl.int64) * stride_pb + split.to(tl.int64) * stride_ps + cols[None, :]
     tl.store(out_ptrs, R, mask=row_ok[:, None] & (cols[None, :] < KEEP))
@@ -179,9 +196,9 @@ def _next_pow2(n: int) -> int:
 
 def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, device: torch.device) -> TopkConfig:
     kp = _next_pow2(k)
-    block_b = cfg.block_b or (128 if B >= 128 and kp <= 16 else 64 if B >= 64 else 32 if B >= 32 else 16)
+    block_b = cfg.block_b or (64 if B >= 64 else 32 if B >= 32 else 16)
     block_l = cfg.block_l or 128
-    block_d = cfg.block_d or max(16, min(128, _next_pow2(D)))
+    block_d = cfg.block_d or max(16, min(32, _next_pow2(D)))  # wider chunks spill registers (ptxas, sm_90)
     sort_min = cfg.sort_min if cfg.sort_min is not None else (max(16, kp // 4) if block_l >= kp >= 16 else 0)
     qblocks = triton.cdiv(B, block_b)
     tiles = triton.cdiv(num_labels, block_l)
@@ -192,7 +209,7 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
         splits = triton.cdiv(target, qblocks)
         splits = min(splits, max(1, cfg.max_partial_bytes // (8 * B * k)))
     splits = max(1, min(splits, tiles))
-    num_warps = cfg.num_warps or (8 if block_b * max(block_l, kp) >= 8192 else 4)
+    num_warps = cfg.num_warps or (8 if block_b >= 32 or kp >= 512 else 4)
     num_stages = cfg.num_stages or 3
     return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes)
 

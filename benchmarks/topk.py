@@ -1,0 +1,290 @@
+"""Top-k scoring over a 2.8M-label fp8 head: the fused kernel against full logits + torch.topk.
+
+GPU (default): a correctness check against the full-logits reference at L = 200K, then for L = 2,812,281 (D = 768,
+fp8 weights padded to a multiple of 16) and B in {1, 32, 256, 1024}, k in {5, 100}: median ms per batch, queries/s,
+extra memory beyond weights and inputs, the floor max(weight bytes / 4.25e12 B/s, 2 B L D / 1.26e15 FLOP/s) and the
+ratio to it; baselines: fp8 torch._scaled_mm + topk, bf16 matmul + topk. A few launch configs of ours are tried per
+shape (the best is reported, all are kept in the JSON).
+--cpu: our chunked torch path against faiss-cpu IndexFlatIP (exact inner product) at L = 100K, D = 256.
+--small: the GPU script's logic at toy sizes (runs on CPU under TRITON_INTERPRET=1).
+
+Needs only torch and triton: the repository root is put on sys.path here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from kernels.topk import TopkConfig, prepare_queries, reference_topk, topk_scores  # noqa: E402
+
+HBM_BYTES_PER_S = 4.25e12  # measured H200 copy bandwidth
+FP8_FLOPS = 1.26e15  # measured H200 fp8 dense rate
+BIG_L, MID_L, DIM = 2_812_281, 200_000, 768
+BATCHES, KS = (1, 32, 256, 1024), (5, 100)
+TIME_BUDGET_S = 200.0  # after this, only the default config of ours is timed
+
+
+def pad16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def make_head(L: int, D: int, device, dtype=torch.float8_e4m3fn, chunk: int = 1 << 18) -> torch.Tensor:
+    w = torch.empty((pad16(L), D), dtype=dtype, device=device)
+    for a in range(0, w.shape[0], chunk):
+        w[a : a + chunk] = (torch.randn(min(chunk, w.shape[0] - a), D, device=device) * 0.05).to(dtype)
+    w[L:] = 0.25  # padding rows would win on positive queries if they leaked
+    return w
+
+
+def bench_ms(fn, small: bool) -> tuple[float, float, float]:
+    if small:
+        t = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t) * 1e3
+        return ms, ms, ms
+    q = triton.testing.do_bench(fn, warmup=10, rep=60, quantiles=[0.5, 0.2, 0.8])
+    return tuple(float(v) for v in q)
+
+
+def extra_bytes(fn, device) -> int:
+    if device.type != "cuda":
+        return -1
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return int(peak - base)
+
+
+def check_ids(got, want, margin: float) -> tuple[int, list]:
+    """Mismatched ids where the reference scores are distinct by `margin` from both neighbours."""
+    i, (rs, ri) = got[1], want
+    gap = torch.full_like(rs, float("inf"))
+    gap[:, 1:] = rs[:, :-1] - rs[:, 1:]
+    gap[:, :-1] = torch.minimum(gap[:, :-1], rs[:, :-1] - rs[:, 1:])
+    bad = (gap > margin) & (i != ri)
+    first = [(b, j, int(i[b, j]), int(ri[b, j]), float(rs[b, j])) for b, j in bad.nonzero()[:5].tolist()]
+    return int(bad.sum()), first
+
+
+def correctness(device, small: bool) -> list[dict]:
+    L = 601 if small else MID_L - 3
+    D = 32 if small else DIM
+    w8 = make_head(L, D, device)
+    w16 = make_head(L, D, device, torch.bfloat16)
+    rows = []
+    cases = [(1, 5), (19, 8)] if small else [(1, 5), (37, 100), (256, 100), (200, 1024), (5, 1)]
+    for B, k in cases:
+        x = torch.randn(B, D, device=device).abs().to(torch.bfloat16)  # positive: padding rows would score high
+        excl = torch.randint(0, L, (B, 3), device=device)
+        for name, w, kw in (("fp8", w8, {}), ("bf16", w16, {}), ("fp8-excl", w8, {"exclude": excl})):
+            rec = {"B": B, "k": k, "L": L, "weights": name}
+            try:
+                fp8 = (
+                    w.dtype == torch.float8_e4m3fn
+                    and device.type == "cuda"
+                    and torch.cuda.get_device_capability() >= (8, 9)
+                )
+                impl = "torch" if device.type == "cpu" and not small else "auto" if device.type == "cuda" else "triton"
+                got = topk_scores(x, w, k, L, impl=impl, **kw)
+                want = reference_topk(x, w, k, L, exclude=kw.get("exclude"), fp8_dot=fp8)
+                scale = float(want[0].abs().max())
+                bad, first = check_ids(got, want, 2e-3 * scale)
+                err = float((got[0] - want[0]).abs().max())
+                ok = bad == 0 and err <= 2e-3 * scale and bool((got[1] < L).all())
+                rec.update(mismatches=bad, first=first, max_score_err=err, ok=ok, fp8_dot=fp8)
+            except Exception as e:  # keep going: the timing part is still worth having
+                rec.update(ok=False, error=repr(e)[:500])
+            print("check", rec, flush=True)
+            rows.append(rec)
+    return rows
+
+
+def variants(B: int, k: int) -> list[TopkConfig]:
+    cands = [TopkConfig(), TopkConfig(sort_min=0), TopkConfig(block_d=64), TopkConfig(block_l=64, block_d=64)]
+    if B >= 256:
+        cands += [TopkConfig(block_b=128, num_warps=8), TopkConfig(block_b=32)]
+    else:
+        cands += [TopkConfig(num_warps=4 if B > 16 else 8)]
+    return cands
+
+
+def run_gpu(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
+    small = args.small
+    t0 = time.time()
+    result = {"env": env(device), "checks": correctness(device, small), "rows": []}
+    L = 1201 if small else BIG_L
+    D = 32 if small else DIM
+    batches = (1, 32) if small else BATCHES
+    ks = (5,) if small else KS
+    w8 = make_head(L, D, device)
+    w16 = make_head(L, D, device, torch.bfloat16) if not small else w8.to(torch.bfloat16)
+    print(f"setup + checks {time.time() - t0:.1f}s, weights {w8.numel() / 2**30:.2f} GiB fp8", flush=True)
+    for B in batches:
+        x = torch.randn(B, D, device=device).to(torch.bfloat16)
+        for k in ks:
+            floor_ms = 1e3 * max(w8.numel() / HBM_BYTES_PER_S, 2 * B * L * D / FP8_FLOPS)
+            row = {"B": B, "k": k, "L": L, "D": D, "floor_ms": floor_ms, "ours": [], "baselines": {}}
+            for i, cfg in enumerate(variants(B, k)):
+                if i and (time.time() - t0 > TIME_BUDGET_S or small and i > 1):
+                    break
+                rec = {"config": {k_: v for k_, v in vars(cfg).items() if v is not None}}
+                try:
+                    impl = "auto" if device.type == "cuda" else "triton"
+                    fn = lambda cfg=cfg, impl=impl, x=x, k=k: topk_scores(x, w8, k, L, impl=impl, config=cfg)
+                    fn()
+                    rec["ms"], rec["ms_p20"], rec["ms_p80"] = bench_ms(fn, small)
+                    rec["extra_mib"] = extra_bytes(fn, device) / 2**20
+                except Exception as e:
+                    rec["error"] = repr(e)[:300]
+                row["ours"].append(rec)
+            for name, fn in baselines(x, w8, w16, k, L, device).items():
+                try:
+                    fn()
+                    ms = bench_ms(fn, small)[0]
+                    row["baselines"][name] = {"ms": ms, "extra_mib": extra_bytes(fn, device) / 2**20}
+                except Exception as e:
+                    row["baselines"][name] = {"error": repr(e)[:300]}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            timed = [r for r in row["ours"] if "ms" in r]
+            if timed:
+                best = min(timed, key=lambda r: r["ms"])
+                row.update(best=best, ms=best["ms"], qps=B / best["ms"] * 1e3, ratio=best["ms"] / floor_ms)
+            print("row", json.dumps(row), flush=True)
+            result["rows"].append(row)
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def baselines(x, w8, w16, k, L, device) -> dict:
+    out = {}
+    if device.type == "cuda":
+        xq, _ = prepare_queries(x, torch.float8_e4m3fn, True)
+        one = torch.ones((), device=device)
+
+        def fp8_scaled_mm():
+            logits = torch._scaled_mm(xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            return torch.topk(logits[:, :L], k, dim=1)
+
+        out["fp8_scaled_mm+topk"] = fp8_scaled_mm
+    out["bf16_matmul+topk"] = lambda: torch.topk((x @ w16.t())[:, :L], k, dim=1)
+    return out
+
+
+def env(device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)))
+    return info
+
+
+def run_cpu(args) -> dict:
+    import faiss
+    import numpy as np
+
+    L, D = (5000, 64) if args.small else (100_000, 256)
+    torch.set_num_threads(os.cpu_count() or 1)
+    w = torch.randn(L, D) * 0.05
+    wf = w.to(torch.float32)
+    w16 = w.to(torch.bfloat16)
+    index = faiss.IndexFlatIP(D)
+    index.add(wf.numpy())
+    result = {"env": env(torch.device("cpu")) | {"faiss": faiss.__version__, "threads": torch.get_num_threads()}}
+    result["rows"] = []
+    for B in (1, 32, 256):
+        x = torch.randn(B, D)
+        xn = x.numpy().astype(np.float32)
+        for k in KS:
+            row = {"B": B, "k": k, "L": L, "D": D}
+            for name, fn in (
+                ("ours_torch_fp32", lambda x=x, k=k: topk_scores(x, wf, k, L, impl="torch")),
+                ("ours_torch_bf16", lambda x=x, k=k: topk_scores(x, w16, k, L, impl="torch")),
+                ("faiss_IndexFlatIP", lambda xn=xn, k=k: index.search(xn, k)),
+            ):
+                fn()
+                ts = []
+                for _ in range(5 if B < 256 else 3):
+                    t = time.perf_counter()
+                    fn()
+                    ts.append((time.perf_counter() - t) * 1e3)
+                row[name] = {"ms": sorted(ts)[len(ts) // 2], "qps": B / sorted(ts)[len(ts) // 2] * 1e3}
+            got = topk_scores(x, wf, k, L, impl="torch")[1]
+            row["agree_with_faiss"] = float((got.numpy() == index.search(xn, k)[1]).mean())
+            print("row", json.dumps(row), flush=True)
+            result["rows"].append(row)
+    return result
+
+
+def table(result: dict, cpu: bool) -> str:
+    lines = []
+    if cpu:
+        lines.append(f"{'B':>5} {'k':>4} {'ours fp32 ms':>13} {'ours bf16 ms':>13} {'faiss ms':>9} {'agree':>6}")
+        for r in result["rows"]:
+            lines.append(
+                f"{r['B']:>5} {r['k']:>4} {r['ours_torch_fp32']['ms']:>13.2f} {r['ours_torch_bf16']['ms']:>13.2f} "
+                f"{r['faiss_IndexFlatIP']['ms']:>9.2f} {r['agree_with_faiss']:>6.3f}"
+            )
+        return "\n".join(lines)
+    bad = [c for c in result["checks"] if not c.get("ok")]
+    lines.append(f"correctness: {len(result['checks']) - len(bad)}/{len(result['checks'])} checks ok")
+    head = f"{'B':>5} {'k':>4} {'ours ms':>9} {'q/s':>10} {'extra MiB':>9} {'floor ms':>9} {'ratio':>6}"
+    lines.append(head + f" {'fp8 mm+topk':>12} {'bf16 mm+topk':>12} {'speedup':>8}")
+    for r in result["rows"]:
+        base = r["baselines"]
+        fp8 = base.get("fp8_scaled_mm+topk", {}).get("ms", float("nan"))
+        bf16 = base.get("bf16_matmul+topk", {}).get("ms", float("nan"))
+        if "ms" not in r:
+            lines.append(f"{r['B']:>5} {r['k']:>4} {'failed':>9}")
+            continue
+        lines.append(
+            f"{r['B']:>5} {r['k']:>4} {r['ms']:>9.3f} {r['qps']:>10.0f} {r['best']['extra_mib']:>9.1f} "
+            f"{r['floor_ms']:>9.3f} {r['ratio']:>6.2f} {fp8:>12.3f} {bf16:>12.3f} {min(fp8, bf16) / r['ms']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "topk.json"))
+    p.add_argument("--cpu", action="store_true", help="faiss-cpu IndexFlatIP vs our CPU path")
+    p.add_argument("--small", action="store_true", help="toy sizes (CPU + TRITON_INTERPRET=1 for the GPU logic)")
+    args = p.parse_args()
+    result = run_cpu(args) if args.cpu else run_gpu(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    print(table(result, args.cpu))
+    failed = [c for c in result.get("checks", []) if not c.get("ok")]
+    if failed:
+        print(f"CORRECTNESS FAILED in {len(failed)} checks: {failed[:3]}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
