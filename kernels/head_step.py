@@ -215,9 +215,8 @@ def _update_kernel(
     num_kahan,
     row_offset,
     seed,
-    lr,
-    weight_decay,
-    grad_scale_inv,
+    grad_coef,
+    decay_coef,
     stride_xtd,
     stride_wl,
     stride_gtl,
@@ -253,7 +252,7 @@ def _update_kernel(
         w_mask = label_ok[:, None] & d_ok[None, :]
         w_offs = labels[:, None].to(tl.int64) * stride_wl + d[None, :]
         wf = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-        delta = -lr * (dw * grad_scale_inv + weight_decay * wf)
+        delta = dw * grad_coef + wf * decay_coef  # -lr (G^T X + wd W), constants folded on the host
         rand16 = random_u16(seed, row_counter + (d0 // 8 + tl.arange(0, BLOCK_D // 8))[None, :])
         if HAS_KAHAN:
             # Kahan: c holds what earlier roundings lost; feed it back, then keep what this rounding loses.
@@ -542,9 +541,8 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             num_kahan,
             start,
             config.seed,
-            config.lr,
-            config.weight_decay,
-            scale_inv,
+            -config.lr * scale_inv,
+            -config.lr * config.weight_decay,
             xt.stride(0),
             w.stride(0),
             gt_buf.stride(0),

@@ -106,7 +106,7 @@ def round_fp8(x: torch.Tensor, rand16: torch.Tensor | None, dtype: torch.dtype) 
         add = rand16.to(torch.int64) << (drop - 16)
     y = ((bits + add) & ~((1 << drop) - 1)).to(torch.int32).view(torch.float32)
     y = torch.where(small, y - min_normal, y)
-    y = torch.where(x < 0, -y, y)
+    y = torch.copysign(y, x)  # the sign bit of x, also for -0.0 and values rounded to zero
     return torch.where(torch.isnan(x), x, y)
 
 
@@ -170,7 +170,7 @@ def head_step_chunk(
     else:
         g = nearest_bf16(g)
     dx = g @ wf
-    delta = -lr * (g.T @ xf + weight_decay * wf)
+    delta = (g.T @ xf) * -lr + wf * (-lr * weight_decay)  # the kernel's association: -lr (G^T X + wd W)
     rand16 = random_u16(seed, w.shape[0], w.shape[1], row_offset).to(w.device) if stochastic else None
     if kahan is not None and kahan.shape[0] > 0:
         h = kahan.shape[0]

@@ -8,12 +8,16 @@ ELMO can drop fp32 master weights). The random bits come from Philox (`tl.randin
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.reference import FP8_FORMATS
 
+# The interpreter's fp32 -> fp8 cast turns NaN into a number; the GPU's keeps it. Patch NaN bits only there.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 BLOCK_ROWS = 8
 BLOCK_COLS = 256  # a multiple of 8: each Philox call serves 8 consecutive elements of a row
 
@@ -77,7 +81,8 @@ def round_fp8_bits(
     DROP: tl.constexpr = 23 - MAN_BITS
     MIN_NORMAL: tl.constexpr = 2.0**MIN_EXP
     KEEP: tl.constexpr = (0xFFFFFFFF << DROP) & 0xFFFFFFFF
-    a = tl.minimum(tl.abs(x), MAX_VAL)
+    x_bits = x.to(tl.uint32, bitcast=True)
+    a = tl.minimum((x_bits & 0x7FFFFFFF).to(tl.float32, bitcast=True), MAX_VAL)
     small = a < MIN_NORMAL
     t = tl.where(small, a + MIN_NORMAL, a)
     bits = t.to(tl.uint32, bitcast=True)
@@ -87,7 +92,7 @@ def round_fp8_bits(
         add = (1 << (DROP - 1)) - 1 + ((bits >> DROP) & 1)
     y = ((bits + add) & KEEP).to(tl.float32, bitcast=True)
     y = tl.where(small, y - MIN_NORMAL, y)
-    y = tl.where(x < 0, -y, y)
+    y = (y.to(tl.uint32, bitcast=True) | (x_bits & 0x80000000)).to(tl.float32, bitcast=True)
     return tl.where(x != x, x, y)
 
 
@@ -108,8 +113,8 @@ def round_to(x, rand16, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 @triton.jit
 def cast_on_grid(y, DTYPE: tl.constexpr):
-    """Cast fp32 values already on DTYPE's grid. NaN is set by its bits: the interpreter's fp8 cast mangles it."""
-    if DTYPE == tl.float8e4nv or DTYPE == tl.float8e5:
+    """Cast fp32 values already on DTYPE's grid (exact). Under the interpreter NaN is set by its bits."""
+    if INTERPRETED and (DTYPE == tl.float8e4nv or DTYPE == tl.float8e5):
         bits = y.to(DTYPE).to(tl.uint8, bitcast=True)
         return tl.where(y != y, 0x7F, bits).to(tl.uint8).to(DTYPE, bitcast=True)
     else:
