@@ -23,7 +23,10 @@ def test_matches_reference_bit_for_bit(dtype, shape):
     x = _spread(*shape)
     out = torch.full(shape, float("nan")).to(dtype)  # poisoned: every element must be written
     stochastic_round(x, dtype, seed=1234, out=out)
-    assert_same_bits(out, reference.stochastic_round(x, dtype, seed=1234), what=str(dtype))
+    expected = reference.stochastic_round(x, dtype, seed=1234)
+    assert_same_bits(out, expected, what=str(dtype))
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.uint8
+    assert torch.equal(out.view(bits), expected.view(bits)), "the raw bits (signs of zeros too) must match"
 
 
 def _neighbours(value: float, dtype: torch.dtype) -> tuple[float, float]:
