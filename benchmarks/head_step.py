@@ -189,6 +189,8 @@ def sweep_plans(device, num_labels, batch, dim, variant) -> tuple[dict, list[dic
         {"dx_block_d": 128, "dx_warps": 4},
         {"dx_block_d": 128, "dx_block_k": 64, "dx_warps": 4},
         {"dx_block_k": 64},
+        {"dx_block_d": 256, "dx_block_k": 64, "dx_warps": 8},
+        {"fwd_block_l": 64, "fwd_warps": 4, "fwd_stages": 4},
         {"upd_block_l": 128, "upd_warps": 8},
         {"upd_block_d": 64, "upd_warps": 4, "upd_stages": 2},
         {"upd_block_d": 128, "upd_warps": 8, "upd_stages": 3},
