@@ -1,0 +1,134 @@
+"""Request and response models of the HTTP API, the configurable limits, and the checks that apply them.
+
+Error contract (every error body is `{"error": "<one clear sentence>", "detail": ...}`):
+- 400: the body is not JSON (invalid JSON, non-UTF-8 bytes, empty body).
+- 404: `/v1/similar` names an item (uid or id) that the model does not have.
+- 413: the body is larger than the ingress's `max_body_bytes` (AppArgs).
+- 422: the JSON does not fit the request model (missing field, wrong type, unknown field, k < 1, empty list) or
+  breaks a limit (too many texts, text too long or empty, k above `max_k` or above the labels left, exclude ids out
+  of range or too many).
+Nothing a client sends produces a 5xx.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+
+class Limits(BaseModel):
+    """What one request may ask for; changed at run time through the scorer's `user_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_texts: int = Field(256, ge=1, description="texts per /v1/predict request")
+    max_text_chars: int = Field(10_000, ge=1, description="characters per text")
+    max_k: int = Field(100, ge=1, description="largest k (also capped by the number of labels)")
+    max_exclude: int = Field(1_000, ge=0, description="label ids in `exclude`")
+
+
+class RequestError(Exception):
+    """A client error found after parsing: carries the HTTP status and the message for the body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+K = Annotated[StrictInt, Field(ge=1, description="labels to return per text (1 <= k <= min(max_k, labels))")]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["python3 numpy"], "k": 5}]})
+
+    texts: list[StrictStr] = Field(min_length=1, description="texts to tag (each non-empty, at most max_text_chars)")
+    k: K = 10
+    exclude: list[StrictInt] | None = Field(None, description="label ids never returned, for every text")
+
+
+class SimilarRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"uid": "python3", "k": 5}]})
+
+    uid: StrictStr | None = Field(None, min_length=1, description="the item's uid")
+    id: StrictInt | None = Field(None, ge=0, description="the item's label id (give uid or id, not both)")
+    k: K = 10
+    mode: Literal["text", "embedding"] = Field(
+        "text", description="text: the item's title scored by the model; embedding: nearest label vectors (faiss)"
+    )
+
+    @model_validator(mode="after")
+    def _one_key(self) -> SimilarRequest:
+        if (self.uid is None) == (self.id is None):
+            raise ValueError("give exactly one of `uid` or `id`")
+        return self
+
+
+class ScoredLabel(BaseModel):
+    label_id: int
+    uid: str
+    title: str
+    score: float
+
+
+class PredictResponse(BaseModel):
+    model_version: str
+    results: list[list[ScoredLabel]] = Field(description="per text, the top-k labels, best first")
+
+
+class SimilarResponse(BaseModel):
+    model_version: str
+    item: ScoredLabel = Field(description="the query item (score 0)")
+    results: list[ScoredLabel] = Field(description="related items, best first, the item itself excluded")
+
+
+class ModelInfo(BaseModel):
+    model_version: str
+    artifact: str
+    num_labels: int
+    dim: int
+    head_dtype: str
+    encoder: str
+    backend: str
+    metrics: dict = Field(default_factory=dict)
+    manifest: dict = Field(default_factory=dict)
+    limits: Limits
+    last_swap_error: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model_version: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: list | dict | str | None = None
+
+
+def check_predict(req: PredictRequest, limits: Limits, num_labels: int) -> None:
+    """Raise RequestError(422) naming the first limit the request breaks."""
+    if len(req.texts) > limits.max_texts:
+        raise RequestError(422, f"too many texts: {len(req.texts)} > max_texts={limits.max_texts}")
+    for i, t in enumerate(req.texts):
+        if not t.strip():
+            raise RequestError(422, f"texts[{i}] is empty")
+        if len(t) > limits.max_text_chars:
+            raise RequestError(422, f"texts[{i}] has {len(t)} characters > max_text_chars={limits.max_text_chars}")
+    check_k(req.k, limits, num_labels)
+    excl = set(req.exclude or ())
+    if req.exclude:
+        if len(req.exclude) > limits.max_exclude:
+            raise RequestError(422, f"exclude has {len(req.exclude)} ids > max_exclude={limits.max_exclude}")
+        bad = [e for e in req.exclude if not 0 <= e < num_labels]
+        if bad:
+            raise RequestError(422, f"exclude ids must be label ids in [0, {num_labels}), got {bad[:5]}")
+    if req.k > num_labels - len(excl):
+        raise RequestError(422, f"k={req.k} exceeds the {num_labels - len(excl)} labels left after `exclude`")
+
+
+def check_k(k: int, limits: Limits, num_labels: int, reserved: int = 0) -> None:
+    if k > limits.max_k:
+        raise RequestError(422, f"k={k} > max_k={limits.max_k}")
+    if k > num_labels - reserved:
+        raise RequestError(422, f"k={k} exceeds the number of labels available ({num_labels - reserved})")

@@ -1,0 +1,221 @@
+"""Scoring: one top-k interface over three backends, and the serving model (encoder + head + label table) around it.
+
+Backends of `Scorer` (all return head rows, scores descending, equal scores by the lower row):
+- "triton": the fused chunked top-k kernel (`kernels.topk.topk_scores`, impl="triton") on a CUDA device; never
+  materializes the B x L logits.
+- "torch": the chunked CPU path of the same function (impl="torch"); exact, bounded memory.
+- "faiss": an inner-product index over the head rows (IndexFlatIP: exact; IndexIVFFlat: approximate), on a GPU only
+  when `faiss.get_num_gpus() > 0` (faiss-gpu), else on the CPU (faiss-cpu). Queries are rounded as the kernels
+  round them, so a flat index ranks like the exact paths up to fp32 summation order.
+"auto" picks triton when CUDA is available, else torch.
+
+`ServingModel.predict_batch` is the batched call path: Ray Serve's `@serve.batch` method calls it, and so does the
+direct (Ray-less) benchmark. This module imports only torch and kernels at load time (faiss lazily), so it runs on
+a machine without Ray, pydantic or faiss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.topk import prepare_queries, topk_scores
+
+BACKENDS = ("auto", "triton", "torch", "faiss")
+
+
+def import_faiss():
+    """faiss (faiss-gpu or faiss-cpu, whichever is installed), or ImportError with the install hint."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("the faiss backend needs faiss: pip install faiss-cpu (or faiss-gpu on a GPU machine)") from e
+    return faiss
+
+
+def build_index(vectors: torch.Tensor, kind: str = "flat", nlist: int = 0, nprobe: int = 8):
+    """An inner-product faiss index over (N, D) vectors: "flat" (exact) or "ivf" (IndexIVFFlat, nlist lists).
+
+    Moved to GPU 0 only when faiss reports a GPU (faiss-cpu and CPU machines keep it on the CPU).
+    """
+    faiss = import_faiss()
+    v = vectors.detach().float().cpu().contiguous().numpy()
+    n, d = v.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or max(1, min(4096, int(4 * math.sqrt(n))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, min(nlist, n), faiss.METRIC_INNER_PRODUCT)
+        index.train(v)
+        index.nprobe = nprobe
+    else:
+        raise ValueError(f"faiss index kind must be 'flat' or 'ivf', got {kind!r}")
+    index.add(v)
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def _pad_rows(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.int64).view(len(rows), width)
+
+
+class Scorer:
+    """Top-k head rows of queries against a padded (L_pad, D) head; rows >= num_labels are never returned."""
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        num_labels: int,
+        backend: str = "auto",
+        *,
+        faiss_index: str = "flat",
+        nlist: int = 0,
+        nprobe: int = 8,
+        device: str | torch.device | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            backend = "triton" if torch.cuda.is_available() else "torch"
+        if backend == "triton" and not torch.cuda.is_available():
+            raise ValueError("backend 'triton' needs a CUDA device")
+        self.backend, self.num_labels = backend, num_labels
+        self.device = torch.device(device or ("cuda" if backend == "triton" else "cpu"))
+        self.weights = weights.to(self.device)
+        self.index = None
+        if backend == "faiss":
+            self.index = build_index(weights[:num_labels].float(), faiss_index, nlist, nprobe)
+
+    def topk(
+        self, x: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, D) fp32 queries -> (scores fp32 (B, k), rows int64 (B, k)) on the CPU; exclude: rows per query."""
+        if exclude is not None and not any(len(r) for r in exclude):
+            exclude = None
+        if self.backend == "faiss":
+            return self._faiss_topk(x, k, exclude)
+        excl = None if exclude is None else _pad_rows(exclude)
+        impl = "triton" if self.backend == "triton" else "torch"
+        s, i = topk_scores(x.to(self.device), self.weights, k, self.num_labels, excl, impl=impl)
+        return s.cpu(), i.cpu()
+
+    def _faiss_topk(self, x, k, exclude):
+        # The kernels' query rounding (bf16 for bf16/fp8 weights), then exact fp32 inner products in faiss.
+        xq, inv = prepare_queries(x.float(), self.weights.dtype, False)
+        q = (xq.float() * inv[:, None]).cpu().contiguous().numpy()
+        extra = max((len(r) for r in exclude), default=0) if exclude is not None else 0
+        scores, rows = self.index.search(q, min(k + extra, self.num_labels))
+        scores, rows = torch.from_numpy(scores), torch.from_numpy(rows)
+        if exclude is None:
+            return scores[:, :k].contiguous(), rows[:, :k].contiguous()
+        out_s, out_i = torch.empty(len(q), k), torch.empty(len(q), k, dtype=torch.int64)
+        for b in range(len(q)):
+            keep = ~torch.isin(rows[b], torch.tensor(list(exclude[b]), dtype=torch.int64)) & (rows[b] >= 0)
+            out_s[b], out_i[b] = scores[b][keep][:k], rows[b][keep][:k]
+        return out_s, out_i
+
+
+@dataclass
+class Query:
+    """One request of a batch: its texts, k, and label ids to leave out of every text's answer."""
+
+    texts: list[str]
+    k: int
+    exclude: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ServingModel:
+    """What a replica serves: encoder (texts -> head inputs), scorer over the head, label table, version.
+
+    `encode(texts)` returns the (B, D) fp32 queries that the stored head rows multiply (scale and bias column
+    included). Head row j is label id `row_ids[j]` (identity when None). `label_vectors` (L, d) back the
+    "embedding" mode of /v1/similar (faiss over normalized vectors).
+    """
+
+    version: str
+    encode: Callable[[Sequence[str]], torch.Tensor]
+    scorer: Scorer
+    uids: list[str]
+    titles: list[str]
+    row_ids: torch.Tensor | None = None
+    label_vectors: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+    _uid_index: dict[str, int] = field(default_factory=dict, repr=False)
+    _id_rows: torch.Tensor | None = field(default=None, repr=False)
+    _item_index: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        n = self.scorer.num_labels
+        if len(self.uids) != n or len(self.titles) != n:
+            raise ValueError(f"label table has {len(self.uids)} uids / {len(self.titles)} titles for {n} labels")
+        self._uid_index = {u: i for i, u in enumerate(self.uids)}
+        if self.row_ids is not None:
+            self.row_ids = torch.as_tensor(self.row_ids, dtype=torch.int64)
+            if sorted(self.row_ids.tolist()) != list(range(n)):
+                raise ValueError("row_ids must be a permutation of the label ids")
+            self._id_rows = torch.empty(n, dtype=torch.int64)
+            self._id_rows[self.row_ids] = torch.arange(n)
+
+    @property
+    def num_labels(self) -> int:
+        return self.scorer.num_labels
+
+    def id_of(self, uid: str) -> int | None:
+        return self._uid_index.get(uid)
+
+    def _to_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.row_ids is None else self.row_ids[rows]
+
+    def _to_rows(self, ids: Sequence[int]) -> list[int]:
+        return list(ids) if self._id_rows is None else self._id_rows[torch.as_tensor(ids, dtype=torch.int64)].tolist()
+
+    @torch.inference_mode()
+    def predict_batch(self, queries: Sequence[Query]) -> list[list[tuple[list[int], list[float]]]]:
+        """Per query, per text: (label ids, scores), best first. Encodes all texts at once, one top-k call."""
+        texts = [t for q in queries for t in q.texts]
+        if not texts:
+            return [[] for _ in queries]
+        owner = [j for j, q in enumerate(queries) for _ in q.texts]
+        excl = [self._to_rows(queries[j].exclude) for j in owner]
+        kmax = max(q.k for q in queries)
+        if kmax + max(len(set(e)) for e in excl) > self.num_labels:
+            # One call cannot give every row kmax labels: answer the queries one by one.
+            return [self.predict_batch([q])[0] for q in queries] if len(queries) > 1 else self._one_by_one(queries[0])
+        scores, rows = self.scorer.topk(self.encode(texts), kmax, excl)
+        ids = self._to_ids(rows)
+        out: list[list[tuple[list[int], list[float]]]] = [[] for _ in queries]
+        for b, j in enumerate(owner):
+            k = queries[j].k
+            out[j].append((ids[b, :k].tolist(), scores[b, :k].tolist()))
+        return out
+
+    def _one_by_one(self, q: Query):
+        x = self.encode(q.texts)
+        s, r = self.scorer.topk(x, q.k, [self._to_rows(q.exclude)] * len(q.texts))
+        ids = self._to_ids(r)
+        return [(ids[b].tolist(), s[b].tolist()) for b in range(len(q.texts))]
+
+    def item_text(self, label_id: int) -> str:
+        return self.titles[label_id] or self.uids[label_id]
+
+    @torch.inference_mode()
+    def similar_by_embedding(self, label_id: int, k: int) -> tuple[list[int], list[float]]:
+        """Nearest labels by cosine of their vectors (faiss flat index, built on first use), the item excluded."""
+        if self._item_index is None:
+            v = self.label_vectors
+            if v is None:
+                rows = self._id_rows if self._id_rows is not None else torch.arange(self.num_labels)
+                v = self.scorer.weights[rows.to(self.scorer.weights.device)]
+            v = torch.nn.functional.normalize(v.float().cpu(), dim=1)
+            self.label_vectors = v
+            self._item_index = build_index(v, "flat")
+        q = self.label_vectors[label_id : label_id + 1].contiguous().numpy()
+        scores, ids = self._item_index.search(q, min(k + 1, self.num_labels))
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != label_id]
+        return [i for i, _ in pairs[:k]], [s for _, s in pairs[:k]]
