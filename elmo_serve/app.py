@@ -1,0 +1,328 @@
+"""The Ray Serve application: a FastAPI ingress in front of a batched scorer deployment.
+
+    serve run deployments/serve.yaml                         # or: elmo serve ARTIFACT
+    serve run elmo_serve.app:app_builder artifact=runs/deps/artifact
+
+`ModelScorer` holds the model (encoder + head + label table) and groups concurrent requests with `@serve.batch`.
+What may change at run time comes through its `user_config` (`reconfigure`): the artifact path (hot swap: the new
+artifact is loaded and checked beside the old one, then replaces it; requests already accepted finish on the model
+they were validated against; a bad artifact is refused, the old model keeps serving and /v1/model reports why), the
+limits, the backend, and the batch size / wait. `Ingress` parses and validates bodies (pydantic), maps every client
+error to a 4xx (see `elmo_serve.schemas`), and exports Prometheus metrics on /metrics.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from elmo_serve.schemas import (
+    ErrorBody,
+    Health,
+    Limits,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+    RequestError,
+    SimilarRequest,
+    SimilarResponse,
+    check_k,
+    check_predict,
+)
+from elmo_serve.scoring import Query, ServingModel
+
+logger = logging.getLogger("ray.serve")
+_MAX_BODY_BYTES = [4 * 2**20]  # set by the Ingress replica of this process; read by the body-size guard
+
+
+class AppArgs(BaseModel):
+    """`args:` of the Serve YAML (or `serve run elmo_serve.app:app_builder artifact=...`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str = Field(description="artifact directory served at start")
+    backend: str = Field("auto", description="auto | triton | torch | faiss")
+    limits: Limits = Field(default_factory=Limits)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies get 413 before parsing")
+
+
+class ScorerConfig(BaseModel):
+    """The scorer's `user_config`; every field is optional and only what is given changes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str | None = None
+    backend: str | None = None
+    limits: Limits | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    batch_wait_timeout_s: float | None = Field(None, ge=0)
+
+
+def load_model(path: str | ServingModel, backend: str = "auto") -> ServingModel:
+    """Load and validate an artifact (`training.artifact.load_artifact`) and score a probe text with it.
+
+    An in-memory ServingModel is taken as it is (embedding the app in a Python program, tests).
+    """
+    if isinstance(path, ServingModel):
+        return path
+    from training.artifact import load_artifact
+
+    from elmo_serve.scoring import Scorer
+
+    art = load_artifact(path)
+    model = art.serving_parts(backend) if hasattr(art, "serving_parts") else None
+    if model is None:
+        scorer = Scorer(art.head_weight, art.num_labels, backend)
+        model = ServingModel(
+            version=art.version,
+            encode=art.encode_queries,
+            scorer=scorer,
+            uids=art.uids,
+            titles=art.titles,
+            row_ids=getattr(art, "row_ids", None),
+            info=dict(art.info, artifact=str(Path(path).resolve())),
+        )
+    model.predict_batch([Query(texts=[model.item_text(0)], k=1)])  # the probe: encoder + head run end to end
+    return model
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
+class ModelScorer:
+    def __init__(self, artifact: str, backend: str = "auto", limits: dict | None = None, batching: dict | None = None):
+        self.backend = backend
+        self.limits = Limits(**(limits or {}))
+        self.model = load_model(artifact, backend)
+        self.swap_error: str | None = None
+        self._swap = asyncio.Lock()
+        for key, value in (batching or {}).items():
+            self._set_batching(key, value)
+
+    def _set_batching(self, key: str, value) -> None:
+        if key == "max_batch_size":
+            self._batched.set_max_batch_size(value)
+        elif key == "batch_wait_timeout_s":
+            self._batched.set_batch_wait_timeout_s(value)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        # Never raises: a failing reconfigure would mark the deployment unhealthy and replace replicas that serve
+        # fine. A refused change is logged and reported by /v1/model as last_swap_error.
+        async with self._swap:
+            try:
+                cfg = ScorerConfig(**(user_config or {}))
+            except ValidationError as e:
+                self.swap_error = f"user_config refused: {e}"
+                logger.error(self.swap_error)
+                return
+            if cfg.limits is not None:
+                self.limits = cfg.limits
+            for key in ("max_batch_size", "batch_wait_timeout_s"):
+                if getattr(cfg, key) is not None:
+                    self._set_batching(key, getattr(cfg, key))
+            path = cfg.artifact or self.model.info.get("artifact")
+            backend = cfg.backend or self.backend
+            if path == self.model.info.get("artifact") and backend == self.backend:
+                return
+            try:
+                new = await asyncio.to_thread(load_model, path, backend)
+            except Exception as e:  # the old model keeps serving
+                self.swap_error = f"artifact {path} refused: {type(e).__name__}: {e}"
+                logger.error(self.swap_error)
+                return
+            old, self.model, self.backend, self.swap_error = self.model, new, backend, None
+            logger.info(f"model {old.version} -> {new.version} ({path})")
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("no model loaded")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _batched(self, items: list[tuple[ServingModel, Query]]) -> list[tuple]:
+        groups: dict[int, list[int]] = {}
+        for i, (model, _) in enumerate(items):
+            groups.setdefault(id(model), []).append(i)
+        out: list = [None] * len(items)
+        texts = sum(len(q.texts) for _, q in items)
+        for idx in groups.values():
+            model = items[idx[0]][0]
+            res = await asyncio.to_thread(model.predict_batch, [items[i][1] for i in idx])
+            for i, r in zip(idx, res, strict=True):
+                out[i] = (r, len(items), texts)
+        return out
+
+    def _labels(self, model: ServingModel, ids: list[int], scores: list[float]) -> list[dict]:
+        return [
+            {"label_id": i, "uid": model.uids[i], "title": model.titles[i], "score": s}
+            for i, s in zip(ids, scores, strict=True)
+        ]
+
+    async def predict(self, body: dict) -> dict:
+        model = self.model
+        try:
+            req = PredictRequest(**body)
+            check_predict(req, self.limits, model.num_labels)
+        except RequestError as e:
+            return {"status": e.status, "error": e.message}
+        res, batch, texts = await self._batched((model, Query(req.texts, req.k, list(set(req.exclude or ())))))
+        results = [self._labels(model, ids, s) for ids, s in res]
+        return {"model_version": model.version, "results": results, "_batch": batch, "_texts": texts}
+
+    async def similar(self, body: dict) -> dict:
+        model = self.model
+        try:
+            req = SimilarRequest(**body)
+            item = model.id_of(req.uid) if req.uid is not None else req.id
+            if item is None or not 0 <= item < model.num_labels:
+                key = f"uid {req.uid!r}" if req.uid is not None else f"id {req.id}"
+                raise RequestError(404, f"unknown item {key} (ids are 0..{model.num_labels - 1})")
+            check_k(req.k, self.limits, model.num_labels, reserved=1)
+        except RequestError as e:
+            return {"status": e.status, "error": e.message}
+        batch = texts = 0
+        if req.mode == "text":
+            res, batch, texts = await self._batched((model, Query([model.item_text(item)], req.k, [item])))
+            ids, scores = res[0]
+        else:
+            ids, scores = await asyncio.to_thread(model.similar_by_embedding, item, req.k)
+        return {
+            "model_version": model.version,
+            "item": self._labels(model, [item], [0.0])[0],
+            "results": self._labels(model, ids, scores),
+            "_batch": batch,
+            "_texts": texts,
+        }
+
+    def info(self) -> dict:
+        m = self.model
+        keys = ("num_labels", "dim", "head_dtype", "encoder", "metrics", "manifest")
+        return {
+            "model_version": m.version,
+            "artifact": m.info.get("artifact", ""),
+            **{k: m.info.get(k, {} if k in ("metrics", "manifest") else "") for k in keys},
+            "num_labels": m.num_labels,
+            "backend": m.scorer.backend,
+            "limits": self.limits.model_dump(),
+            "last_swap_error": self.swap_error,
+        }
+
+
+app = FastAPI(
+    title="ELMO Serve",
+    description="Top-k tagging and product-to-product recommendation with a low-precision extreme classifier.",
+    version="1",
+)
+_ERRORS = {c: {"model": ErrorBody} for c in (400, 404, 413, 422)}
+
+
+def _error(status: int, message: str, detail=None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "detail": detail})
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid" or isinstance(first.get("ctx", {}).get("error"), UnicodeDecodeError):
+        return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    msg = str(first.get("msg", "invalid request"))
+    if first.get("type") == "missing":
+        msg = "the request body is empty: send a JSON object" if where == "body" else "field required"
+    elif first.get("type") == "model_attributes_type" and where == "body":
+        msg = "the body must be a JSON object (and Content-Type: application/json)"
+    detail = [{k: e.get(k) for k in ("type", "loc", "msg")} for e in errors]
+    return _error(422, f"{where}: {msg}", json.loads(json.dumps(detail, default=str)))
+
+
+@app.middleware("http")
+async def _guard(request: Request, call_next):
+    # Bodies over the limit are refused before they are read; anything unexpected is a logged 500, never a crash.
+    limit = _MAX_BODY_BYTES[0]
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        return _error(413, f"request body of {size} bytes exceeds max_body_bytes={limit}")
+    try:
+        return await call_next(request)
+    except Exception as e:
+        logger.exception("unhandled error")
+        return _error(500, f"internal error: {type(e).__name__}")
+
+
+@serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, scorer: DeploymentHandle, max_body_bytes: int = 4 * 2**20):
+        self.scorer = scorer
+        _MAX_BODY_BYTES[0] = max_body_bytes
+        reg = self.registry = CollectorRegistry()
+        self.requests = Counter("elmo_requests", "HTTP requests", ["endpoint", "status"], registry=reg)
+        self.latency = Histogram(
+            "elmo_request_latency_seconds",
+            "request latency",
+            ["endpoint"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=reg,
+        )
+        self.batch = Histogram(
+            "elmo_batch_requests", "requests per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg
+        )
+        self.batch_texts = Histogram(
+            "elmo_batch_texts", "texts per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg
+        )
+
+    async def _call(self, endpoint: str, method: str, body: BaseModel) -> JSONResponse:
+        t0 = time.perf_counter()
+        out = await getattr(self.scorer, method).remote(body.model_dump())
+        status = out.pop("status", 200)
+        if status != 200:
+            resp = _error(status, out["error"])
+        else:
+            batch, texts = out.pop("_batch"), out.pop("_texts")
+            if batch:
+                self.batch.observe(batch)
+                self.batch_texts.observe(texts)
+            resp = JSONResponse(out, headers={"x-model-version": out["model_version"], "x-batch-size": str(batch)})
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return resp
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
+    async def predict(self, body: PredictRequest):
+        """Top-k labels (id, uid, title, score) of each text."""
+        return await self._call("predict", "predict", body)
+
+    @app.post("/v1/similar", response_model=SimilarResponse, responses=_ERRORS)
+    async def similar(self, body: SimilarRequest):
+        """Items related to an item (by uid or id), the item itself excluded."""
+        return await self._call("similar", "similar", body)
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model(self):
+        return await self.scorer.info.remote()
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self):
+        info = await self.scorer.info.remote()
+        return {"status": "ok", "model_version": info["model_version"]}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self):
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def app_builder(args: AppArgs) -> serve.Application:
+    if not isinstance(args, AppArgs):
+        args = AppArgs(**dict(args))
+    batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+    scorer = ModelScorer.bind(args.artifact, args.backend, args.limits.model_dump(), batching)
+    return Ingress.bind(scorer, args.max_body_bytes)

@@ -1,0 +1,94 @@
+"""Serving tests: one local Ray + Serve per test session on 127.0.0.1, and tiny models to serve.
+
+Ray is started lazily by the `serve_url` fixture, so the scoring tests alone never start it.
+"""
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+
+from elmo_serve.scoring import Scorer, ServingModel
+from training.encoders import HashedBagEncoder, HashedNgramFeaturizer, bag_inputs
+
+TITLES = [
+    "python3 : interactive high-level object-oriented language",
+    "python3-numpy : fast array facility for Python 3",
+    "python3-scipy : scientific tools for Python 3",
+    "libc6 : GNU C Library: Shared libraries",
+    "libstdc++6 : GNU Standard C++ Library v3",
+    "gcc : GNU C compiler",
+    "g++ : GNU C++ compiler",
+    "make : utility for directing compilation",
+    "perl : Larry Wall's Practical Extraction and Report Language",
+    "libssl3 : Secure Sockets Layer toolkit - shared libraries",
+    "openssl : Secure Sockets Layer toolkit - cryptographic utility",
+    "curl : command line tool for transferring data with URL syntax",
+    "libcurl4 : easy-to-use client-side URL transfer library",
+    "git : fast, scalable, distributed revision control system",
+    "vim : Vi IMproved - enhanced vi editor",
+    "emacs : GNU Emacs editor",
+    "qml6-module-qtquick : Qt 6 Qt Quick QML module",
+    "libqt6core6 : Qt 6 core module",
+    "0ad : Real-time strategy game of ancient warfare",
+    "0ad-data : Real-time strategy game of ancient warfare (data files)",
+]
+
+
+def _filter_warnings() -> None:
+    # Serve's config module uses pydantic v1-style APIs under pydantic 2.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
+    try:
+        from pydantic.warnings import PydanticDeprecatedSince20
+
+        warnings.filterwarnings("ignore", category=PydanticDeprecatedSince20)
+    except ImportError:
+        pass
+
+
+def pytest_configure(config):
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:ray.*")
+    config.addinivalue_line("filterwarnings", "ignore::pydantic.warnings.PydanticDeprecatedSince20")
+
+
+def toy_model(version: str = "toy-v1", labels: int = 200, dim: int = 32, seed: int = 0) -> ServingModel:
+    """An in-memory model: hashed n-gram bag encoder, fp8 head initialised at the titles' embeddings."""
+    torch.manual_seed(seed)
+    titles = [TITLES[i % len(TITLES)] + ("" if i < len(TITLES) else f" variant {i}") for i in range(labels)]
+    uids = [t.split(" : ")[0] + ("" if i < len(TITLES) else f"-v{i}") for i, t in enumerate(titles)]
+    feat = HashedNgramFeaturizer(num_buckets=2**14, min_df=1).fit(titles)
+    enc = HashedBagEncoder(num_features=feat.num_features, dim=dim).eval()
+
+    @torch.inference_mode()
+    def encode(texts):
+        return enc(*bag_inputs(feat.transform(texts))).float()
+
+    pad = -(-labels // 16) * 16
+    w = torch.zeros(pad, dim)
+    w[:labels] = encode(titles)
+    scorer = Scorer(w.to(torch.bfloat16), labels, "torch")
+    return ServingModel(version, encode, scorer, uids, titles, info={"head_dtype": "float8_e4m3fn", "dim": dim})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    """http://127.0.0.1:PORT of a Serve instance started once for the session (token auth off: a test cluster)."""
+    _filter_warnings()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
