@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from elmo_serve.schemas import (
     ErrorBody,
@@ -226,6 +227,14 @@ _ERRORS = {c: {"model": ErrorBody} for c in (400, 404, 413, 422)}
 
 def _error(status: int, message: str, detail=None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "detail": detail})
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    msg = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in msg:
+        msg = "the body is not valid JSON: it could not be decoded (send UTF-8 JSON)"
+    return _error(exc.status_code, msg)
 
 
 @app.exception_handler(RequestValidationError)

@@ -1,0 +1,164 @@
+"""The HTTP application on a local Ray Serve: answers equal offline prediction, bad input gets a 4xx, concurrent
+requests are batched, and artifacts are hot-swapped without failed requests."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from conftest import toy_model
+
+from elmo_serve.scoring import Query
+from kernels.topk import reference_topk
+
+LIMITS = {"max_texts": 64, "max_text_chars": 2000, "max_k": 50, "max_exclude": 100}
+
+
+@pytest.fixture(scope="module")
+def toy_url(serve_url):
+    from ray import serve
+
+    from elmo_serve.app import Ingress, ModelScorer
+
+    batching = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
+    serve.run(Ingress.bind(ModelScorer.bind(toy_model(), "torch", LIMITS, batching)), name="toy", route_prefix="/toy")
+    yield serve_url + "/toy"
+    serve.delete("toy")
+
+
+@pytest.fixture(scope="module")
+def client(toy_url):
+    with httpx.Client(base_url=toy_url, timeout=30) as c:
+        yield c
+
+
+def test_http_answers_equal_offline_prediction(client):
+    model = toy_model()
+    texts = ["python3 numpy arrays", "GNU C++ compiler", "a strategy game", "qt quick module"]
+    r = client.post("/v1/predict", json={"texts": texts, "k": 7, "exclude": [0, 5]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == "toy-v1" and r.headers["x-model-version"] == "toy-v1"
+    offline = model.predict_batch([Query(texts, 7, [0, 5])])[0]
+    ref_s, ref_i = reference_topk(model.encode(texts), model.scorer.weights, 7, model.num_labels, [[0, 5]] * 4)
+    for got, (ids, scores), r_ids, r_s in zip(body["results"], offline, ref_i.tolist(), ref_s.tolist(), strict=True):
+        assert [x["label_id"] for x in got] == ids == r_ids
+        assert [x["score"] for x in got] == pytest.approx(scores, rel=1e-6)
+        assert scores == pytest.approx(r_s, rel=1e-5, abs=1e-5)
+        assert [x["uid"] for x in got] == [model.uids[i] for i in ids]
+        assert [x["title"] for x in got] == [model.titles[i] for i in ids]
+
+
+def test_similar_excludes_the_item(client):
+    for body in ({"uid": "python3", "k": 5}, {"id": 0, "k": 5}, {"uid": "python3", "k": 5, "mode": "embedding"}):
+        r = client.post("/v1/similar", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["item"]["uid"] == "python3" and out["item"]["label_id"] == 0
+        assert len(out["results"]) == 5 and 0 not in [x["label_id"] for x in out["results"]]
+    model = toy_model()
+    ((ids, _),) = model.predict_batch([Query([model.titles[0]], 5, [0])])[0]
+    assert [x["label_id"] for x in client.post("/v1/similar", json={"id": 0, "k": 5}).json()["results"]] == ids
+
+
+def test_model_health_metrics_and_docs(client):
+    info = client.get("/v1/model").json()
+    assert info["model_version"] == "toy-v1" and info["num_labels"] == 200 and info["limits"]["max_k"] == 50
+    assert client.get("/healthz").json() == {"status": "ok", "model_version": "toy-v1"}
+    assert "elmo_requests_total" in client.get("/metrics").text
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/similar", "/v1/model", "/healthz"} <= set(spec["paths"])
+
+
+J = "application/json"
+BAD = [
+    # (name, path, body: dict | bytes, expected status, a word of the message)
+    ("empty list", "predict", {"texts": []}, 422, "texts"),
+    ("empty string", "predict", {"texts": [""]}, 422, "empty"),
+    ("blank string", "predict", {"texts": ["   \n"]}, 422, "empty"),
+    ("one of several empty", "predict", {"texts": ["gcc", ""]}, 422, "texts[1]"),
+    ("huge text", "predict", {"texts": ["x" * 5000]}, 422, "max_text_chars"),
+    ("10k texts", "predict", {"texts": ["gcc"] * 10_000}, 422, "too many texts"),
+    ("65 texts", "predict", {"texts": ["gcc"] * 65}, 422, "max_texts"),
+    ("k = 0", "predict", {"texts": ["gcc"], "k": 0}, 422, "k"),
+    ("negative k", "predict", {"texts": ["gcc"], "k": -3}, 422, "k"),
+    ("k > max_k", "predict", {"texts": ["gcc"], "k": 51}, 422, "max_k"),
+    ("k > labels", "predict", {"texts": ["gcc"], "k": 10**6}, 422, "max_k"),
+    ("k as string", "predict", {"texts": ["gcc"], "k": "5"}, 422, "integer"),
+    ("k as float", "predict", {"texts": ["gcc"], "k": 5.5}, 422, "integer"),
+    ("k as bool", "predict", {"texts": ["gcc"], "k": True}, 422, "integer"),
+    ("k null", "predict", {"texts": ["gcc"], "k": None}, 422, "k"),
+    ("texts a string", "predict", {"texts": "gcc"}, 422, "list"),
+    ("texts of ints", "predict", {"texts": [1, 2]}, 422, "string"),
+    ("texts nested", "predict", {"texts": [["gcc"]]}, 422, "string"),
+    ("missing texts", "predict", {"k": 5}, 422, "required"),
+    ("extra field", "predict", {"texts": ["gcc"], "top": 5}, 422, "Extra"),
+    ("exclude out of range", "predict", {"texts": ["gcc"], "exclude": [200]}, 422, "exclude"),
+    ("exclude negative", "predict", {"texts": ["gcc"], "exclude": [-1]}, 422, "exclude"),
+    ("exclude strings", "predict", {"texts": ["gcc"], "exclude": ["gcc"]}, 422, "integer"),
+    ("exclude too many", "predict", {"texts": ["gcc"], "exclude": list(range(101))}, 422, "max_exclude"),
+    (
+        "exclude leaves < k",
+        "predict",
+        {"texts": ["gcc"], "k": 50, "exclude": list(range(100)) + [150]},
+        422,
+        "max_exclude",
+    ),
+    ("invalid JSON", "predict", b'{"texts": ["gcc"', 400, "JSON"),
+    ("non-UTF-8 bytes", "predict", b'{"texts": ["\xff\xfe"]}', 400, "JSON"),
+    ("binary garbage", "predict", bytes(range(256)), 400, "JSON"),
+    ("empty body", "predict", b"", 422, "empty"),
+    ("JSON list", "predict", b'["gcc"]', 422, "object"),
+    ("JSON null", "predict", b"null", 422, "object"),
+    ("body too large", "predict", b'{"texts": ["' + b"a" * (5 * 2**20) + b'"]}', 413, "max_body_bytes"),
+    ("unknown uid", "similar", {"uid": "no-such-package"}, 404, "unknown item"),
+    ("unknown id", "similar", {"id": 200}, 404, "unknown item"),
+    ("negative id", "similar", {"id": -1}, 422, "id"),
+    ("uid and id", "similar", {"uid": "gcc", "id": 5}, 422, "exactly one"),
+    ("neither uid nor id", "similar", {"k": 3}, 422, "exactly one"),
+    ("empty uid", "similar", {"uid": ""}, 422, "uid"),
+    ("uid as int", "similar", {"uid": 5}, 422, "string"),
+    ("similar k > labels - 1", "similar", {"id": 3, "k": 50, "mode": "text"}, 200, ""),
+    ("similar k > max_k", "similar", {"id": 3, "k": 51}, 422, "max_k"),
+    ("unknown mode", "similar", {"id": 3, "mode": "magic"}, 422, "mode"),
+    ("similar invalid JSON", "similar", b"{uid: gcc}", 400, "JSON"),
+]
+
+
+def test_bad_input_gets_a_clear_4xx_and_the_replica_keeps_serving(client):
+    assert sum(1 for case in BAD if case[3] >= 400) >= 30
+    failures, fives = [], 0
+    for name, path, body, status, word in BAD:
+        if isinstance(body, bytes):
+            r = client.post(f"/v1/{path}", content=body, headers={"content-type": J})
+        else:
+            r = client.post(f"/v1/{path}", json=body)
+        fives += r.status_code >= 500
+        if r.status_code != status:
+            failures.append(f"{name}: {r.status_code} (want {status}) {r.text[:200]}")
+        elif status >= 400 and word.lower() not in r.json().get("error", "").lower() + json.dumps(r.json()).lower():
+            failures.append(f"{name}: message {r.text[:200]!r} lacks {word!r}")
+    assert fives == 0 and not failures, "\n".join(failures)
+    r = client.post("/v1/predict", json={"texts": ["gcc"], "k": 3})
+    assert r.status_code == 200 and len(r.json()["results"][0]) == 3
+    assert "elmo_requests_total" in client.get("/metrics").text
+
+
+def test_wrong_method_and_unknown_path_are_4xx(client):
+    assert client.get("/v1/predict").status_code == 405
+    assert client.post("/v1/nothing", json={}).status_code == 404
+
+
+def test_concurrent_requests_are_batched(toy_url):
+    async def go():
+        async with httpx.AsyncClient(base_url=toy_url, timeout=30) as c:
+            rs = await asyncio.gather(
+                *(c.post("/v1/predict", json={"texts": [f"gcc compiler {i}"], "k": 3}) for i in range(48))
+            )
+        return rs
+
+    rs = asyncio.run(go())
+    assert all(r.status_code == 200 for r in rs)
+    sizes = [int(r.headers["x-batch-size"]) for r in rs]
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= 16  # max_batch_size
