@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -70,13 +71,16 @@ class ScorerConfig(BaseModel):
     batch_wait_timeout_s: float | None = Field(None, ge=0)
 
 
-def load_model(path: str | ServingModel, backend: str = "auto") -> ServingModel:
+def load_model(path: str | ServingModel | Callable[[], ServingModel], backend: str = "auto") -> ServingModel:
     """Load and validate an artifact (`training.artifact.load_artifact`) and score a probe text with it.
 
-    An in-memory ServingModel is taken as it is (embedding the app in a Python program, tests).
+    A ServingModel, or a function that builds one in the replica, is taken as it is (embedding the app in a Python
+    program, synthetic benchmarks, tests).
     """
     if isinstance(path, ServingModel):
         return path
+    if callable(path):
+        return path()
     from training.artifact import load_artifact
 
     from elmo_serve.scoring import Scorer

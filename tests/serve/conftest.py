@@ -68,7 +68,7 @@ def toy_model(version: str = "toy-v1", labels: int = 200, dim: int = 32, seed: i
     pad = -(-labels // 16) * 16
     w = torch.zeros(pad, dim)
     w[:labels] = encode(titles)
-    scorer = Scorer(w.to(torch.bfloat16), labels, "torch")
+    scorer = Scorer(w.to(torch.float8_e4m3fn), labels, "torch")
     return ServingModel(version, encode, scorer, uids, titles, info={"head_dtype": "float8_e4m3fn", "dim": dim})
 
 

@@ -16,12 +16,15 @@ LIMITS = {"max_texts": 64, "max_text_chars": 2000, "max_k": 50, "max_exclude": 1
 
 @pytest.fixture(scope="module")
 def toy_url(serve_url):
-    from ray import serve
+    import sys
+
+    from ray import cloudpickle, serve
 
     from elmo_serve.app import Ingress, ModelScorer
 
+    cloudpickle.register_pickle_by_value(sys.modules["conftest"])  # the replica builds the model from this module
     batching = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
-    serve.run(Ingress.bind(ModelScorer.bind(toy_model(), "torch", LIMITS, batching)), name="toy", route_prefix="/toy")
+    serve.run(Ingress.bind(ModelScorer.bind(toy_model, "torch", LIMITS, batching)), name="toy", route_prefix="/toy")
     yield serve_url + "/toy"
     serve.delete("toy")
 
