@@ -165,3 +165,21 @@ def test_concurrent_requests_are_batched(toy_url):
     sizes = [int(r.headers["x-batch-size"]) for r in rs]
     assert max(sizes) > 1, sizes
     assert max(sizes) <= 16  # max_batch_size
+
+
+def test_query_command_prints_a_table(toy_url, capsys):
+    import argparse
+
+    from elmo_serve.commands import add_serve_commands, query_command
+
+    assert query_command("GNU C++ compiler", k=3, url=toy_url) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "toy-v1" in out[0] and out[1].split()[:3] == ["#", "score", "id"] and len(out) == 5
+    assert query_command("python3", k=2, url=toy_url, similar=True) == 0
+    assert query_command("no-such-item", k=2, url=toy_url, similar=True) == 1
+    assert "404" in capsys.readouterr().err
+    parser = argparse.ArgumentParser(prog="elmo")
+    add_serve_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["query", "python numpy", "-k", "4", "--url", toy_url])
+    assert args.func(args) == 0
+    assert parser.parse_args(["serve", "some/dir", "--port", "9000"]).port == 9000
