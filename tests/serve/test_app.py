@@ -183,3 +183,23 @@ def test_query_command_prints_a_table(toy_url, capsys):
     args = parser.parse_args(["query", "python numpy", "-k", "4", "--url", toy_url])
     assert args.func(args) == 0
     assert parser.parse_args(["serve", "some/dir", "--port", "9000"]).port == 9000
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "serve-gpu.yaml"])
+def test_deployment_files_fit_serve_and_app_schemas(name):
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from elmo_serve.app import AppArgs, ScorerConfig
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "deployments" / name).read_text())
+    ServeDeploySchema.parse_obj(config)
+    for app in config["applications"]:
+        assert app["import_path"] == "elmo_serve.app:app_builder"
+        AppArgs(**app["args"])
+        deps = {d["name"]: d for d in app["deployments"]}
+        assert set(deps) == {"ModelScorer", "Ingress"}
+        ScorerConfig(**deps["ModelScorer"]["user_config"])
+        assert deps["ModelScorer"]["max_ongoing_requests"] >= 32
