@@ -77,6 +77,7 @@ class Scorer:
         nlist: int = 0,
         nprobe: int = 8,
         device: str | torch.device | None = None,
+        cpu_fp32_cache_bytes: int = 4 * 2**30,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -87,6 +88,15 @@ class Scorer:
         self.backend, self.num_labels = backend, num_labels
         self.device = torch.device(device or ("cuda" if backend == "triton" else "cpu"))
         self.weights = weights.to(self.device)
+        # CPU torch path: fp8/bf16 -> fp32 conversion of the head on every call dominates (fp8 has no fast CPU GEMM),
+        # so keep an fp32 copy when it fits the budget. Exact: fp8 and bf16 values are fp32 values, and queries are
+        # rounded to bf16 below exactly as `prepare_queries` rounds them for an fp8/bf16 head.
+        self._compute = self.weights
+        self._round_queries = False
+        fp32_bytes = 4 * self.weights.numel()
+        if backend == "torch" and self.device.type == "cpu" and self.weights.dtype != torch.float32:
+            if fp32_bytes <= cpu_fp32_cache_bytes:
+                self._compute, self._round_queries = self.weights.float(), True
         self.index = None
         if backend == "faiss":
             self.index = build_index(weights[:num_labels].float(), faiss_index, nlist, nprobe)
@@ -101,7 +111,10 @@ class Scorer:
             return self._faiss_topk(x, k, exclude)
         excl = None if exclude is None else _pad_rows(exclude)
         impl = "triton" if self.backend == "triton" else "torch"
-        s, i = topk_scores(x.to(self.device), self.weights, k, self.num_labels, excl, impl=impl)
+        x = x.to(self.device)
+        if self._round_queries:
+            x = x.to(torch.bfloat16).float()
+        s, i = topk_scores(x, self._compute, k, self.num_labels, excl, impl=impl)
         return s.cpu(), i.cpu()
 
     def _faiss_topk(self, x, k, exclude):
