@@ -374,6 +374,7 @@ def head_step(
     num_labels: int | None = None,
     kahan: torch.Tensor | None = None,
     impl: Literal["auto", "triton", "torch"] = "auto",
+    label_offset: int = 0,
 ) -> HeadStepOutput:
     """One SGD step of the whole head, in place on `chunks` (and `kahan`); returns dX for the encoder.
 
@@ -381,11 +382,15 @@ def head_step(
     order; rows past `num_labels` are padding and never change. x: (B, D) bf16/fp32, B <= 256 for impl="triton".
     pos_rows/pos_cols: the positive (batch row, global label) pairs. kahan: optional (H, D) bfloat16/float8_e5m2
     compensation for the first H labels. impl: "triton" (GPU, or CPU under TRITON_INTERPRET=1), "torch" (the
-    reference, CPU fallback) or "auto" (triton on CUDA tensors, torch otherwise).
+    reference, CPU fallback) or "auto" (triton on CUDA tensors, torch otherwise). label_offset: the global id of the
+    first row when `chunks` is one shard of a larger head; it places the shard in the random stream, so a sharded
+    step rounds exactly like the unsharded one (pos_cols stay shard-local).
     """
     num_labels = _check_inputs(chunks, x, pos_rows, pos_cols, num_labels, kahan)
     if not 0 <= config.seed < 2**62:
         raise ValueError(f"seed must be in [0, 2**62), got {config.seed}")
+    if label_offset < 0:
+        raise ValueError(f"label_offset must be >= 0, got {label_offset}")
     if impl == "auto":
         impl = "triton" if x.is_cuda else "torch"
     if impl not in ("triton", "torch"):
@@ -397,10 +402,10 @@ def head_step(
         raise ValueError("fp8_dots needs float8_e4m3fn weights")
     rows, cols = _sorted_positives(pos_rows.to(x.device), pos_cols.to(x.device), x.shape[0])
     if impl == "torch":
-        return _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots)
+        return _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset)
     if x.shape[0] > MAX_BATCH:
         raise ValueError(f"impl='triton' takes at most {MAX_BATCH} rows per step, got {x.shape[0]}")
-    return _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots)
+    return _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset)
 
 
 def _chunk_kahan(kahan: torch.Tensor | None, start: int, rows: int) -> tuple[torch.Tensor | None, int]:
@@ -410,7 +415,7 @@ def _chunk_kahan(kahan: torch.Tensor | None, start: int, rows: int) -> tuple[tor
     return part, part.shape[0]
 
 
-def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots) -> HeadStepOutput:
+def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset) -> HeadStepOutput:
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     loss = 0.0
     start = 0
@@ -431,7 +436,7 @@ def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots)
             lr=config.lr,
             weight_decay=config.weight_decay,
             seed=config.seed,
-            row_offset=start,
+            row_offset=label_offset + start,
             num_valid=num_valid,
             kahan=part,
             fp8_dots=fp8_dots,
@@ -441,7 +446,7 @@ def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots)
     return HeadStepOutput(dx, loss / x.shape[0] if config.compute_loss else None)
 
 
-def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots) -> HeadStepOutput:
+def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset) -> HeadStepOutput:
     batch, dim = x.shape
     plan = _launch_plan(batch, dim, fp8_dots)
     interp = _interpreting()
@@ -462,7 +467,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
     dx = torch.zeros((batch, dim), dtype=torch.float32, device=x.device)
     loss = torch.zeros(1, dtype=torch.float32, device=x.device)
     rows32 = rows.to(torch.int32)
-    cols64 = cols.contiguous()
+    cols64 = (cols + label_offset).contiguous()  # global ids: the kernels place every chunk by its global offset
     scale_inv = 1.0 / GRAD_FP8_SCALE if fp8_dots else 1.0
     start = 0
     for w in chunks:
@@ -472,7 +477,8 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             start += n
             continue
         fwd_blocks = triton.cdiv(n, plan.fwd_block_l)
-        bounds = start + torch.arange(fwd_blocks + 1, device=x.device, dtype=torch.int64) * plan.fwd_block_l
+        offset = label_offset + start
+        bounds = offset + torch.arange(fwd_blocks + 1, device=x.device, dtype=torch.int64) * plan.fwd_block_l
         block_start = torch.searchsorted(cols64, bounds).to(torch.int32)
         _logits_grad_kernel[(fwd_blocks,)](
             xq,
@@ -487,7 +493,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             dim,
             n,
             num_valid,
-            start,
+            offset,
             config.seed,
             xq.stride(0),
             w.stride(0),
@@ -539,7 +545,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             dim,
             num_valid,
             num_kahan,
-            start,
+            offset,
             config.seed,
             -config.lr * scale_inv,
             -config.lr * config.weight_decay,

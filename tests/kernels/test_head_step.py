@@ -153,3 +153,31 @@ def test_bad_arguments(mutate, message):
         hs.head_step(
             args.pop("chunks"), args.pop("x"), args.pop("pos_rows"), args.pop("pos_cols"), args.pop("config"), **args
         )
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_shards_round_like_the_whole_head(impl):
+    # Two shards stepped separately (label_offset = their global start) give the unsharded head's bits.
+    whole = [(torch.randn(96, 40) * 0.2).to(torch.float8_e4m3fn)]
+    x = torch.randn(5, 40).to(torch.bfloat16)
+    rows, cols = torch.randint(0, 5, (12,)), torch.randint(0, 90, (12,))
+    cfg = hs.HeadStepConfig(lr=0.3, weight_decay=0.01, seed=4)
+    shards = [whole[0][:48].clone(), whole[0][48:].clone()]
+    ref_w = [whole[0].clone()]
+    ref = hs.head_step(ref_w, x, rows, cols, cfg, num_labels=90, impl=impl)
+    dx = torch.zeros(5, 40)
+    for i, shard in enumerate(shards):
+        sel = (cols >= 48 * i) & (cols < 48 * (i + 1))
+        out = hs.head_step(
+            [shard],
+            x,
+            rows[sel],
+            cols[sel] - 48 * i,
+            cfg,
+            num_labels=min(48, 90 - 48 * i),
+            impl=impl,
+            label_offset=48 * i,
+        )
+        dx += out.dx
+    assert_same_bits(torch.cat(shards), ref_w[0], max_fraction=1e-3, what="sharded vs whole")
+    torch.testing.assert_close(dx, ref.dx, rtol=1e-5, atol=1e-5)
