@@ -1,0 +1,95 @@
+"""Label-sharded head over torch.distributed (gloo, 2 CPU processes) against one worker."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kernels.head_step import HeadStepConfig, head_step
+from kernels.topk import topk_scores
+from training.distributed import shard_range, sharded_head_step, sharded_topk
+
+LABELS, DIM, STEPS = 200, 24, 4
+BATCHES = (4, 3)  # uneven local batches: rank 0 has 4 rows, rank 1 has 3
+
+
+def _problem(dtype):
+    g = torch.Generator().manual_seed(0)
+    head = (torch.randn(208, DIM, generator=g) * 0.3).to(dtype)
+    steps = []
+    for _ in range(STEPS):
+        xs = [torch.randn(b, DIM, generator=g).to(torch.bfloat16) for b in BATCHES]
+        pos = [(torch.randint(0, b, (5,), generator=g), torch.randint(0, LABELS, (5,), generator=g)) for b in BATCHES]
+        steps.append((xs, pos))
+    return head, steps
+
+
+def _worker(rank, world, init_file, dtype, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    head, steps = _problem(dtype)
+    start, end = shard_range(LABELS, world, rank)
+    shard = [head[start : start + -(-(end - start) // 16) * 16].clone()]
+    cfg = HeadStepConfig(lr=0.2, weight_decay=0.01, seed=9, compute_loss=True)
+    dxs, losses = [], []
+    for step, (xs, pos) in enumerate(steps):
+        out = sharded_head_step(
+            shard,
+            start,
+            end - start,
+            xs[rank],
+            pos[rank][0],
+            pos[rank][1],
+            HeadStepConfig(**{**cfg.__dict__, "seed": step}),
+            impl="torch",
+        )
+        dxs.append(out.dx)
+        losses.append(out.loss)
+    scores, ids = sharded_topk(shard, start, end - start, steps[0][0][rank].float(), k=7)
+    torch.save(
+        {"shard": shard[0], "start": start, "end": end, "dx": dxs, "loss": losses, "ids": ids, "scores": scores},
+        f"{out_file}.{rank}",
+    )
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_two_workers_match_one(tmp_path, dtype):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), dtype, str(tmp_path / "out")), nprocs=2)
+    parts = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    assert parts[0]["end"] == parts[1]["start"] and parts[0]["start"] == 0 and parts[1]["end"] == LABELS
+    # One worker, the same global batches (rank 0's rows, then rank 1's).
+    head, steps = _problem(dtype)
+    whole = [head.clone()]
+    for step, (xs, pos) in enumerate(steps):
+        x = torch.cat(xs)
+        rows = torch.cat([pos[0][0], pos[1][0] + BATCHES[0]])
+        cols = torch.cat([pos[0][1], pos[1][1]])
+        out = head_step(
+            whole,
+            x,
+            rows,
+            cols,
+            HeadStepConfig(lr=0.2, weight_decay=0.01, seed=step, compute_loss=True),
+            num_labels=LABELS,
+            impl="torch",
+        )
+        dx = torch.cat([parts[0]["dx"][step], parts[1]["dx"][step]])
+        torch.testing.assert_close(dx, out.dx, rtol=1e-5, atol=1e-5)
+        assert parts[0]["loss"][step] == pytest.approx(out.loss, rel=1e-5)
+    sharded = torch.cat([p["shard"][: p["end"] - p["start"]] for p in parts])
+    # Same Philox stream per global label: identical weights up to a rare fp32-summation-order flip.
+    differ = (sharded.float() != whole[0][:LABELS].float()).float().mean().item()
+    assert differ <= 1e-3, f"{differ:.4%} of the weights differ"
+    scores, ids = topk_scores(steps[0][0][0].float(), whole[0], 7, LABELS, impl="torch")
+    assert torch.equal(parts[0]["ids"], ids)
+
+
+def test_shard_range():
+    ranges = [shard_range(1009, 3, r) for r in range(3)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1009
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(start % 16 == 0 for start, _ in ranges)
+    with pytest.raises(ValueError, match="too few"):
+        shard_range(20, 4, 0)
+    with pytest.raises(ValueError, match="rank"):
+        shard_range(100, 2, 2)
