@@ -1,20 +1,128 @@
-"""The `elmo` command line."""
+"""The `elmo` command line: demo, train, eval, export, head-demo."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import torch
 
+DEMO_RUN = "runs/demo"
+DEMO_ARTIFACT = "artifacts/demo"
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = True) -> None:
+    """--field-name for each field; booleans take an optional value (`--resume` or `--resume false`)."""
     for field in dataclasses.fields(cls):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        flag = f"--{field.name.replace('_', '-')}"
+        default = field.default if defaults else argparse.SUPPRESS
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, dest=field.name)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=default, dest=field.name)
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    print(title)
+    print("| " + " | ".join(metrics) + " |")
+    print("|" + "---:|" * len(metrics))
+    print("| " + " | ".join(f"{v:.2f}" for v in metrics.values()) + " |")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.train import load_config, train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    cfg = load_config(args.config, overrides)
+    result = train(cfg)
+    if result.get("stopped"):
+        print(f"stopped after step {result['step']}; resume with --resume --out {cfg.out}")
+        return 0
+    _print_metrics(result["metrics"], f"test metrics (%), {result['train_seconds']:.0f} s of training")
+    print(f"run: {cfg.out}" + (f"; artifact: {cfg.export}" if cfg.export else ""))
+    return 0
+
+
+def _load_for_eval(path: Path):
+    if (path / "manifest.json").is_file():
+        from training.artifact import load_artifact
+        from training.train import TrainConfig
+
+        art = load_artifact(path)
+        cfg = TrainConfig(
+            **{
+                k: v
+                for k, v in art.manifest.get("training", {}).items()
+                if k in {f.name for f in dataclasses.fields(TrainConfig)}
+            }
+        )
+        return art.model, cfg
+    from training.train import model_from_checkpoint
+
+    model, cfg, _ = model_from_checkpoint(path)
+    return model, cfg
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from training.train import evaluate_on
+
+    model, cfg = _load_for_eval(Path(args.path))
+    if args.data is not None:
+        cfg.data = args.data
+    if args.format is not None:
+        cfg.format = args.format
+    cfg.train_rows, cfg.test_rows = 0, args.test_rows
+    metrics = evaluate_on(model, cfg, args.split)
+    _print_metrics(metrics, f"{args.path} on {cfg.data or 'the embedded default'} ({args.split}), %")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.artifact import load_artifact
+    from training.train import export_run
+
+    path = export_run(args.run, args.artifact, args.data)
+    art = load_artifact(path)
+    h = art.manifest["head"]
+    print(f"artifact {path}: {art.num_labels} labels, head {h['dtype']} ({h['rows']} x {h['in_dim']})")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from training.artifact import load_artifact
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data="", out=args.out, export=args.export, precision=args.precision, epochs=args.epochs, progress=not args.quiet
+    )
+    print(
+        "ELMO demo: the embedded default (this machine's apt package index, else a planted problem); "
+        f"{cfg.precision} head, {cfg.epochs} epochs"
+    )
+    result = train(cfg)
+    _print_metrics(result["metrics"], f"test metrics (%), {result['train_seconds']:.0f} s of training")
+    art = load_artifact(cfg.export)
+    print(
+        f"artifact: {cfg.export} ({art.num_labels} labels, {art.manifest['head']['dtype']} head); "
+        f"plots: {cfg.out}/training_curve.png, {cfg.out}/p_at_k_by_decile.png"
+    )
+    return 0
+
+
+def _cmd_head_demo(args: argparse.Namespace) -> int:
     from training.head_demo import DemoConfig, run_demo
 
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
@@ -33,18 +141,52 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from training.head_demo import DemoConfig
+    from training.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="elmo", description="ELMO Serve: low-precision extreme classification")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the BF16/FP8 head on a planted problem and compare with fp32")
-    _add_dataclass_flags(demo, DemoConfig)
+
+    demo = sub.add_parser("demo", help="train, evaluate and export the embedded default dataset")
+    demo.add_argument("--out", default=DEMO_RUN, help="run directory (checkpoint, metrics, plots)")
+    demo.add_argument("--export", default=DEMO_ARTIFACT, help="artifact directory")
+    demo.add_argument("--precision", default="fp8", choices=["fp32", "bf16", "fp8", "fp8+kahan"])
+    demo.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
+
+    tr = sub.add_parser("train", help="train a model (config file and --key value flags)")
+    tr.add_argument("--config", default=None, help="a JSON or TOML file of TrainConfig keys")
+    _add_dataclass_flags(tr, TrainConfig, defaults=False)
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run directory or an artifact on a dataset split")
+    ev.add_argument("path", help="run directory (checkpoint.pt) or artifact directory")
+    ev.add_argument("--data", default=None, help="dataset directory (default: the one it was trained on)")
+    ev.add_argument("--format", default=None, choices=["lf", "bow"])
+    ev.add_argument("--split", default="tst", choices=["tst", "trn"])
+    ev.add_argument("--test-rows", type=int, default=0, dest="test_rows")
+    ev.add_argument("--json", default=None, help="also write the metrics here")
+    ev.set_defaults(func=_cmd_eval)
+
+    ex = sub.add_parser("export", help="write the artifact of a run directory")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("artifact", help="artifact directory to write")
+    ex.add_argument("--data", default=None, help="dataset directory (default: the one it was trained on)")
+    ex.set_defaults(func=_cmd_export)
+
+    hd = sub.add_parser("head-demo", help="train the BF16/FP8 head alone on a planted problem, vs fp32")
+    _add_dataclass_flags(hd, DemoConfig)
+    hd.set_defaults(func=_cmd_head_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"elmo {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 from elmo_serve.cli import main
 
 
-def test_demo_prints_a_table(capsys):
-    assert main(["demo", "--labels", "40", "--dim", "32", "--batch", "16", "--steps", "30"]) == 0
+def test_head_demo_prints_a_table(capsys):
+    assert main(["head-demo", "--labels", "40", "--dim", "32", "--batch", "16", "--steps", "30"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "|" in line]
     assert len(lines) == 5  # header + fp32, bf16 SR, fp8 SR, fp8 nearest

@@ -1,0 +1,136 @@
+"""The head module: CPU stochastic rounding, the fused step against the kernels' reference, chunks, scale, Kahan."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.head_step import HeadStepConfig, head_step
+from training.model import HeadConfig, XMCHead, chunk_rows, power_of_two_scale, stochastic_round
+
+
+@pytest.mark.parametrize(
+    "dtype, values",
+    [
+        (torch.bfloat16, [1.0 + 2**-10, -3.3e-3, 7.1e-39]),  # normal, negative, bf16 subnormal
+        (torch.float8_e4m3fn, [0.3, -5.3, 3e-3, -1e-3]),  # normal, negative, e4m3 subnormals (< 2^-6)
+    ],
+)
+def test_stochastic_round_is_unbiased(dtype, values):
+    x = torch.tensor(values).repeat(20000, 1)
+    gen = torch.Generator().manual_seed(0)
+    y = stochastic_round(x, dtype, gen).float()
+    mean = y.mean(0)
+    lo = torch.tensor(values).to(dtype).float()  # one neighbour; the spread bounds the other
+    spread = (y.max(0).values - y.min(0).values).clamp_min(1e-45)
+    err = ((mean - torch.tensor(values)).abs() / spread).tolist()
+    assert all(e < 0.02 for e in err), f"relative bias {err} (means {mean.tolist()}, nearest {lo.tolist()})"
+
+
+def test_stochastic_round_saturates_and_is_seeded():
+    x = torch.tensor([500.0, -1e6, 448.0])
+    y = stochastic_round(x, torch.float8_e4m3fn, torch.Generator().manual_seed(1)).float()
+    assert y.tolist() == [448.0, -448.0, 448.0]
+    a = torch.randn(1000)
+    r1 = stochastic_round(a, torch.float8_e4m3fn, torch.Generator().manual_seed(3))
+    r2 = stochastic_round(a, torch.float8_e4m3fn, torch.Generator().manual_seed(3))
+    assert torch.equal(r1.float(), r2.float())
+
+
+def test_chunk_rows_fit_the_budget():
+    rows = chunk_rows(100_000, 257, 256, budget_mb=16)
+    assert rows % 16 == 0 and 16 * (256 + 257) * rows <= 16 * 2**20
+    assert chunk_rows(40, 8, 4, budget_mb=1000) == 48  # never more than the padded label count
+    assert power_of_two_scale(0.01) == 128.0 and power_of_two_scale(0.0) == 1.0
+
+
+def _head(precision, num_labels=37, dim=12, **kw):
+    head = XMCHead(HeadConfig(num_labels=num_labels, dim=dim, precision=precision, chunk_budget_mb=0.01, **kw))
+    g = torch.Generator().manual_seed(0)
+    head.init_weights(0.2 * torch.randn(num_labels, dim, generator=g), np.full(num_labels, 0.1))
+    return head
+
+
+def test_scores_match_true_weights_and_padding_stays_zero():
+    head = _head("fp8")
+    assert len(head.chunks()) > 1, "a tiny budget must give several chunks"
+    assert math.log2(float(head.scale)).is_integer() and float(head.scale) > 1
+    x = torch.randn(5, 12)
+    xin = torch.cat([x, torch.full((5, 1), head.config.bias_input)], 1)
+    expect = xin @ head.true_weight().T
+    torch.testing.assert_close(head.scores(x), expect, atol=0.05 * expect.abs().max().item(), rtol=0.02)
+    rows = torch.tensor([0, 1, 4])
+    cols = torch.tensor([3, 36, 0])
+    for i in range(3):
+        head.step(x, rows, cols, lr=0.1, seed=i)
+    assert not head.weight[37:].float().any(), "padded rows must never change"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_cpu_step_matches_the_kernel_reference(precision):
+    """Same update as kernels.head_step (impl='torch'): weights within a grid step, dX close."""
+    ours = _head(precision)
+    ref_w = ours.weight.clone()
+    x = torch.randn(6, 12)
+    rows, cols = torch.tensor([0, 2, 5, 5]), torch.tensor([1, 7, 7, 30])
+    dx, _ = ours.step(x, rows, cols, lr=0.05, seed=3)
+    s = float(ours.scale)
+    xin = ours.head_input(x)
+    out = head_step([ref_w], xin, rows, cols, HeadStepConfig(lr=0.05 * s * s, seed=3), num_labels=37, impl="torch")
+    new, ref = ours.weight.float(), ref_w.float()
+    grid = 2.0 ** (torch.floor(torch.log2(torch.maximum(new.abs(), ref.abs()).clamp_min(2**-9))) - 2)
+    assert ((new - ref).abs() <= 2 * grid + 1e-6).all(), "the two paths must land on neighbouring grid points"
+    torch.testing.assert_close(dx, out.dx[:, :12] / s, atol=0.05, rtol=0.05)
+
+
+def test_fp32_step_is_sgd_on_bce():
+    head = _head("fp32", bias=False)
+    w0 = head.true_weight().clone()
+    x = torch.randn(4, 12)
+    rows, cols = torch.tensor([0, 3]), torch.tensor([5, 9])
+    dx, loss = head.step(x, rows, cols, lr=0.1, compute_loss=True)
+    y = torch.zeros(4, 37)
+    y[rows, cols] = 1
+    w = w0.clone().requires_grad_()
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(x @ w.T, y, reduction="sum")
+    ref.backward()
+    assert loss == pytest.approx(ref.item() / 4, rel=0.02)
+    torch.testing.assert_close(head.true_weight(), w0 - 0.1 * w.grad, atol=0.03, rtol=0.03)  # bf16 GEMMs on CPU
+    torch.testing.assert_close(dx, (torch.sigmoid(x @ w0.T) - y) @ w0, atol=0.05, rtol=0.05)
+
+
+def test_exclude_removes_a_pair_from_the_loss():
+    a, b = _head("fp32", bias=False), _head("fp32", bias=False)
+    x = torch.randn(1, 12)
+    rows, cols = torch.tensor([0]), torch.tensor([2])
+    a.step(x, rows, cols, lr=0.5)
+    b.step(x, rows, cols, lr=0.5, exclude=torch.tensor([[0, 11]]))
+    moved = (a.true_weight() - b.true_weight()).abs().sum(1)
+    assert moved[11] > 0 and moved[torch.arange(37) != 11].max() == 0
+
+
+def test_kahan_keeps_tiny_updates():
+    """Many updates far below the fp8 grid step: Kahan-compensated weights track the fp32 sum much better."""
+    results = {}
+    x = torch.randn(1, 8)
+    for precision in ("fp8", "fp8+kahan"):
+        head = _head(precision, num_labels=16, dim=8, bias=False, kahan_labels=16)
+        w0 = head.true_weight().clone()
+        for i in range(200):
+            head.step(x, torch.tensor([0]), torch.tensor([3]), lr=1e-4, seed=i)
+        # with Kahan, the weight minus its compensation is the value the updates have reached
+        reached = head.true_weight() - (head.kahan.float() / head.scale if len(head.kahan) else 0.0)
+        results[precision] = reached - w0
+    exact = _head("fp32", num_labels=16, dim=8, bias=False)
+    e0 = exact.true_weight().clone()
+    for i in range(200):
+        exact.step(x, torch.tensor([0]), torch.tensor([3]), lr=1e-4, seed=i)
+    err = {p: (d - (exact.true_weight() - e0)).norm().item() for p, d in results.items()}
+    assert err["fp8+kahan"] < 0.1 * err["fp8"], err
+    assert results["fp8"].abs().sum() > 0
+
+
+def test_rejects_unknown_precision():
+    with pytest.raises(ValueError, match="precision"):
+        XMCHead(HeadConfig(num_labels=4, dim=2, precision="fp16"))

@@ -1,0 +1,305 @@
+"""The model artifact: the one definition of its on-disk format, written by export and read by serving.
+
+A directory:
+    manifest.json       format, format_version, created_at, num_labels, dim, head {dtype, rows, in_dim, bias,
+                        bias_input, scale, chunk_rows, label_align}, encoder {kind, config}, metrics,
+                        data_fingerprint, training (the TrainConfig)
+    head.safetensors    "weight": (rows, in_dim) float8_e4m3fn or bfloat16, rows = num_labels padded to 16, row i is
+                        label id i; "scale": () float32, the fixed power-of-two weight scale s
+    encoder/            kind "hashed": encoder.safetensors (the HashedBagEncoder state), featurizer.json and
+                        featurizer.safetensors (kept buckets, idf) when it reads raw text;
+                        kind "hf": a Hugging Face model directory (config.json, weights, tokenizer)
+    labels.jsonl        line i: {"id": i, "uid": ..., "title": ...}
+
+Scores of texts: x = encoder(texts) (B, dim); scores = [x, bias_input] / s @ weight^T (see training.model.XMCHead),
+rows >= num_labels are padding. `save_artifact` writes into a temporary directory and renames it into place;
+`load_artifact` checks everything and raises ValueError naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from training.encoders import HashedBagConfig, HashedBagEncoder, HashedNgramFeaturizer, HFTextEncoder
+from training.model import LABEL_ALIGN, HeadConfig, XMCHead, XMCModel, padded
+
+FORMAT = "elmo-artifact"
+FORMAT_VERSION = 1
+HEAD_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "bfloat16": torch.bfloat16}
+ENCODER_KINDS = ("hashed", "hf")
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+    model: XMCModel  # label_order is the identity: head row i is label id i
+    labels: list[dict]  # {"id", "uid", "title"}
+
+    @property
+    def num_labels(self) -> int:
+        return self.manifest["num_labels"]
+
+
+def _export_weight(head: XMCHead, order: np.ndarray) -> tuple[torch.Tensor, str]:
+    """Head rows back in label-id order, padded; fp32 heads are exported as bf16 (round to nearest)."""
+    w = head.weight[: head.num_labels].cpu()
+    out = torch.zeros((padded(head.num_labels), head.in_dim), dtype=w.dtype)
+    out[torch.from_numpy(order)] = w
+    if out.dtype == torch.float32:
+        out = out.to(torch.bfloat16)
+    name = str(out.dtype).removeprefix("torch.")
+    return out, name
+
+
+def save_artifact(
+    path: str | Path,
+    model: XMCModel,
+    train_ds,
+    *,
+    metrics: dict | None = None,
+    config: dict | None = None,
+) -> Path:
+    """Write the artifact of `model` (trained on `train_ds`, labels possibly re-indexed) to `path`, atomically."""
+    from training.data import data_fingerprint
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "encoder").mkdir(parents=True)
+    head = model.head
+    order = model.label_order.cpu().numpy()
+    weight, dtype_name = _export_weight(head, order)
+    save_file(
+        {"weight": weight.contiguous(), "scale": head.scale.detach().cpu().float().reshape(())},
+        tmp / "head.safetensors",
+    )
+    encoder = model.encoder
+    if isinstance(encoder, HFTextEncoder):
+        kind, enc_config = "hf", {"max_length": encoder.max_length, "hidden_size": encoder.dim}
+        encoder.save_pretrained(tmp / "encoder")
+    else:
+        kind, enc_config = "hashed", dict(vars(encoder.config))
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        save_file(state, tmp / "encoder" / "encoder.safetensors")
+        if model.featurizer is not None:
+            fs = model.featurizer.state_dict()
+            (tmp / "encoder" / "featurizer.json").write_text(json.dumps(fs["config"], indent=2))
+            save_file(
+                {"kept": torch.from_numpy(fs["kept"]), "idf": torch.from_numpy(fs["idf"])},
+                tmp / "encoder" / "featurizer.safetensors",
+            )
+    titles = [""] * head.num_labels
+    uids = [str(i) for i in range(head.num_labels)]
+    for j, old in enumerate(order):
+        if train_ds.label_titles is not None:
+            titles[old] = train_ds.label_titles[j]
+        if train_ds.label_uids is not None:
+            uids[old] = train_ds.label_uids[j]
+    with open(tmp / "labels.jsonl", "w", encoding="utf-8") as f:
+        for i in range(head.num_labels):
+            f.write(json.dumps({"id": i, "uid": uids[i], "title": titles[i]}, ensure_ascii=False) + "\n")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "num_labels": head.num_labels,
+        "dim": head.config.dim,
+        "head": {
+            "dtype": dtype_name,
+            "rows": weight.shape[0],
+            "in_dim": head.in_dim,
+            "bias": head.config.bias,
+            "bias_input": head.config.bias_input,
+            "scale": float(head.scale),
+            "chunk_rows": head.rows_per_chunk,
+            "label_align": LABEL_ALIGN,
+        },
+        "encoder": {"kind": kind, "config": enc_config, "featurizer": model.featurizer is not None},
+        "metrics": metrics or {},
+        "data_fingerprint": data_fingerprint(train_ds),
+        "training": config or {},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _fail(path: Path, problem: str) -> ValueError:
+    return ValueError(f"invalid artifact {path}: {problem}")
+
+
+def _require(manifest: dict, key: str, kind: type | tuple, path: Path, where: str = "manifest.json"):
+    if key not in manifest:
+        raise _fail(path, f"{where} has no {key!r}")
+    value = manifest[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise _fail(path, f"{where} {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _read_manifest(path: Path) -> dict:
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise _fail(path, "missing file manifest.json")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise _fail(path, f"manifest.json is not valid JSON ({e.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise _fail(path, f"manifest.json format is not {FORMAT!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _fail(path, f"unsupported format_version {version!r} (this code reads version {FORMAT_VERSION})")
+    for key in ("num_labels", "dim"):
+        if _require(manifest, key, int, path) <= 0:
+            raise _fail(path, f"manifest.json {key!r} must be positive")
+    head = _require(manifest, "head", dict, path)
+    for key, kind in (("dtype", str), ("rows", int), ("in_dim", int), ("bias", bool), ("scale", (int, float))):
+        _require(head, key, kind, path, "manifest.json head")
+    if head["dtype"] not in HEAD_DTYPES:
+        raise _fail(path, f"head dtype {head['dtype']!r} is not one of {sorted(HEAD_DTYPES)}")
+    scale = float(head["scale"])
+    if not (scale > 0 and math.isfinite(scale) and math.log2(scale).is_integer()):
+        raise _fail(path, f"head scale {scale} is not a power of two")
+    encoder = _require(manifest, "encoder", dict, path)
+    if encoder.get("kind") not in ENCODER_KINDS:
+        raise _fail(path, f"encoder kind {encoder.get('kind')!r} is not one of {ENCODER_KINDS}")
+    _require(encoder, "config", dict, path, "manifest.json encoder")
+    return manifest
+
+
+def _read_head(path: Path, manifest: dict) -> tuple[torch.Tensor, float]:
+    hpath = path / "head.safetensors"
+    if not hpath.is_file():
+        raise _fail(path, "missing file head.safetensors")
+    try:
+        tensors = load_file(hpath)
+    except (SafetensorError, OSError) as e:
+        raise _fail(path, f"head.safetensors is unreadable ({e})") from None
+    if "weight" not in tensors:
+        raise _fail(path, "head.safetensors has no 'weight' tensor")
+    w, h, n = tensors["weight"], manifest["head"], manifest["num_labels"]
+    if w.dtype != HEAD_DTYPES[h["dtype"]]:
+        raise _fail(path, f"head weight dtype {w.dtype} does not match the manifest's {h['dtype']}")
+    expect_in = manifest["dim"] + (1 if h["bias"] else 0)
+    if h["rows"] != padded(n) or h["in_dim"] != expect_in:
+        raise _fail(path, f"manifest head shape ({h['rows']}, {h['in_dim']}) should be ({padded(n)}, {expect_in})")
+    if tuple(w.shape) != (h["rows"], h["in_dim"]):
+        raise _fail(
+            path, f"head weight shape {tuple(w.shape)} does not match the manifest's ({h['rows']}, {h['in_dim']})"
+        )
+    if "scale" in tensors and float(tensors["scale"]) != float(h["scale"]):
+        raise _fail(path, f"head scale {float(tensors['scale'])} does not match the manifest's {h['scale']}")
+    return w, float(h["scale"])
+
+
+def _read_labels(path: Path, num_labels: int) -> list[dict]:
+    lpath = path / "labels.jsonl"
+    if not lpath.is_file():
+        raise _fail(path, "missing file labels.jsonl")
+    labels = []
+    with open(lpath, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise _fail(path, f"labels.jsonl line {lineno} is not valid JSON") from None
+            if not isinstance(obj, dict) or obj.get("id") != lineno - 1 or not isinstance(obj.get("title"), str):
+                raise _fail(path, f"labels.jsonl line {lineno} must be {{'id': {lineno - 1}, 'uid', 'title'}}")
+            labels.append(obj)
+    if len(labels) != num_labels:
+        raise _fail(path, f"label count mismatch: labels.jsonl has {len(labels)} labels, the manifest {num_labels}")
+    return labels
+
+
+def _read_encoder(path: Path, manifest: dict):
+    edir = path / "encoder"
+    if not edir.is_dir():
+        raise _fail(path, "missing directory encoder/")
+    enc = manifest["encoder"]
+    if enc["kind"] == "hf":
+        if not (edir / "config.json").is_file():
+            raise _fail(path, "missing file encoder/config.json (a Hugging Face model directory)")
+        encoder = HFTextEncoder.from_pretrained(edir, max_length=enc["config"].get("max_length", 128))
+        if encoder.dim != manifest["dim"]:
+            raise _fail(path, f"encoder hidden size {encoder.dim} does not match the manifest dim {manifest['dim']}")
+        return encoder, None
+    try:
+        config = HashedBagConfig(**enc["config"])
+    except TypeError as e:
+        raise _fail(path, f"encoder config does not fit HashedBagConfig ({e})") from None
+    if config.dim != manifest["dim"]:
+        raise _fail(path, f"encoder dim {config.dim} does not match the manifest dim {manifest['dim']}")
+    spath = edir / "encoder.safetensors"
+    if not spath.is_file():
+        raise _fail(path, "missing file encoder/encoder.safetensors")
+    encoder = HashedBagEncoder(config)
+    state = load_file(spath)
+    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        raise _fail(
+            path,
+            f"encoder state shape mismatch in {bad}: expected {[expected.get(k) for k in bad]}, "
+            f"found {[got.get(k) for k in bad]}",
+        )
+    encoder.load_state_dict(state)
+    featurizer = None
+    if enc.get("featurizer", False):
+        fjson, fst = edir / "featurizer.json", edir / "featurizer.safetensors"
+        for f in (fjson, fst):
+            if not f.is_file():
+                raise _fail(path, f"missing file encoder/{f.name}")
+        ft = load_file(fst)
+        featurizer = HashedNgramFeaturizer.from_state_dict(
+            {"config": json.loads(fjson.read_text()), "kept": ft["kept"].numpy(), "idf": ft["idf"].numpy()}
+        )
+        if featurizer.num_features != config.num_features:
+            raise _fail(
+                path, f"featurizer has {featurizer.num_features} features, the encoder table {config.num_features} rows"
+            )
+    return encoder, featurizer
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
+    """Read and validate an artifact; ValueError names the first problem found."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"invalid artifact {path}: not a directory")
+    manifest = _read_manifest(path)
+    weight, scale = _read_head(path, manifest)
+    labels = _read_labels(path, manifest["num_labels"])
+    encoder, featurizer = _read_encoder(path, manifest)
+    h = manifest["head"]
+    precision = "fp8" if weight.dtype == torch.float8_e4m3fn else "bf16"
+    head = XMCHead(
+        HeadConfig(
+            num_labels=manifest["num_labels"],
+            dim=manifest["dim"],
+            precision=precision,
+            bias=h["bias"],
+            bias_input=float(h.get("bias_input", 1.0)),
+            scale=scale,
+        )
+    )
+    head.weight.copy_(weight)
+    model = XMCModel(encoder, head, featurizer).to(device).eval()
+    return Artifact(path=path, manifest=manifest, model=model, labels=labels)

@@ -1,0 +1,405 @@
+"""Training: a flat config, the loop, evaluation and resumable checkpoints (nanoGPT-style, no Trainer classes).
+
+    elmo train --data ../shared/data/debian-deps --precision fp8 --epochs 3 --out runs/deps
+    elmo train --config my.toml --head-lr 0.01          # flags override the file, the file overrides the defaults
+
+Per step: encoder forward (autograd graph of the encoder only) -> the head's fused SGD step returns dL/dx ->
+encoder backward with it -> SparseAdam (embedding table) + torch-optimi AdamW (dense encoder parameters, Kahan
+summation when they are bf16). Losses are computed only every `loss_every` steps (skip-loss). A checkpoint
+(model, optimizers, step, RNG states, config) is written atomically every `checkpoint_every` steps and at each epoch
+end; `--resume` continues from it mid-epoch and reaches the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import optimi
+import scipy.sparse as sp
+import torch
+from tqdm import tqdm
+
+from training import data as xd
+from training.encoders import HashedBagConfig, HashedBagEncoder, HashedNgramFeaturizer, HFTextEncoder
+from training.metrics import XMCMetrics, jain_propensity
+from training.model import HeadConfig, XMCHead, XMCModel
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""  # LF JSON dir (trn/tst/lbl.json), BoW dir (train.txt/test.txt); "" = embedded default
+    format: str = "lf"  # lf | bow
+    train_rows: int = 0  # keep only the first N training rows (0: all), for quick runs
+    test_rows: int = 0  # evaluate on the first N test rows (0: all)
+    # encoder
+    encoder: str = "hashed"  # hashed | hf (a local Hugging Face directory in hf_path)
+    hf_path: str = ""
+    dim: int = 256  # embedding dimension of the hashed encoder
+    char_ngrams: str = "3-5"  # character n-gram range of the featurizer; "0-0" turns them off
+    min_df: int = 2  # featurizer buckets seen in fewer fitted texts are dropped
+    mlp_hidden: int = 0  # residual MLP after the bag (0: none)
+    # head
+    precision: str = "fp8"  # fp32 | bf16 | fp8 | fp8+kahan
+    label_init: bool = True  # start each label's vector at the encoder's embedding of its title
+    label_init_gain: float = 20.0  # logit of a text identical to the title at init
+    exclude_self: bool = True  # training filter pairs (a package's own label) get no gradient
+    bias: bool = True  # per-label bias column, initialised from the label's training frequency
+    kahan_labels: int = 4096  # fp8+kahan: compensated rows for the most frequent labels
+    chunk_budget_mb: float = 64.0  # memory of one label chunk's step
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 256
+    head_lr: float = 0.01  # SGD on the batch-summed BCE, true units
+    head_weight_decay: float = 0.0
+    encoder_lr: float = 0.002  # Adam
+    warmup: float = 0.05  # fraction of all steps with a linear warmup
+    min_lr: float = 0.0  # cosine decay to min_lr * lr
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    # logging, evaluation, checkpoints
+    loss_every: int = 50  # sampled loss every N steps (0: never)
+    eval_every: int = 1  # evaluate every N epochs (and at the end)
+    psp_a: float = 0.55  # Jain et al. propensity parameters
+    psp_b: float = 1.5
+    checkpoint_every: int = 200  # steps (and every epoch end)
+    out: str = "runs/default"
+    resume: bool = False
+    export: str = ""  # write the artifact here at the end
+    stop_after: int = 0  # stop abruptly after this many steps of this process (tests of resume), 0: off
+    progress: bool = True
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- a JSON or TOML file <- overrides (unknown keys are an error)."""
+    values: dict = {}
+    if path:
+        text = Path(path).read_text()
+        values = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+    values.update(overrides or {})
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    return TrainConfig(**values)
+
+
+def load_data(cfg: TrainConfig) -> tuple[xd.XMCDataset, xd.XMCDataset]:
+    if not cfg.data:
+        from training.embedded import build_embedded
+
+        train, test = build_embedded(seed=cfg.seed)
+    elif cfg.format == "lf":
+        train, test = xd.read_lf(cfg.data, "trn"), xd.read_lf(cfg.data, "tst")
+    elif cfg.format == "bow":
+        train, test = xd.read_bow(Path(cfg.data) / "train.txt"), xd.read_bow(Path(cfg.data) / "test.txt")
+    else:
+        raise ValueError(f"format must be 'lf' or 'bow', got {cfg.format!r}")
+    if cfg.train_rows:
+        train = train.subset(np.arange(min(cfg.train_rows, train.num_rows)))
+    if cfg.test_rows:
+        test = test.subset(np.arange(min(cfg.test_rows, test.num_rows)))
+    return train, test
+
+
+def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:
+    """Linear warmup over warmup * total steps, then cosine decay to min_lr."""
+    w = max(1, int(warmup * total))
+    if step < w:
+        return (step + 1) / w
+    t = min(1.0, (step - w) / max(1, total - w))
+    return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XMCModel:
+    """Encoder + head for this data, with label-feature init and the frequency prior for the bias."""
+    torch.manual_seed(cfg.seed)
+    featurizer = None
+    if cfg.encoder == "hf":
+        encoder = HFTextEncoder.from_pretrained(cfg.hf_path)
+    elif train.features is not None:
+        encoder = HashedBagEncoder(HashedBagConfig(num_features=train.features.shape[1], dim=cfg.dim, sparse=True))
+    else:
+        lo, hi = (int(v) for v in cfg.char_ngrams.split("-"))
+        featurizer = HashedNgramFeaturizer(char_ngrams=(lo, hi), min_df=cfg.min_df)
+        featurizer.fit(list(train.texts) + list(train.label_titles or []))
+        cfg_e = HashedBagConfig(num_features=featurizer.num_features, dim=cfg.dim, mlp_hidden=cfg.mlp_hidden)
+        encoder = HashedBagEncoder(cfg_e, sparse=True)
+    head_cfg = HeadConfig(
+        num_labels=train.num_labels,
+        dim=encoder.dim,
+        precision=cfg.precision,
+        bias=cfg.bias,
+        kahan_labels=cfg.kahan_labels,
+        chunk_budget_mb=cfg.chunk_budget_mb,
+        batch_hint=cfg.batch_size,
+    )
+    model = XMCModel(encoder, XMCHead(head_cfg), featurizer, order)
+    vectors = None
+    if cfg.label_init and train.label_titles is not None:
+        with torch.no_grad():
+            e = torch.cat(
+                [
+                    model.embed(*model.encoder_inputs(train.label_titles[i : i + 4096]))
+                    for i in range(0, train.num_labels, 4096)
+                ]
+            )
+        vectors = cfg.label_init_gain * e / e.pow(2).sum(1, keepdim=True).clamp_min(1e-6)
+    prior = (train.label_counts() + 0.5) / (train.num_rows + 1.0)
+    model.head.init_weights(vectors, prior, seed=cfg.seed)
+    return model
+
+
+def make_optimizers(model: XMCModel, lr: float) -> list[torch.optim.Optimizer]:
+    sparse = [p for m in model.encoder.modules() if getattr(m, "sparse", False) for p in m.parameters(recurse=False)]
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.encoder.parameters() if id(p) not in ids and p.requires_grad]
+    opts: list[torch.optim.Optimizer] = []
+    if sparse:
+        opts.append(torch.optim.SparseAdam(sparse, lr=lr))
+    if dense:
+        opts.append(optimi.AdamW(dense, lr=lr, weight_decay=0.0, kahan_sum=dense[0].dtype == torch.bfloat16))
+    return opts
+
+
+def encoder_inputs(model: XMCModel, ds: xd.XMCDataset, feats: sp.csr_matrix | None, rows: np.ndarray) -> tuple:
+    if feats is not None:
+        return model.encoder_inputs(features=feats[rows])
+    return model.encoder_inputs(texts=[ds.texts[i] for i in rows])
+
+
+def featurize(model: XMCModel, ds: xd.XMCDataset) -> sp.csr_matrix | None:
+    if model.featurizer is not None:
+        return model.featurizer.transform(ds.texts)
+    return ds.features
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: XMCModel, ds: xd.XMCDataset, feats, propensity: np.ndarray | None, batch: int = 1024
+) -> dict[str, float]:
+    """P@k, nDCG@k, PSP@k (k = 1, 3, 5) with the split's filter pairs removed before ranking; values in %."""
+    model.eval()
+    metrics = XMCMetrics(propensity=propensity)
+    filt = ds.filter_matrix() if len(ds.filters) else None
+    for start in range(0, ds.num_rows, batch):
+        rows = np.arange(start, min(start + batch, ds.num_rows))
+        x = model.embed(*encoder_inputs(model, ds, feats, rows))
+        excl = None
+        if filt is not None:
+            f = filt[rows].tocoo()
+            excl = torch.from_numpy(np.stack([f.row, f.col], 1).astype(np.int64))
+        _, ids = model.head.topk(x, 5, exclude=excl)
+        metrics.update(ids.cpu(), ds.labels[rows])
+    model.train()
+    return {k: 100 * v for k, v in metrics.compute().items()}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, model: XMCModel, opts, state: dict, cfg: TrainConfig) -> None:
+    """torch.save to a temporary file beside `path`, then os.replace: a kill never leaves half a checkpoint."""
+    payload = {
+        "config": asdict(cfg),
+        "model": model.state_dict(),
+        "featurizer": model.featurizer.state_dict() if model.featurizer is not None else None,
+        "optimizers": [o.state_dict() for o in opts],
+        "state": state,
+        "rng": _rng_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) per `cfg`; returns {"metrics", "history", "train_seconds", "out"}."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    device = _device(cfg)
+    train_ds, test_ds = load_data(cfg)
+    (train_ds, test_ds), order = xd.reindex_by_frequency(train_ds, test_ds)
+    ckpt = torch.load(ckpt_path, weights_only=False) if cfg.resume and ckpt_path.exists() else None
+    if ckpt is not None:
+        cfg = TrainConfig(**{**ckpt["config"], "resume": True, "stop_after": cfg.stop_after, "progress": cfg.progress})
+    model = build_model(cfg, train_ds, order)
+    if ckpt is not None:
+        if ckpt["featurizer"] is not None:
+            model.featurizer = HashedNgramFeaturizer.from_state_dict(ckpt["featurizer"])
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    opts = make_optimizers(model, cfg.encoder_lr)
+    state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "history": [], "metrics": {}}
+    if ckpt is not None:
+        for o, s in zip(opts, ckpt["optimizers"], strict=True):
+            o.load_state_dict(s)
+        state = ckpt["state"]
+        _set_rng_state(ckpt["rng"])
+    train_feats, test_feats = featurize(model, train_ds), featurize(model, test_ds)
+    counts = train_ds.label_counts()
+    propensity = jain_propensity(counts, train_ds.num_rows, cfg.psp_a, cfg.psp_b)
+    steps_per_epoch = math.ceil(train_ds.num_rows / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    filt = train_ds.filter_matrix() if cfg.exclude_self and len(train_ds.filters) else None
+    bar = tqdm(total=total, initial=state["step"], unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    done_here = 0
+    t0 = time.perf_counter()
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        batches = xd.iter_batches(train_ds, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=state["batch"])
+        for b in batches:
+            step = state["step"]
+            f = lr_factor(step, total, cfg.warmup, cfg.min_lr)
+            for o in opts:
+                for g in o.param_groups:
+                    g["lr"] = cfg.encoder_lr * f
+            rows = b.rows.numpy()
+            x = model.embed(*encoder_inputs(model, train_ds, train_feats, rows))
+            excl = None
+            if filt is not None:
+                fr = filt[rows].tocoo()
+                excl = torch.from_numpy(np.stack([fr.row, fr.col], 1).astype(np.int64)).to(device)
+            want_loss = cfg.loss_every > 0 and step % cfg.loss_every == 0
+            pos = b.positives.to(device)
+            dx, loss = model.head.step(
+                x,
+                pos[:, 0],
+                pos[:, 1],
+                lr=cfg.head_lr * f,
+                weight_decay=cfg.head_weight_decay,
+                seed=cfg.seed * 1_000_003 + step,
+                compute_loss=want_loss,
+                exclude=excl,
+            )
+            x.backward(dx.to(x.dtype))
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] += 1
+            done_here += 1
+            if loss is not None:
+                state["history"].append({"step": step, "epoch": epoch, "loss": loss, "lr_factor": f})
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", **{k: f"{v:.1f}" for k, v in state["metrics"].items() if k in ("P@1", "P@5")}
+                )
+            bar.update(1)
+            if cfg.stop_after and done_here >= cfg.stop_after:
+                bar.close()
+                return {"stopped": True, "step": state["step"]}
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                state["train_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_checkpoint(ckpt_path, model, opts, state, cfg)
+        state["epoch"] += 1
+        state["batch"] = 0
+        state["train_seconds"] += time.perf_counter() - t0
+        if state["epoch"] % max(1, cfg.eval_every) == 0 or state["epoch"] == cfg.epochs:
+            m = evaluate_model(model, test_ds, test_feats, propensity)
+            state["metrics"] = m
+            state["history"].append({"step": state["step"], "epoch": state["epoch"], **m})
+            bar.set_postfix({k: f"{v:.1f}" for k, v in m.items() if k in ("P@1", "P@5")})
+        save_checkpoint(ckpt_path, model, opts, state, cfg)
+        t0 = time.perf_counter()
+    bar.close()
+    result = {
+        "metrics": state["metrics"],
+        "history": state["history"],
+        "train_seconds": state["train_seconds"],
+        "out": str(out),
+        "config": asdict(cfg),
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    _finish(cfg, model, train_ds, test_ds, test_feats, counts, result)
+    return result
+
+
+def _finish(cfg, model, train_ds, test_ds, test_feats, counts, result) -> None:
+    """Plots and the optional export; never fails the run for a plot."""
+    try:
+        from training import plots
+
+        plots.training_curve(result["history"], Path(cfg.out) / "training_curve.png")
+        plots.precision_by_decile(model, test_ds, test_feats, counts, Path(cfg.out) / "p_at_k_by_decile.png")
+    except Exception as e:  # noqa: BLE001 - plots are a by-product
+        print(f"plots skipped: {e}")
+    if cfg.export:
+        from training.artifact import save_artifact
+
+        save_artifact(cfg.export, model, train_ds, metrics=result["metrics"], config=asdict(cfg))
+
+
+def model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[XMCModel, TrainConfig, dict]:
+    """(model, config, state) of a run directory's checkpoint (or a checkpoint file), without reading the data."""
+    path = Path(path)
+    ckpt = torch.load(path / "checkpoint.pt" if path.is_dir() else path, weights_only=False, map_location="cpu")
+    cfg = TrainConfig(**ckpt["config"])
+    sd = ckpt["model"]
+    featurizer = HashedNgramFeaturizer.from_state_dict(ckpt["featurizer"]) if ckpt["featurizer"] else None
+    if cfg.encoder == "hf":
+        encoder = HFTextEncoder.from_pretrained(cfg.hf_path)
+    else:
+        num_features, dim = sd["encoder.bag.weight"].shape
+        encoder = HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden))
+    head = XMCHead(
+        HeadConfig(
+            num_labels=len(sd["label_order"]),
+            dim=encoder.dim,
+            precision=cfg.precision,
+            bias=cfg.bias,
+            kahan_labels=cfg.kahan_labels,
+            chunk_budget_mb=cfg.chunk_budget_mb,
+            batch_hint=cfg.batch_size,
+        )
+    )
+    model = XMCModel(encoder, head, featurizer)
+    model.load_state_dict(sd)
+    return model.to(device).eval(), cfg, ckpt["state"]
+
+
+def evaluate_on(model: XMCModel, cfg: TrainConfig, split: str = "tst") -> dict[str, float]:
+    """Metrics of a loaded model on the `split` of cfg.data, labels mapped through the model's label order."""
+    train_ds, test_ds = load_data(cfg)
+    ds = test_ds if split == "tst" else train_ds
+    order = model.label_order.cpu().numpy()
+    train_ds, ds = xd.permute_labels(train_ds, order), xd.permute_labels(ds, order)
+    propensity = jain_propensity(train_ds.label_counts(), train_ds.num_rows, cfg.psp_a, cfg.psp_b)
+    return evaluate_model(model, ds, featurize(model, ds), propensity)
+
+
+def export_run(run: str | Path, artifact: str | Path, data: str | None = None) -> Path:
+    """Write the artifact of a run directory (its checkpoint; the data is read again for titles and fingerprint)."""
+    from training.artifact import save_artifact
+
+    model, cfg, state = model_from_checkpoint(run)
+    if data is not None:
+        cfg.data = data
+    train_ds, _ = load_data(cfg)
+    train_ds = xd.permute_labels(train_ds, model.label_order.cpu().numpy())
+    return save_artifact(artifact, model, train_ds, metrics=state.get("metrics", {}), config=asdict(cfg))
