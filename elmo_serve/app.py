@@ -81,25 +81,47 @@ def load_model(path: str | ServingModel | Callable[[], ServingModel], backend: s
         return path
     if callable(path):
         return path()
-    from training.artifact import load_artifact
-
-    from elmo_serve.scoring import Scorer
-
-    art = load_artifact(path)
-    model = art.serving_parts(backend) if hasattr(art, "serving_parts") else None
-    if model is None:
-        scorer = Scorer(art.head_weight, art.num_labels, backend)
-        model = ServingModel(
-            version=art.version,
-            encode=art.encode_queries,
-            scorer=scorer,
-            uids=art.uids,
-            titles=art.titles,
-            row_ids=getattr(art, "row_ids", None),
-            info=dict(art.info, artifact=str(Path(path).resolve())),
-        )
+    model = serving_model(path, backend)
     model.predict_batch([Query(texts=[model.item_text(0)], k=1)])  # the probe: encoder + head run end to end
     return model
+
+
+def serving_model(path: str | Path, backend: str = "auto") -> ServingModel:
+    """The artifact at `path` as a ServingModel: its encoder (+ the head's input scaling and bias column) and head."""
+    import hashlib
+
+    import torch
+
+    from elmo_serve.scoring import Scorer
+    from training.artifact import load_artifact
+
+    scorer_device = "cuda" if backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
+    art = load_artifact(path, device=scorer_device)
+    m, manifest = art.model, art.manifest
+
+    @torch.inference_mode()
+    def encode(texts):
+        return m.head.head_input(m.embed(*m.encoder_inputs(list(texts)))).float()
+
+    digest = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:10]
+    version = str(manifest.get("version") or f"{Path(path).resolve().name}-{digest}")
+    info = {
+        "artifact": str(Path(path).resolve()),
+        "dim": manifest["dim"],
+        "head_dtype": manifest["head"]["dtype"],
+        "encoder": manifest["encoder"]["kind"],
+        "metrics": manifest.get("metrics", {}),
+        "manifest": {k: v for k, v in manifest.items() if k not in ("training", "metrics")},
+    }
+    return ServingModel(
+        version=version,
+        encode=encode,
+        scorer=Scorer(m.head.weight, art.num_labels, backend),
+        uids=[str(x.get("uid", x["id"])) for x in art.labels],
+        titles=[x["title"] for x in art.labels],
+        vector_dim=manifest["dim"],  # /v1/similar mode=embedding: the label vectors without the bias column
+        info=info,
+    )
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -134,7 +156,7 @@ class ModelScorer:
             for key in ("max_batch_size", "batch_wait_timeout_s"):
                 if getattr(cfg, key) is not None:
                     self._set_batching(key, getattr(cfg, key))
-            path = cfg.artifact or self.model.info.get("artifact")
+            path = str(Path(cfg.artifact).resolve()) if cfg.artifact else self.model.info.get("artifact")
             backend = cfg.backend or self.backend
             if path == self.model.info.get("artifact") and backend == self.backend:
                 return

@@ -148,7 +148,8 @@ class ServingModel:
 
     `encode(texts)` returns the (B, D) fp32 queries that the stored head rows multiply (scale and bias column
     included). Head row j is label id `row_ids[j]` (identity when None). `label_vectors` (L, d) back the
-    "embedding" mode of /v1/similar (faiss over normalized vectors).
+    "embedding" mode of /v1/similar (faiss over normalized vectors); by default the head rows' first `vector_dim`
+    columns (all columns when None).
     """
 
     version: str
@@ -158,6 +159,7 @@ class ServingModel:
     titles: list[str]
     row_ids: torch.Tensor | None = None
     label_vectors: torch.Tensor | None = None
+    vector_dim: int | None = None
     info: dict = field(default_factory=dict)
     _uid_index: dict[str, int] = field(default_factory=dict, repr=False)
     _id_rows: torch.Tensor | None = field(default=None, repr=False)
@@ -224,7 +226,7 @@ class ServingModel:
             v = self.label_vectors
             if v is None:
                 rows = self._id_rows if self._id_rows is not None else torch.arange(self.num_labels)
-                v = self.scorer.weights[rows.to(self.scorer.weights.device)]
+                v = self.scorer.weights[rows.to(self.scorer.weights.device), : self.vector_dim]
             v = torch.nn.functional.normalize(v.float().cpu(), dim=1)
             self.label_vectors = v
             self._item_index = build_index(v, "flat")

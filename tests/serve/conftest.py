@@ -72,6 +72,41 @@ def toy_model(version: str = "toy-v1", labels: int = 200, dim: int = 32, seed: i
     return ServingModel(version, encode, scorer, uids, titles, info={"head_dtype": "float8_e4m3fn", "dim": dim})
 
 
+def make_artifact(path, seed: int = 0, labels: int = 64, dim: int = 32, precision: str = "fp8"):
+    """A tiny synthetic model written with `training.artifact.save_artifact` (untrained: label vectors at the
+    encoder's embeddings of the titles, the bias at the label frequencies)."""
+    from training.artifact import save_artifact
+    from training.data import make_synthetic
+    from training.model import HeadConfig, XMCHead, XMCModel
+
+    torch.manual_seed(seed)
+    train, _ = make_synthetic(num_labels=labels, num_train=400, num_test=10, seed=seed)
+    feat = HashedNgramFeaturizer(num_buckets=2**14, min_df=1).fit(train.texts + train.label_titles)
+    enc = HashedBagEncoder(num_features=feat.num_features, dim=dim).eval()
+    head = XMCHead(HeadConfig(num_labels=labels, dim=dim, precision=precision))
+    model = XMCModel(enc, head, feat)
+    with torch.no_grad():
+        vectors = 4.0 * model.embed(*model.encoder_inputs(train.label_titles))
+        prior = (train.labels.getnnz(axis=0) + 1.0) / (train.num_rows + 2.0)
+        head.init_weights(vectors, prior)
+    return save_artifact(path, model, train, metrics={"P@1": 0.0, "seed": seed}, config={"seed": seed})
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Two valid artifacts (v1, v2: different seeds) and a corrupt one (head.safetensors truncated)."""
+    import shutil
+
+    pytest.importorskip("training.artifact")
+    root = tmp_path_factory.mktemp("artifacts")
+    v1, v2 = make_artifact(root / "v1", seed=1), make_artifact(root / "v2", seed=2)
+    bad = root / "corrupt"
+    shutil.copytree(v1, bad)
+    head = bad / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:100])
+    return {"v1": v1, "v2": v2, "corrupt": bad}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

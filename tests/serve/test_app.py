@@ -203,3 +203,93 @@ def test_deployment_files_fit_serve_and_app_schemas(name):
         assert set(deps) == {"ModelScorer", "Ingress"}
         ScorerConfig(**deps["ModelScorer"]["user_config"])
         assert deps["ModelScorer"]["max_ongoing_requests"] >= 32
+
+
+@pytest.fixture(scope="module")
+def swap_app(serve_url, artifacts):
+    """The app on artifact v1, deployed from a config as `serve deploy` does, and a function that deploys the same
+    config with another artifact in the scorer's user_config: Serve then calls `reconfigure` on the running replica
+    (a lightweight update) instead of replacing it."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    port = int(serve_url.rsplit(":", 1)[1])
+
+    def deploy(artifact):
+        app = {
+            "name": "swap",
+            "route_prefix": "/swap",
+            "import_path": "elmo_serve.app:app_builder",
+            "args": {"artifact": str(artifacts["v1"]), "backend": "torch"},
+            "deployments": [{"name": "ModelScorer", "user_config": {"artifact": str(artifact), "max_batch_size": 8}}],
+        }
+        config = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
+        _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config), _blocking=True)
+
+    deploy(artifacts["v1"])
+    yield serve_url + "/swap", deploy
+    serve.delete("swap")
+
+
+def test_artifact_http_answers_equal_offline_prediction(swap_app, artifacts):
+    from training.artifact import load_artifact
+
+    url, _ = swap_app
+    art = load_artifact(artifacts["v1"])
+    m = art.model
+    texts = [art.labels[5]["title"], "some words that mean nothing", art.labels[0]["title"] + " extra"]
+    r = httpx.post(url + "/v1/predict", json={"texts": texts, "k": 10}, timeout=30)
+    assert r.status_code == 200, r.text
+    x = m.head.head_input(m.embed(*m.encoder_inputs(texts)))
+    ref_s, ref_i = reference_topk(x, m.head.weight, 10, art.num_labels)
+    for got, ids, scores in zip(r.json()["results"], ref_i.tolist(), ref_s.tolist(), strict=True):
+        assert [x["label_id"] for x in got] == ids
+        assert [x["score"] for x in got] == pytest.approx(scores, rel=1e-5, abs=1e-5)
+        assert [x["uid"] for x in got] == [art.labels[i]["uid"] for i in ids]
+    assert r.json()["results"][0][0]["label_id"] == 5  # a label's own title finds it
+
+
+def test_hot_swap_refuses_a_corrupt_artifact_and_serves_the_new_one(swap_app, artifacts):
+    import threading
+    import time
+
+    from elmo_serve.app import serving_model
+
+    url, deploy = swap_app
+    v1, v2 = (serving_model(artifacts[v], "torch").version for v in ("v1", "v2"))
+    assert v1 != v2
+    seen, stop = [], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/v1/predict", json={"texts": ["couli rikoufine"], "k": 5})
+                seen.append((r.status_code, r.json().get("model_version")))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        deploy(artifacts["corrupt"])
+        info = httpx.get(url + "/v1/model", timeout=30).json()
+        assert info["model_version"] == v1
+        assert "refused" in info["last_swap_error"] and "head.safetensors" in info["last_swap_error"]
+        before = len(seen)
+        time.sleep(0.5)
+        assert {v for _, v in seen[before:]} == {v1}, "v1 keeps answering after the refused swap"
+        deploy(artifacts["v2"])
+        deadline = time.time() + 30
+        while httpx.get(url + "/v1/model", timeout=30).json()["model_version"] != v2 and time.time() < deadline:
+            time.sleep(0.2)
+        before = len(seen)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert httpx.get(url + "/v1/model", timeout=30).json()["last_swap_error"] is None
+    assert {v for _, v in seen[before:]} == {v2}
+    assert len(seen) > 20 and all(code == 200 for code, _ in seen), [s for s in seen if s[0] != 200][:5]
+    assert {v for _, v in seen} == {v1, v2}
