@@ -26,6 +26,7 @@ from training.data import XMCDataset, _label_csr, make_synthetic
 
 APT_LISTS = "/var/lib/apt/lists"
 RELATIONS = ("Depends", "Pre-Depends", "Recommends", "Suggests")
+SYNTHETIC = dict(num_labels=2000, num_train=8000, num_test=2000)  # the fallback's size
 _QUALIFIER = re.compile(r"\(.*?\)|\[.*?\]|<.*?>")
 
 
@@ -116,11 +117,11 @@ def dataset_from_packages(packages: dict[str, dict[str, str]], *, seed: int = 0,
     return replace(train, name="apt-deps/trn"), replace(test, name="apt-deps/tst")
 
 
-def build_embedded(seed: int = 0, root: str = APT_LISTS, max_points: int = 0) -> tuple[XMCDataset, XMCDataset]:
+def build_embedded(seed: int = 0, root: str | None = None, max_points: int = 0) -> tuple[XMCDataset, XMCDataset]:
     """DebianDeps-like (train, test) from the local apt index, else a synthetic planted problem."""
     packages: dict[str, dict[str, str]] = {}
     sources = {}
-    for path in find_package_indexes(root):
+    for path in find_package_indexes(root or APT_LISTS):
         raw = _decompress(path)
         if raw is None:
             continue
@@ -132,4 +133,4 @@ def build_embedded(seed: int = 0, root: str = APT_LISTS, max_points: int = 0) ->
             train = train.subset(np.arange(max_points))
             test = test.subset(np.arange(min(test.num_rows, max_points // 4)))
         return train, test
-    return make_synthetic(num_labels=2000, num_train=8000, num_test=2000, seed=seed)
+    return make_synthetic(**SYNTHETIC, seed=seed)

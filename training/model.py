@@ -232,7 +232,9 @@ class XMCHead(nn.Module):
             if valid == 0:
                 break
             wv = w[:valid]
-            z = (xq @ wv.to(gemm).T).float()
+            wf = wv.float()
+            wg = wv if wv.dtype == gemm else wf.to(gemm)
+            z = (xq @ wg.T).float()
             y = torch.zeros_like(z)
             sel = (pos_cols >= start) & (pos_cols < start + valid)
             y[pos_rows[sel], pos_cols[sel] - start] = 1.0
@@ -243,9 +245,8 @@ class XMCHead(nn.Module):
             if compute_loss:
                 loss += float(nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum"))
             gq = g.to(gemm)
-            dx += (gq @ wv.to(gemm)).float()
+            dx += (gq @ wg).float()
             delta = (gq.T @ xq).float()
-            wf = wv.float()
             if wd:
                 delta.add_(wf, alpha=wd)
             delta.mul_(-lr)
