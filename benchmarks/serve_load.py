@@ -280,6 +280,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host_cpus": os.cpu_count(),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine skews CPU figures
     }
     try:
         import triton

@@ -157,3 +157,19 @@ def test_limits(body, message):
     with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
         check_predict(PredictRequest(**{"k": 1, **body}), limits, num_labels=3)
     assert e.value.status == 422
+
+
+def test_direct_load_benchmark_runs(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    argv = ["--direct", "--labels", "500", "--dim", "16", "--batch-sizes", "1", "4", "--seconds", "0.05"]
+    assert bench.main(argv + ["--warmup", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["queries_per_s"] > 0 for r in rows)
