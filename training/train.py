@@ -237,7 +237,11 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) per `cfg`; returns {"metrics", "history", "train_seconds", "out"}."""
+    """Train (or resume) per `cfg`; returns {"metrics", "history", "train_seconds", "out"}.
+
+    train_seconds counts data loading, featurization, model building and the steps; not evaluation or checkpoints.
+    """
+    t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -269,7 +273,6 @@ def train(cfg: TrainConfig) -> dict:
     filt = train_ds.filter_matrix() if cfg.exclude_self and len(train_ds.filters) else None
     bar = tqdm(total=total, initial=state["step"], unit="step", disable=not cfg.progress, dynamic_ncols=True)
     done_here = 0
-    t0 = time.perf_counter()
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         batches = xd.iter_batches(train_ds, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=state["batch"])
