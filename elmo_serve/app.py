@@ -60,7 +60,8 @@ class AppArgs(BaseModel):
 
 
 class ScorerConfig(BaseModel):
-    """The scorer's `user_config`; every field is optional and only what is given changes."""
+    """The scorer's `user_config`, the desired state: a field left out falls back to the value the deployment was
+    built with (its `args`), except `artifact` and `backend`, which stay as they are when left out."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -128,11 +129,12 @@ def serving_model(path: str | Path, backend: str = "auto") -> ServingModel:
 class ModelScorer:
     def __init__(self, artifact: str, backend: str = "auto", limits: dict | None = None, batching: dict | None = None):
         self.backend = backend
-        self.limits = Limits(**(limits or {}))
+        self._initial_limits = self.limits = Limits(**(limits or {}))
+        self._initial_batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.002, **(batching or {})}
         self.model = load_model(artifact, backend)
         self.swap_error: str | None = None
         self._swap = asyncio.Lock()
-        for key, value in (batching or {}).items():
+        for key, value in self._initial_batching.items():
             self._set_batching(key, value)
 
     def _set_batching(self, key: str, value) -> None:
@@ -151,11 +153,9 @@ class ModelScorer:
                 self.swap_error = f"user_config refused: {e}"
                 logger.error(self.swap_error)
                 return
-            if cfg.limits is not None:
-                self.limits = cfg.limits
-            for key in ("max_batch_size", "batch_wait_timeout_s"):
-                if getattr(cfg, key) is not None:
-                    self._set_batching(key, getattr(cfg, key))
+            self.limits = cfg.limits if cfg.limits is not None else self._initial_limits
+            for key, initial in self._initial_batching.items():
+                self._set_batching(key, getattr(cfg, key) if getattr(cfg, key) is not None else initial)
             path = str(Path(cfg.artifact).resolve()) if cfg.artifact else self.model.info.get("artifact")
             backend = cfg.backend or self.backend
             if path == self.model.info.get("artifact") and backend == self.backend:

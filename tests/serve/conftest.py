@@ -6,6 +6,7 @@ Ray is started lazily by the `serve_url` fixture, so the scoring tests alone nev
 import os
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,9 +49,16 @@ def _filter_warnings() -> None:
         pass
 
 
-def pytest_configure(config):
-    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:ray.*")
-    config.addinivalue_line("filterwarnings", "ignore::pydantic.warnings.PydanticDeprecatedSince20")
+_IGNORED = ("ignore::pydantic.warnings.PydanticDeprecatedSince20", "ignore::DeprecationWarning:ray.*")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Marks, unlike ini filters, still apply under `pytest -W error`.
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            for f in _IGNORED:
+                item.add_marker(pytest.mark.filterwarnings(f))
 
 
 def toy_model(version: str = "toy-v1", labels: int = 200, dim: int = 32, seed: int = 0) -> ServingModel:

@@ -216,13 +216,15 @@ def swap_app(serve_url, artifacts):
 
     port = int(serve_url.rsplit(":", 1)[1])
 
-    def deploy(artifact):
+    def deploy(artifact, **user_config):
         app = {
             "name": "swap",
             "route_prefix": "/swap",
             "import_path": "elmo_serve.app:app_builder",
             "args": {"artifact": str(artifacts["v1"]), "backend": "torch"},
-            "deployments": [{"name": "ModelScorer", "user_config": {"artifact": str(artifact), "max_batch_size": 8}}],
+            "deployments": [
+                {"name": "ModelScorer", "user_config": {"artifact": str(artifact), "max_batch_size": 8, **user_config}}
+            ],
         }
         config = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
         _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config), _blocking=True)
@@ -293,3 +295,17 @@ def test_hot_swap_refuses_a_corrupt_artifact_and_serves_the_new_one(swap_app, ar
     assert {v for _, v in seen[before:]} == {v2}
     assert len(seen) > 20 and all(code == 200 for code, _ in seen), [s for s in seen if s[0] != 200][:5]
     assert {v for _, v in seen} == {v1, v2}
+
+
+def test_limits_change_through_user_config(swap_app, artifacts):
+    url, deploy = swap_app
+    deploy(artifacts["v2"], limits={"max_k": 3, "max_texts": 2})
+    try:
+        assert httpx.get(url + "/v1/model", timeout=30).json()["limits"]["max_k"] == 3
+        r = httpx.post(url + "/v1/predict", json={"texts": ["a b"], "k": 4}, timeout=30)
+        assert r.status_code == 422 and "max_k=3" in r.json()["error"]
+        r = httpx.post(url + "/v1/predict", json={"texts": ["a", "b", "c"], "k": 3}, timeout=30)
+        assert r.status_code == 422 and "max_texts=2" in r.json()["error"]
+    finally:
+        deploy(artifacts["v2"])
+    assert httpx.get(url + "/v1/model", timeout=30).json()["limits"]["max_k"] == 100  # left out: back to the args'
