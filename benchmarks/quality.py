@@ -31,7 +31,7 @@ RECIPES = {
     # label-feature init is the big lever on DebianDeps (labels are packages with titles)
     "debian-deps": {},
     # tag titles are generic facet descriptions: label-text init hurts there (QUALITY-NOTES.md)
-    "debian-tags": {"label_init": False},
+    "debian-tags": {"label_init": False, "batch_size": 128},
 }
 PRECISIONS = ("fp32", "bf16", "fp8", "fp8+kahan")
 
