@@ -71,7 +71,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and at the end)
     psp_a: float = 0.55  # Jain et al. propensity parameters
     psp_b: float = 1.5
-    checkpoint_every: int = 200  # steps (and every epoch end)
+    checkpoint_every: int = 200  # steps (and every epoch end); 0: epoch ends only; -1: never
     out: str = "runs/default"
     resume: bool = False
     export: str = ""  # write the artifact here at the end
@@ -316,7 +316,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.stop_after and done_here >= cfg.stop_after:
                 bar.close()
                 return {"stopped": True, "step": state["step"]}
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_every > 0 and state["step"] % cfg.checkpoint_every == 0:
                 state["train_seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save_checkpoint(ckpt_path, model, opts, state, cfg)
@@ -328,9 +328,11 @@ def train(cfg: TrainConfig) -> dict:
             state["metrics"] = m
             state["history"].append({"step": state["step"], "epoch": state["epoch"], **m})
             bar.set_postfix({k: f"{v:.1f}" for k, v in m.items() if k in ("P@1", "P@5")})
-        save_checkpoint(ckpt_path, model, opts, state, cfg)
+        if cfg.checkpoint_every >= 0:
+            save_checkpoint(ckpt_path, model, opts, state, cfg)
         t0 = time.perf_counter()
     bar.close()
+    out.mkdir(parents=True, exist_ok=True)
     result = {
         "metrics": state["metrics"],
         "history": state["history"],
