@@ -1,4 +1,4 @@
-"""The `elmo` command line: demo, train, eval, export, head-demo."""
+"""The `elmo` command line: demo, train, eval, export, serve, query, head-demo."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+from elmo_serve.commands import add_serve_commands
 
 DEMO_RUN = "runs/demo"
 DEMO_ARTIFACT = "artifacts/demo"
@@ -125,7 +128,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"artifact: {cfg.export} ({art.num_labels} labels, {art.manifest['head']['dtype']} head); "
         f"plots: {cfg.out}/training_curve.png, {cfg.out}/p_at_k_by_decile.png"
     )
-    return 0
+    if args.no_serve:
+        return 0
+    return _serve_and_query(cfg.export, args.port, art.labels[0]["uid"] if art.labels else None)
+
+
+DEMO_QUERIES = [
+    "command line tool to compress and decompress archives",
+    "python library for parsing and writing xml documents",
+    "lightweight web server with fastcgi support",
+]
+
+
+def _serve_and_query(artifact: str, port: int, item_uid: str | None) -> int:
+    """Serve the artifact with Ray Serve on 127.0.0.1, ask it over HTTP, print the answers, stop."""
+    import threading
+
+    from elmo_serve.client import ElmoClient, format_table
+    from elmo_serve.commands import serve_command
+
+    stop, status = threading.Event(), []
+    server = threading.Thread(target=lambda: status.append(serve_command(artifact, port=port, stop=stop)))
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with ElmoClient(url) as client:
+            deadline = time.monotonic() + 180
+            while server.is_alive():
+                try:
+                    client.health()
+                    break
+                except Exception:  # not up yet
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the service did not answer at {url} within 180 s") from None
+                    time.sleep(0.5)
+            else:
+                print("elmo demo: the service failed to start", file=sys.stderr)
+                return 1
+            out = client.predict(DEMO_QUERIES, k=5)
+            for text, labels in zip(DEMO_QUERIES, out["results"], strict=True):
+                print(f"\nPOST /v1/predict {text!r} (model {out['model_version']})\n{format_table(labels)}")
+            if item_uid is not None:
+                related = client.similar(uid=item_uid, k=5)
+                print(f"\nPOST /v1/similar {item_uid!r}\n{format_table(related['results'])}")
+    finally:
+        stop.set()
+        server.join()
+    print("\nservice stopped")
+    return 0 if status == [0] else 1
 
 
 def _cmd_head_demo(args: argparse.Namespace) -> int:
@@ -158,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--precision", default="fp8", choices=["fp32", "bf16", "fp8", "fp8+kahan"])
     demo.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--no-serve", action="store_true", help="stop after export (no Ray Serve, no HTTP queries)")
+    demo.add_argument("--port", type=int, default=8000, help="port of the demo service on 127.0.0.1")
     demo.set_defaults(func=_cmd_demo)
+
+    add_serve_commands(sub)
 
     tr = sub.add_parser("train", help="train a model (config file and --key value flags)")
     tr.add_argument("--config", default=None, help="a JSON or TOML file of TrainConfig keys")

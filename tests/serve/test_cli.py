@@ -76,6 +76,7 @@ def test_demo_falls_back_to_a_planted_problem(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(embedded, "APT_LISTS", str(tmp_path / "no-apt"))
     monkeypatch.setattr(embedded, "SYNTHETIC", dict(num_labels=100, num_train=600, num_test=100))
-    assert main(["demo", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "art"), "--quiet"]) == 0
+    args = ["demo", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "art"), "--quiet", "--no-serve"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "P@1" in out and (tmp_path / "art" / "labels.jsonl").is_file()
