@@ -72,6 +72,22 @@ def _mma(a, b, acc, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _pair_hits(row_ptr, col_ptr, start, end, rows, labels, BLOCK_P: tl.constexpr, HOT_DTYPE: tl.constexpr):
+    # Which (row, label) cells of this tile are listed: H = R^T C, with R / C the one-hot rows / labels of the
+    # block's pairs (sorted by label on the host, duplicates removed). A few small dots, no dense B x L matrix.
+    hits = tl.zeros((rows.shape[0], labels.shape[0]), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < end
+        p_row = tl.load(row_ptr + p, mask=p_ok, other=-1)
+        p_col = tl.load(col_ptr + p, mask=p_ok, other=-1)
+        row_hot = tl.where(rows[:, None] == p_row[None, :], 1.0, 0.0)
+        col_hot = tl.where(p_col[:, None] == labels[None, :], 1.0, 0.0)
+        hits = _mma(row_hot, col_hot, hits, HOT_DTYPE)
+    return hits
+
+
+@triton.jit
 def _logits_grad_kernel(
     x_ptr,
     w_ptr,
@@ -80,6 +96,9 @@ def _logits_grad_kernel(
     pos_row_ptr,
     pos_col_ptr,
     block_start_ptr,
+    ex_row_ptr,
+    ex_col_ptr,
+    ex_start_ptr,
     loss_ptr,
     B,
     D,
@@ -99,6 +118,7 @@ def _logits_grad_kernel(
     HOT_DTYPE: tl.constexpr,
     G_FP8: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
+    HAS_EXCLUDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
@@ -117,21 +137,15 @@ def _logits_grad_kernel(
         )
         z = _mma(x, tl.trans(w), z, DOT_DTYPE)
 
-    # Targets: Y = R^T C, with R / C the one-hot rows / labels of this block's positives (sorted by label on the
-    # host, duplicates removed). A few small dots instead of a dense B x L target matrix.
-    y = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
-    p_start = tl.load(block_start_ptr + pid)
-    p_end = tl.load(block_start_ptr + pid + 1)
-    for p0 in range(p_start, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < p_end
-        p_row = tl.load(pos_row_ptr + p, mask=p_ok, other=-1)
-        p_col = tl.load(pos_col_ptr + p, mask=p_ok, other=-1)
-        row_hot = tl.where(rows[:, None] == p_row[None, :], 1.0, 0.0)
-        col_hot = tl.where(p_col[:, None] == row_offset + labels[None, :], 1.0, 0.0)
-        y = _mma(row_hot, col_hot, y, HOT_DTYPE)
-
+    # Targets from this block's positive pairs; excluded pairs (e.g. an item's own label) get no gradient.
+    global_labels = row_offset + labels
+    p_start, p_end = tl.load(block_start_ptr + pid), tl.load(block_start_ptr + pid + 1)
+    y = _pair_hits(pos_row_ptr, pos_col_ptr, p_start, p_end, rows, global_labels, BLOCK_P, HOT_DTYPE)
     valid = row_ok[:, None] & label_ok[None, :]
+    if HAS_EXCLUDE:
+        e_start, e_end = tl.load(ex_start_ptr + pid), tl.load(ex_start_ptr + pid + 1)
+        hidden = _pair_hits(ex_row_ptr, ex_col_ptr, e_start, e_end, rows, global_labels, BLOCK_P, HOT_DTYPE)
+        valid = valid & (hidden == 0.0)
     g = tl.where(valid, tl.sigmoid(z) - y, 0.0)
     if COMPUTE_LOSS:
         # BCE with logits, stably: max(z, 0) - y z + log(1 + exp(-|z|)).
@@ -340,15 +354,7 @@ def _check_inputs(chunks, x, pos_rows, pos_cols, num_labels, kahan) -> int:
     num_labels = total if num_labels is None else num_labels
     if not 0 < num_labels <= total:
         raise ValueError(f"num_labels={num_labels} must be in [1, {total}] (the rows of all chunks)")
-    if pos_rows.shape != pos_cols.shape or pos_rows.dim() != 1:
-        raise ValueError("pos_rows and pos_cols must be 1-D tensors of the same length")
-    if pos_rows.dtype.is_floating_point or pos_cols.dtype.is_floating_point:
-        raise ValueError("pos_rows and pos_cols must be integer tensors")
-    if pos_rows.numel():
-        if int(pos_rows.min()) < 0 or int(pos_rows.max()) >= batch:
-            raise ValueError(f"pos_rows must lie in [0, {batch})")
-        if int(pos_cols.min()) < 0 or int(pos_cols.max()) >= num_labels:
-            raise ValueError(f"pos_cols must lie in [0, {num_labels}) (padded labels have no positives)")
+    _check_pairs(pos_rows, pos_cols, batch, num_labels, "pos")
     if kahan is not None:
         if kahan.dtype not in KAHAN_DTYPES:
             raise ValueError(f"kahan must be bfloat16 or float8_e5m2, got {kahan.dtype}")
@@ -357,6 +363,18 @@ def _check_inputs(chunks, x, pos_rows, pos_cols, num_labels, kahan) -> int:
         if kahan.device != x.device or not kahan.is_contiguous():
             raise ValueError("kahan must be contiguous and on the device of x")
     return num_labels
+
+
+def _check_pairs(rows: torch.Tensor, cols: torch.Tensor, batch: int, num_labels: int, name: str) -> None:
+    if rows.shape != cols.shape or rows.dim() != 1:
+        raise ValueError(f"{name}_rows and {name}_cols must be 1-D tensors of the same length")
+    if rows.dtype.is_floating_point or cols.dtype.is_floating_point:
+        raise ValueError(f"{name}_rows and {name}_cols must be integer tensors")
+    if rows.numel():
+        if int(rows.min()) < 0 or int(rows.max()) >= batch:
+            raise ValueError(f"{name}_rows must lie in [0, {batch})")
+        if int(cols.min()) < 0 or int(cols.max()) >= num_labels:
+            raise ValueError(f"{name}_cols must lie in [0, {num_labels}) (padded labels take no pairs)")
 
 
 def _sorted_positives(pos_rows: torch.Tensor, pos_cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,6 +393,8 @@ def head_step(
     kahan: torch.Tensor | None = None,
     impl: Literal["auto", "triton", "torch"] = "auto",
     label_offset: int = 0,
+    exclude_rows: torch.Tensor | None = None,
+    exclude_cols: torch.Tensor | None = None,
 ) -> HeadStepOutput:
     """One SGD step of the whole head, in place on `chunks` (and `kahan`); returns dX for the encoder.
 
@@ -384,7 +404,8 @@ def head_step(
     compensation for the first H labels. impl: "triton" (GPU, or CPU under TRITON_INTERPRET=1), "torch" (the
     reference, CPU fallback) or "auto" (triton on CUDA tensors, torch otherwise). label_offset: the global id of the
     first row when `chunks` is one shard of a larger head; it places the shard in the random stream, so a sharded
-    step rounds exactly like the unsharded one (pos_cols stay shard-local).
+    step rounds exactly like the unsharded one (pos_cols stay shard-local). exclude_rows/exclude_cols: (row, label)
+    pairs that get no gradient and no loss (e.g. an item's own label when it is filtered at evaluation).
     """
     num_labels = _check_inputs(chunks, x, pos_rows, pos_cols, num_labels, kahan)
     if not 0 <= config.seed < 2**62:
@@ -401,11 +422,17 @@ def head_step(
     if fp8_dots and chunks[0].dtype != torch.float8_e4m3fn:
         raise ValueError("fp8_dots needs float8_e4m3fn weights")
     rows, cols = _sorted_positives(pos_rows.to(x.device), pos_cols.to(x.device), x.shape[0])
+    excluded = None
+    if exclude_rows is not None or exclude_cols is not None:
+        if exclude_rows is None or exclude_cols is None:
+            raise ValueError("exclude_rows and exclude_cols go together")
+        _check_pairs(exclude_rows, exclude_cols, x.shape[0], num_labels, "exclude")
+        excluded = _sorted_positives(exclude_rows.to(x.device), exclude_cols.to(x.device), x.shape[0])
     if impl == "torch":
-        return _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset)
+        return _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset, excluded)
     if x.shape[0] > MAX_BATCH:
         raise ValueError(f"impl='triton' takes at most {MAX_BATCH} rows per step, got {x.shape[0]}")
-    return _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset)
+    return _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset, excluded)
 
 
 def _chunk_kahan(kahan: torch.Tensor | None, start: int, rows: int) -> tuple[torch.Tensor | None, int]:
@@ -415,7 +442,9 @@ def _chunk_kahan(kahan: torch.Tensor | None, start: int, rows: int) -> tuple[tor
     return part, part.shape[0]
 
 
-def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset) -> HeadStepOutput:
+def _head_step_torch(
+    chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset, excluded
+) -> HeadStepOutput:
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     loss = 0.0
     start = 0
@@ -425,9 +454,15 @@ def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots,
         y = torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
         sel = (cols >= start) & (cols < start + n)
         y[rows[sel], cols[sel] - start] = 1.0
+        keep = None
+        if excluded is not None:
+            keep = torch.ones_like(y, dtype=torch.bool)
+            ex_sel = (excluded[1] >= start) & (excluded[1] < start + n)
+            keep[excluded[0][ex_sel], excluded[1][ex_sel] - start] = False
         if config.compute_loss and num_valid:
             z = reference.quantize_embeddings(x, fp8_dots).float() @ w[:num_valid].float().T
-            loss += float(torch.nn.functional.binary_cross_entropy_with_logits(z, y[:, :num_valid], reduction="sum"))
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(z, y[:, :num_valid], reduction="none")
+            loss += float(bce[keep[:, :num_valid]].sum() if keep is not None else bce.sum())
         part, _ = _chunk_kahan(kahan, start, n)
         dx += reference.head_step_chunk(
             w,
@@ -441,12 +476,15 @@ def _head_step_torch(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots,
             kahan=part,
             fp8_dots=fp8_dots,
             stochastic=config.stochastic_rounding,
+            keep=keep,
         )
         start += n
     return HeadStepOutput(dx, loss / x.shape[0] if config.compute_loss else None)
 
 
-def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset) -> HeadStepOutput:
+def _head_step_triton(
+    chunks, x, rows, cols, config, num_labels, kahan, fp8_dots, label_offset, excluded
+) -> HeadStepOutput:
     batch, dim = x.shape
     plan = _launch_plan(batch, dim, fp8_dots)
     interp = _interpreting()
@@ -468,6 +506,10 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
     loss = torch.zeros(1, dtype=torch.float32, device=x.device)
     rows32 = rows.to(torch.int32)
     cols64 = (cols + label_offset).contiguous()  # global ids: the kernels place every chunk by its global offset
+    if excluded is not None:
+        ex_rows32, ex_cols64 = excluded[0].to(torch.int32), (excluded[1] + label_offset).contiguous()
+    else:
+        ex_rows32, ex_cols64 = rows32, cols64  # not read (HAS_EXCLUDE=False)
     scale_inv = 1.0 / GRAD_FP8_SCALE if fp8_dots else 1.0
     start = 0
     for w in chunks:
@@ -480,6 +522,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
         offset = label_offset + start
         bounds = offset + torch.arange(fwd_blocks + 1, device=x.device, dtype=torch.int64) * plan.fwd_block_l
         block_start = torch.searchsorted(cols64, bounds).to(torch.int32)
+        ex_start = torch.searchsorted(ex_cols64, bounds).to(torch.int32) if excluded is not None else block_start
         _logits_grad_kernel[(fwd_blocks,)](
             xq,
             w,
@@ -488,6 +531,9 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             rows32,
             cols64,
             block_start,
+            ex_rows32,
+            ex_cols64,
+            ex_start,
             loss,
             batch,
             dim,
@@ -507,6 +553,7 @@ def _head_step_triton(chunks, x, rows, cols, config, num_labels, kahan, fp8_dots
             HOT_DTYPE=hot_dtype,
             G_FP8=fp8_dots,
             COMPUTE_LOSS=config.compute_loss,
+            HAS_EXCLUDE=excluded is not None,
             num_warps=plan.fwd_warps,
             num_stages=plan.fwd_stages,
         )

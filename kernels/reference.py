@@ -150,13 +150,14 @@ def head_step_chunk(
     kahan: torch.Tensor | None = None,
     fp8_dots: bool = False,
     stochastic: bool = True,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused ELMO step for one label chunk, in place on `w` (and `kahan`); returns this chunk's dX (fp32).
 
     w: (Lc, D) bf16 or float8_e4m3fn; x: (B, D) bf16 or fp32; y: (B, Lc) 0/1 targets; rows >= num_valid are padding
     and never change. stochastic=False rounds the weights to nearest instead. kahan: None or (H, D) bf16/float8_e5m2
-    compensation for the first H rows of this chunk. The quantisation of operands mirrors the kernel: G is rounded
-    to bf16 (nearest), or, with fp8 dots, X to e4m3
+    compensation for the first H rows of this chunk. keep: optional (B, Lc) bool, False where a pair is excluded.
+    The quantisation of operands mirrors the kernel: G is rounded to bf16 (nearest), or, with fp8 dots, X to e4m3
     (nearest) and G * 256 to e4m3 (stochastic, on the stream seed + 1 over (label, batch row)).
     """
     wf = w.float()
@@ -164,6 +165,8 @@ def head_step_chunk(
     logits = xf @ wf.T
     g = torch.sigmoid(logits) - y.float()
     g[:, num_valid:] = 0.0
+    if keep is not None:  # excluded (row, label) pairs get no gradient
+        g = torch.where(keep, g, 0.0)
     if fp8_dots:
         r = random_u16(seed + 1, w.shape[0], x.shape[0], row_offset).T.to(w.device)
         g = round_fp8(g * GRAD_FP8_SCALE, r, torch.float8_e4m3fn) / GRAD_FP8_SCALE

@@ -20,6 +20,7 @@ class Case:
     kahan_dtype: torch.dtype = torch.bfloat16
     fp8_dots: bool = False
     stochastic: bool = True
+    exclude: int = 0  # excluded (row, label) pairs, the first one also a positive
 
 
 CASES = {
@@ -31,6 +32,8 @@ CASES = {
     ),
     "fp8-dots": Case(33, (208,), 200, 96, torch.float8_e4m3fn, fp8_dots=True),
     "fp8-nearest": Case(4, (96,), 90, 40, torch.float8_e4m3fn, stochastic=False),
+    "bf16-exclude": Case(7, (256, 64), 300, 40, torch.bfloat16, exclude=9),
+    "fp8-dots-exclude-kahan": Case(33, (208,), 200, 96, torch.float8_e4m3fn, kahan_rows=20, fp8_dots=True, exclude=40),
 }
 
 
@@ -48,14 +51,19 @@ def _problem(case: Case):
     rows = torch.randint(0, case.batch, (npos,))
     cols = torch.cat([torch.randint(0, case.num_labels, (npos - 2,)), torch.tensor([0, case.num_labels - 1])])
     kahan = (torch.randn(case.kahan_rows, case.dim) * 1e-3).to(case.kahan_dtype) if case.kahan_rows else None
-    return chunks, x, rows, cols, kahan
+    ex = None
+    if case.exclude:
+        ex_rows = torch.cat([rows[:1], torch.randint(0, case.batch, (case.exclude - 1,))])
+        ex_cols = torch.cat([cols[:1], torch.randint(0, case.num_labels, (case.exclude - 1,))])
+        ex = {"exclude_rows": ex_rows, "exclude_cols": ex_cols}
+    return chunks, x, rows, cols, kahan, ex
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_matches_reference(name, monkeypatch):
     _poison(monkeypatch)
     case = CASES[name]
-    chunks, x, rows, cols, kahan = _problem(case)
+    chunks, x, rows, cols, kahan, ex = _problem(case)
     cfg = hs.HeadStepConfig(
         lr=0.3,
         weight_decay=0.01,
@@ -68,7 +76,7 @@ def test_kernel_matches_reference(name, monkeypatch):
     for impl in ("triton", "torch"):
         w = [c.clone() for c in chunks]
         k = kahan.clone() if kahan is not None else None
-        res = hs.head_step(w, x, rows, cols, cfg, num_labels=case.num_labels, kahan=k, impl=impl)
+        res = hs.head_step(w, x, rows, cols, cfg, num_labels=case.num_labels, kahan=k, impl=impl, **(ex or {}))
         out[impl] = (w, res, k)
     (wt, rt, kt), (wr, rr, kr) = out["triton"], out["torch"]
     # Same rounding rule and Philox stream: bit-identical weights, save for a pre-rounding value that lands on a
@@ -103,6 +111,26 @@ def test_reference_step_is_sgd_on_bce():
     torch.testing.assert_close(w.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_excluded_pairs_get_no_gradient():
+    w = (torch.randn(64, 16) * 0.5).to(torch.bfloat16)
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    rows, cols = torch.tensor([0, 1, 2, 3]), torch.tensor([5, 9, 9, 63])
+    ex_rows, ex_cols = torch.tensor([1, 0, 3]), torch.tensor([9, 7, 0])  # (1, 9) is a positive
+    y = torch.zeros(4, 64)
+    y[rows, cols] = 1
+    wf, xf = w.float(), x.float()
+    g = torch.sigmoid(xf @ wf.T) - y
+    g[ex_rows, ex_cols] = 0.0
+    expected = wf - 0.5 * (g.T @ xf)
+    cfg = hs.HeadStepConfig(lr=0.5, compute_loss=True)
+    out = hs.head_step([w], x, rows, cols, cfg, impl="torch", exclude_rows=ex_rows, exclude_cols=ex_cols)
+    torch.testing.assert_close(out.dx, g @ wf, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.float(), expected, rtol=2e-2, atol=2e-2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(xf @ wf.T, y, reduction="none")
+    bce[ex_rows, ex_cols] = 0.0
+    assert out.loss == pytest.approx(float(bce.sum()) / 4, rel=1e-3)
+
+
 def test_head_logits():
     chunks = [torch.randn(32, 8).to(torch.bfloat16), torch.randn(16, 8).to(torch.bfloat16)]
     x = torch.randn(3, 8)
@@ -134,6 +162,8 @@ def _valid():
         (lambda a: a.update(config=hs.HeadStepConfig(lr=0.1, seed=-3)), "seed"),
         (lambda a: a.update(x=torch.randn(300, 8), impl="triton"), "at most 256"),
         (lambda a: a.update(config=hs.HeadStepConfig(lr=0.1, fp8_dots=True)), "fp8_dots"),
+        (lambda a: a.update(exclude_rows=torch.tensor([0])), "go together"),
+        (lambda a: a.update(exclude_rows=torch.tensor([0]), exclude_cols=torch.tensor([40])), "exclude_cols must lie"),
     ],
 )
 def test_bad_arguments(mutate, message):
