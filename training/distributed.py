@@ -78,15 +78,23 @@ def sharded_head_step(
     *,
     kahan: torch.Tensor | None = None,
     impl: str = "auto",
+    exclude_rows: torch.Tensor | None = None,
+    exclude_cols: torch.Tensor | None = None,
     group=None,
 ) -> HeadStepOutput:
     """One step of a label-sharded head; returns dX for this worker's own rows (and the global loss, if asked).
 
     shard: this worker's chunks, covering global labels [shard_start, shard_start + shard_labels) (plus padding);
-    x, pos_rows, pos_cols: this worker's batch with global label ids. Collective: every rank must call it.
+    x, pos_rows, pos_cols: this worker's batch with global label ids; exclude_rows/exclude_cols: this worker's
+    (row, global label) pairs that get no gradient. Collective: every rank must call it.
     """
     x_all, rows, cols, real, per_rank = gather_batch(x, pos_rows, pos_cols, group)
     mine = (cols >= shard_start) & (cols < shard_start + shard_labels)
+    excluded = {}
+    if exclude_rows is not None:
+        _, ex_rows, ex_cols, _, _ = gather_batch(x, exclude_rows, exclude_cols, group)
+        ex_mine = (ex_cols >= shard_start) & (ex_cols < shard_start + shard_labels)
+        excluded = {"exclude_rows": ex_rows[ex_mine], "exclude_cols": ex_cols[ex_mine] - shard_start}
     out = head_step(
         shard,
         x_all,
@@ -97,6 +105,7 @@ def sharded_head_step(
         kahan=kahan,
         impl=impl,
         label_offset=shard_start,
+        **excluded,
     )
     dx_pad = torch.zeros((real.numel(), x.shape[1]), dtype=out.dx.dtype, device=x.device)
     dx_pad[real] = out.dx

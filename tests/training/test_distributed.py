@@ -20,7 +20,8 @@ def _problem(dtype):
     for _ in range(STEPS):
         xs = [torch.randn(b, DIM, generator=g).to(torch.bfloat16) for b in BATCHES]
         pos = [(torch.randint(0, b, (5,), generator=g), torch.randint(0, LABELS, (5,), generator=g)) for b in BATCHES]
-        steps.append((xs, pos))
+        ex = [(torch.randint(0, b, (3,), generator=g), torch.randint(0, LABELS, (3,), generator=g)) for b in BATCHES]
+        steps.append((xs, pos, ex))
     return head, steps
 
 
@@ -31,7 +32,7 @@ def _worker(rank, world, init_file, dtype, out_file):
     shard = [head[start : start + -(-(end - start) // 16) * 16].clone()]
     cfg = HeadStepConfig(lr=0.2, weight_decay=0.01, seed=9, compute_loss=True)
     dxs, losses = [], []
-    for step, (xs, pos) in enumerate(steps):
+    for step, (xs, pos, ex) in enumerate(steps):
         out = sharded_head_step(
             shard,
             start,
@@ -41,6 +42,8 @@ def _worker(rank, world, init_file, dtype, out_file):
             pos[rank][1],
             HeadStepConfig(**{**cfg.__dict__, "seed": step}),
             impl="torch",
+            exclude_rows=ex[rank][0],
+            exclude_cols=ex[rank][1],
         )
         dxs.append(out.dx)
         losses.append(out.loss)
@@ -60,7 +63,7 @@ def test_two_workers_match_one(tmp_path, dtype):
     # One worker, the same global batches (rank 0's rows, then rank 1's).
     head, steps = _problem(dtype)
     whole = [head.clone()]
-    for step, (xs, pos) in enumerate(steps):
+    for step, (xs, pos, ex) in enumerate(steps):
         x = torch.cat(xs)
         rows = torch.cat([pos[0][0], pos[1][0] + BATCHES[0]])
         cols = torch.cat([pos[0][1], pos[1][1]])
@@ -72,6 +75,8 @@ def test_two_workers_match_one(tmp_path, dtype):
             HeadStepConfig(lr=0.2, weight_decay=0.01, seed=step, compute_loss=True),
             num_labels=LABELS,
             impl="torch",
+            exclude_rows=torch.cat([ex[0][0], ex[1][0] + BATCHES[0]]),
+            exclude_cols=torch.cat([ex[0][1], ex[1][1]]),
         )
         dx = torch.cat([parts[0]["dx"][step], parts[1]["dx"][step]])
         torch.testing.assert_close(dx, out.dx, rtol=1e-5, atol=1e-5)
