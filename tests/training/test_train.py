@@ -99,3 +99,26 @@ def test_short_run_on_debian_tags_beats_most_popular(debian_tags, tmp_path):
     popular = evaluate(np.tile(top, (1000, 1)), tst.labels[:1000])
     assert result["metrics"]["P@1"] > 100 * popular["P@1"] + 10, (result["metrics"], popular)
     assert result["metrics"]["P@5"] > 100 * popular["P@5"]
+
+
+def test_frozen_encoder_run_trains_reloads_and_refuses_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from training.encoders import HFTextEncoder
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "label", "text", "word", "a", "b"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    config = transformers.BertConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48
+    )
+    bert = tmp_path / "bert"
+    HFTextEncoder(
+        transformers.BertModel(config), transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    ).save_pretrained(bert)
+    data = write_lf(tmp_path / "data")
+    cfg = _cfg(data, tmp_path / "run", frozen_encoder=str(bert), frozen_cache=str(tmp_path / "cache"), epochs=1)
+    result = train(cfg)
+    assert result["metrics"]["P@1"] > 0
+    model, _, _ = model_from_checkpoint(tmp_path / "run")
+    assert model.frozen is not None and model.encoder.proj.weight.shape == (32, 32)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        train(_cfg(data, tmp_path / "run2", frozen_encoder=str(bert), export=str(tmp_path / "art")))
