@@ -68,10 +68,10 @@ def random_u16(seed: int, rows: int, cols: int, row_offset: int = 0) -> torch.Te
 
 
 def _round_bf16_bits(x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
-    bits = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    bits = ((bits + add.to(torch.int64)) & 0xFFFF0000).to(torch.uint32).view(torch.int32)
-    out = bits.view(torch.float32)
-    return torch.where(torch.isnan(x), x.float(), out)
+    # int32 arithmetic wraps like the kernels' uint32: the carry into bit 16 is the same (only NaN patterns overflow,
+    # and NaN is restored below).
+    bits = (x.float().view(torch.int32) + add.to(torch.int32)) & -65536
+    return torch.where(torch.isnan(x), x.float(), bits.view(torch.float32))
 
 
 def stochastic_round_bf16(x: torch.Tensor, rand16: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def stochastic_round_bf16(x: torch.Tensor, rand16: torch.Tensor) -> torch.Tensor
 
 def nearest_bf16(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16 grid, round to nearest even (the same bit trick as the kernels). fp32 on the grid."""
-    bits = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = x.float().view(torch.int32)
     return _round_bf16_bits(x, 0x7FFF + ((bits >> 16) & 1))
 
 
@@ -96,18 +96,17 @@ def round_fp8(x: torch.Tensor, rand16: torch.Tensor | None, dtype: torch.dtype) 
     drop = 23 - man_bits
     min_normal = 2.0**min_exp
     x = x.float()
-    a = x.abs().clamp(max=max_val)
-    small = a < min_normal
-    t = torch.where(small, a + min_normal, a)
-    bits = t.view(torch.int32).to(torch.int64)
+    small = x.abs() < min_normal
+    # In place on one buffer: this is also the CPU training path, where every pass over the head counts.
+    a = x.abs().clamp_(max=max_val).add_(small, alpha=min_normal)
+    bits = a.view(torch.int32)  # |x| <= max: no int32 overflow below
     if rand16 is None:
-        add = (1 << (drop - 1)) - 1 + ((bits >> drop) & 1)
+        bits.add_((1 << (drop - 1)) - 1 + ((bits >> drop) & 1))
     else:
-        add = rand16.to(torch.int64) << (drop - 16)
-    y = ((bits + add) & ~((1 << drop) - 1)).to(torch.int32).view(torch.float32)
-    y = torch.where(small, y - min_normal, y)
-    y = torch.copysign(y, x)  # the sign bit of x, also for -0.0 and values rounded to zero
-    return torch.where(torch.isnan(x), x, y)
+        bits.add_(rand16.to(torch.int32) << (drop - 16))
+    y = bits.bitwise_and_(-(1 << drop)).view(torch.float32).add_(small, alpha=-min_normal).copysign_(x)
+    nan = torch.isnan(x)
+    return torch.where(nan, x, y) if nan.any() else y
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset: int = 0) -> torch.Tensor:

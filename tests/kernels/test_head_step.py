@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import assert_same_bits
+from kernel_checks import assert_same_bits
 
 from kernels import head_step as hs
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_bits
+from kernel_checks import assert_same_bits
 
 from kernels import reference
 from kernels.rounding import stochastic_round
