@@ -134,6 +134,19 @@ def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:
     return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def head_config(cfg: TrainConfig, num_labels: int, dim: int) -> HeadConfig:
+    """The head of a run: its precision, bias, Kahan rows and chunking come from the training config."""
+    return HeadConfig(
+        num_labels=num_labels,
+        dim=dim,
+        precision=cfg.precision,
+        bias=cfg.bias,
+        kahan_labels=cfg.kahan_labels,
+        chunk_budget_mb=cfg.chunk_budget_mb,
+        batch_hint=cfg.batch_size,
+    )
+
+
 def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XMCModel:
     """Encoder + head for this data, with label-feature init and the frequency prior for the bias."""
     torch.manual_seed(cfg.seed)
@@ -154,16 +167,8 @@ def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XM
             raise ValueError("frozen_encoder needs texts and the hashed encoder (encoder='hashed', LF data)")
         frozen = _frozen_embedder(cfg)
         encoder = FusedEncoder(encoder, frozen.dim)
-    head_cfg = HeadConfig(
-        num_labels=train.num_labels,
-        dim=encoder.dim,
-        precision=cfg.precision,
-        bias=cfg.bias,
-        kahan_labels=cfg.kahan_labels,
-        chunk_budget_mb=cfg.chunk_budget_mb,
-        batch_hint=cfg.batch_size,
-    )
-    model = XMCModel(encoder, XMCHead(head_cfg), featurizer, order, frozen=frozen)
+    head = XMCHead(head_config(cfg, train.num_labels, encoder.dim))
+    model = XMCModel(encoder, head, featurizer, order, frozen=frozen)
     vectors = None
     if cfg.label_init and train.label_titles is not None:
         with torch.no_grad():
@@ -425,17 +430,7 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[XMCMod
     else:
         num_features, dim = sd["encoder.bag.weight"].shape
         encoder = HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden))
-    head = XMCHead(
-        HeadConfig(
-            num_labels=len(sd["label_order"]),
-            dim=encoder.dim,
-            precision=cfg.precision,
-            bias=cfg.bias,
-            kahan_labels=cfg.kahan_labels,
-            chunk_budget_mb=cfg.chunk_budget_mb,
-            batch_hint=cfg.batch_size,
-        )
-    )
+    head = XMCHead(head_config(cfg, len(sd["label_order"]), encoder.dim))
     model = XMCModel(encoder, head, featurizer, frozen=frozen)
     model.load_state_dict(sd)
     return model.to(device).eval(), cfg, ckpt["state"]
