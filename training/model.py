@@ -223,19 +223,25 @@ class XMCHead(nn.Module):
         xin = self.head_input(x.detach())
         s = float(self.scale)
         if self.weight.is_cuda and self.config.precision != "fp32":
-            dxin, loss = self._step_kernels(xin, pos_rows, pos_cols, lr * s * s, weight_decay, seed, compute_loss)
+            dxin, loss = self._step_kernels(
+                xin, pos_rows, pos_cols, lr * s * s, weight_decay, seed, compute_loss, exclude
+            )
         else:
             dxin, loss = self._step_torch(
                 xin, pos_rows, pos_cols, lr * s * s, weight_decay, seed, compute_loss, exclude
             )
         return dxin[:, : self.config.dim] / s, loss
 
-    def _step_kernels(self, xin, pos_rows, pos_cols, lr, wd, seed, compute_loss):
+    def _step_kernels(self, xin, pos_rows, pos_cols, lr, wd, seed, compute_loss, exclude=None):
         dx, loss, rows = [], 0.0, xin.shape[0]
         kahan = self.kahan if len(self.kahan) else None
         for i, start in enumerate(range(0, rows, 256)):
             sel = (pos_rows >= start) & (pos_rows < start + 256)
             cfg = HeadStepConfig(lr=lr, weight_decay=wd, seed=(seed * 7919 + i) % 2**62, compute_loss=compute_loss)
+            excluded = {}
+            if exclude is not None and len(exclude):
+                e = (exclude[:, 0] >= start) & (exclude[:, 0] < start + 256)
+                excluded = {"exclude_rows": exclude[e, 0] - start, "exclude_cols": exclude[e, 1]}
             out = head_step(
                 self.chunks(),
                 xin[start : start + 256].to(torch.bfloat16),
@@ -244,6 +250,7 @@ class XMCHead(nn.Module):
                 cfg,
                 num_labels=self.num_labels,
                 kahan=kahan,
+                **excluded,
             )
             dx.append(out.dx)
             loss += (out.loss or 0.0) * out.dx.shape[0]
