@@ -128,7 +128,7 @@ def sharded_topk(
     Collective. k must not exceed the total label count; a shard with fewer than k labels pads its list with
     (-inf, MAX_LABELS) entries, which sort after every real one.
     """
-    world, rank = _world(group)
+    _, rank = _world(group)
     empty = torch.zeros(0, dtype=torch.int64, device=x.device)
     x_all, _, _, real, per_rank = gather_batch(x, empty, empty, group)
     scores, ids, offsets, start = [], [], [], 0

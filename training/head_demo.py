@@ -61,9 +61,7 @@ def train_variant(cfg: DemoConfig, dtype: torch.dtype, stochastic: bool, device:
             hs.head_step([w], x, rows, y, step_cfg, num_labels=cfg.labels, impl=cfg.impl)
     ms = (time.perf_counter() - start) / cfg.steps * 1e3
     x_test, y_test = planted_batch(cfg, 7, 4000)
-    logits = hs.head_logits([w.float()], x_test.to(device), num_labels=cfg.labels) if dtype != torch.float32 else None
-    if logits is None:
-        logits = x_test.float().to(device) @ w[: cfg.labels].T
+    logits = hs.head_logits([w], x_test.to(device), num_labels=cfg.labels)
     p1 = logits.argmax(dim=1).cpu().eq(y_test).float().mean().item()
     return {"variant": name, "p_at_1": 100 * p1, "ms_per_step": ms}
 
