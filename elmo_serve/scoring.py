@@ -112,8 +112,9 @@ class Scorer:
         excl = None if exclude is None else _pad_rows(exclude)
         impl = "triton" if self.backend == "triton" else "torch"
         x = x.to(self.device)
-        if self._round_queries:
-            x = x.to(torch.bfloat16).float()
+        if self._round_queries:  # what topk_scores would do for the stored dtype, applied before the fp32 copy
+            xq, inv = prepare_queries(x.float(), self.weights.dtype, False)
+            x = xq.float() * inv[:, None]
         s, i = topk_scores(x, self._compute, k, self.num_labels, excl, impl=impl)
         return s.cpu(), i.cpu()
 
