@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     cfg = load_config(args.config, overrides)
-    result = train(cfg)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one worker of a torchrun group
+        from training.worker import run_distributed
+
+        result = run_distributed(cfg)
+    elif cfg.workers > 0:
+        from training.ray_train import fit
+
+        metrics = fit(cfg)
+        keys = [k for k in metrics if k.startswith(("P@", "nDCG@", "PSP@"))]
+        _print_metrics({k: metrics[k] for k in keys}, f"test metrics (%), {cfg.workers} Ray Train workers")
+        print(
+            f"{metrics.get('step_ms', float('nan')):.1f} ms/step; run: {cfg.out}"
+            + (f"; artifact: {cfg.export}" if cfg.export else "")
+        )
+        return 0
+    else:
+        result = train(cfg)
     if result.get("stopped"):
         print(f"stopped after step {result['step']}; resume with --resume --out {cfg.out}")
         return 0

@@ -9,6 +9,8 @@ produce the same weights (up to fp32 summation order in dX).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -33,10 +35,41 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+class CommCounter:
+    """Bytes this rank received through the collectives of this module (a step's communication volume)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def add(self, t: torch.Tensor, parts: int) -> None:
+        self.bytes += t.numel() * t.element_size() * (parts - 1)
+
+
+COMM = CommCounter()
+
+
 def _all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous(), group=group)
+    COMM.add(t, world)
     return torch.cat(parts)
+
+
+def _gather_pairs(
+    rows: torch.Tensor, cols: torch.Tensor, per_rank: int, new_index: torch.Tensor, group
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' (row-in-local-batch, label) pairs as (row-in-global-batch, label), in rank order."""
+    world, _ = _world(group)
+    count = torch.tensor([[rows.numel()]], device=rows.device)
+    most = int(_all_gather_rows(count, group).max())
+    pairs = torch.full((max(most, 1), 2), -1, dtype=torch.int64, device=rows.device)
+    pairs[: rows.numel(), 0] = rows
+    pairs[: rows.numel(), 1] = cols
+    pairs_all = _all_gather_rows(pairs, group).view(world, -1, 2)
+    owner = torch.arange(world, device=rows.device)[:, None].expand(world, pairs_all.shape[1])
+    keep = pairs_all[..., 0] >= 0
+    return new_index[pairs_all[..., 0][keep] + owner[keep] * per_rank], pairs_all[..., 1][keep]
 
 
 def gather_batch(
@@ -48,23 +81,65 @@ def gather_batch(
     to the largest one; `real` marks the real rows of the padded (world * rows_per_rank) layout, in which rank r
     owns rows [r * rows_per_rank, r * rows_per_rank + its batch size).
     """
-    world, _ = _world(group)
-    size = torch.tensor([x.shape[0], pos_rows.numel()], device=x.device)
-    sizes = _all_gather_rows(size[None], group)
-    per_rank, max_pos = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    sizes = _all_gather_rows(torch.tensor([[x.shape[0]]], device=x.device), group)
+    per_rank = int(sizes.max())
     x_pad = torch.zeros((per_rank, x.shape[1]), dtype=x.dtype, device=x.device)
     x_pad[: x.shape[0]] = x
-    pairs = torch.full((max(max_pos, 1), 2), -1, dtype=torch.int64, device=x.device)
-    pairs[: pos_rows.numel(), 0] = pos_rows
-    pairs[: pos_rows.numel(), 1] = pos_cols
-    real = (torch.arange(per_rank, device=x.device)[None, :] < sizes[:, :1]).flatten()
+    real = (torch.arange(per_rank, device=x.device)[None, :] < sizes).flatten()
     new_index = torch.cumsum(real, 0) - 1  # padded row -> row of the global batch
     x_all = _all_gather_rows(x_pad, group)[real]
-    pairs_all = _all_gather_rows(pairs, group).view(world, -1, 2)
-    owner = torch.arange(world, device=x.device)[:, None].expand(world, pairs_all.shape[1])
-    keep = pairs_all[..., 0] >= 0
-    rows = new_index[pairs_all[..., 0][keep] + owner[keep] * per_rank]
-    return x_all, rows, pairs_all[..., 1][keep], real, per_rank
+    rows, cols = _gather_pairs(pos_rows, pos_cols, per_rank, new_index, group)
+    return x_all, rows, cols, real, per_rank
+
+
+# torch 2.13 renamed reduce_scatter_tensor (still present, deprecated); the GPU machine has torch 2.11.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# step_fn(x_global, pos_rows, pos_cols, exclude_rows, exclude_cols) -> (dx_global, loss or None), labels local to
+# the shard: the single-worker head step of whatever implementation (kernels, XMCHead.step).
+StepFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    tuple[torch.Tensor, float | None],
+]
+
+
+def sharded_step(
+    step_fn: StepFn,
+    shard_start: int,
+    shard_labels: int,
+    x: torch.Tensor,
+    pos_rows: torch.Tensor,
+    pos_cols: torch.Tensor,
+    *,
+    exclude_rows: torch.Tensor | None = None,
+    exclude_cols: torch.Tensor | None = None,
+    group=None,
+) -> HeadStepOutput:
+    """One step of a label-sharded head; returns dX for this worker's own rows (and the global loss, if asked).
+
+    x, pos_rows, pos_cols: this worker's batch with global label ids; exclude_rows/exclude_cols: this worker's
+    (row, global label) pairs that get no gradient. Collective: every rank must call it.
+    """
+    x_all, rows, cols, real, per_rank = gather_batch(x, pos_rows, pos_cols, group)
+    mine = (cols >= shard_start) & (cols < shard_start + shard_labels)
+    ex_rows = ex_cols = None
+    if exclude_rows is not None:
+        new_index = torch.cumsum(real, 0) - 1
+        ex_all_rows, ex_all_cols = _gather_pairs(exclude_rows, exclude_cols, per_rank, new_index, group)
+        ex_mine = (ex_all_cols >= shard_start) & (ex_all_cols < shard_start + shard_labels)
+        ex_rows, ex_cols = ex_all_rows[ex_mine], ex_all_cols[ex_mine] - shard_start
+    dx, loss = step_fn(x_all, rows[mine], cols[mine] - shard_start, ex_rows, ex_cols)
+    dx_pad = torch.zeros((real.numel(), x.shape[1]), dtype=dx.dtype, device=x.device)
+    dx_pad[real] = dx
+    dx_local = torch.empty((per_rank, x.shape[1]), dtype=dx.dtype, device=x.device)
+    _reduce_scatter(dx_local, dx_pad, group=group)
+    COMM.add(dx_local, dist.get_world_size(group))
+    if loss is not None:
+        # Each shard's loss is its labels' summed BCE over the global batch divided by that batch's size.
+        total = torch.tensor([loss], dtype=torch.float64, device=x.device)
+        dist.all_reduce(total, group=group)
+        loss = float(total)
+    return HeadStepOutput(dx_local[: x.shape[0]], loss)
 
 
 def sharded_head_step(
@@ -82,42 +157,36 @@ def sharded_head_step(
     exclude_cols: torch.Tensor | None = None,
     group=None,
 ) -> HeadStepOutput:
-    """One step of a label-sharded head; returns dX for this worker's own rows (and the global loss, if asked).
+    """`sharded_step` of the fused kernels' step: shard holds this worker's chunks, covering global labels
+    [shard_start, shard_start + shard_labels) (plus padding)."""
 
-    shard: this worker's chunks, covering global labels [shard_start, shard_start + shard_labels) (plus padding);
-    x, pos_rows, pos_cols: this worker's batch with global label ids; exclude_rows/exclude_cols: this worker's
-    (row, global label) pairs that get no gradient. Collective: every rank must call it.
-    """
-    x_all, rows, cols, real, per_rank = gather_batch(x, pos_rows, pos_cols, group)
-    mine = (cols >= shard_start) & (cols < shard_start + shard_labels)
-    excluded = {}
-    if exclude_rows is not None:
-        _, ex_rows, ex_cols, _, _ = gather_batch(x, exclude_rows, exclude_cols, group)
-        ex_mine = (ex_cols >= shard_start) & (ex_cols < shard_start + shard_labels)
-        excluded = {"exclude_rows": ex_rows[ex_mine], "exclude_cols": ex_cols[ex_mine] - shard_start}
-    out = head_step(
-        shard,
-        x_all,
-        rows[mine],
-        cols[mine] - shard_start,
-        config,
-        num_labels=shard_labels,
-        kahan=kahan,
-        impl=impl,
-        label_offset=shard_start,
-        **excluded,
+    def step(x_all, rows, cols, ex_rows, ex_cols):
+        excluded = {} if ex_rows is None else {"exclude_rows": ex_rows, "exclude_cols": ex_cols}
+        out = head_step(
+            shard,
+            x_all,
+            rows,
+            cols,
+            config,
+            num_labels=shard_labels,
+            kahan=kahan,
+            impl=impl,
+            label_offset=shard_start,
+            **excluded,
+        )
+        return out.dx, out.loss
+
+    return sharded_step(
+        step,
+        shard_start,
+        shard_labels,
+        x,
+        pos_rows,
+        pos_cols,
+        exclude_rows=exclude_rows,
+        exclude_cols=exclude_cols,
+        group=group,
     )
-    dx_pad = torch.zeros((real.numel(), x.shape[1]), dtype=out.dx.dtype, device=x.device)
-    dx_pad[real] = out.dx
-    dx_local = torch.empty((per_rank, x.shape[1]), dtype=out.dx.dtype, device=x.device)
-    dist.reduce_scatter_tensor(dx_local, dx_pad, group=group)
-    loss = None
-    if out.loss is not None:
-        # Each shard's loss is its labels' summed BCE over the global batch divided by that batch's size.
-        total = torch.tensor([out.loss], dtype=torch.float64, device=x.device)
-        dist.all_reduce(total, group=group)
-        loss = float(total)
-    return HeadStepOutput(dx_local[: x.shape[0]], loss)
 
 
 def sharded_topk(

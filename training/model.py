@@ -55,6 +55,7 @@ class HeadConfig:
     kahan_labels: int = 4096  # fp8+kahan: compensation rows for the first (most frequent) labels
     chunk_budget_mb: float = 64.0  # transient memory of one chunk's step (B x Lc logits, Lc x D temporaries)
     batch_hint: int = 256  # batch size the chunk budget is sized for
+    label_offset: int = 0  # a label shard's first global label: its rounding bits follow the global row ids
 
 
 def padded(n: int) -> int:
@@ -250,6 +251,7 @@ class XMCHead(nn.Module):
                 cfg,
                 num_labels=self.num_labels,
                 kahan=kahan,
+                label_offset=self.config.label_offset,
                 **excluded,
             )
             dx.append(out.dx)
@@ -262,7 +264,9 @@ class XMCHead(nn.Module):
         fp32 = self.weight.dtype == torch.float32
         gemm = torch.bfloat16 if xin.device.type == "cpu" else torch.float32
         xq = xin.to(gemm)
-        gen = torch.Generator(device=xin.device).manual_seed(int(seed) % 2**63)
+        # a label shard draws its own stream (torch's RNG cannot skip ahead to the shard's rows)
+        stream = int(seed) + self.config.label_offset * 1_000_003
+        gen = torch.Generator(device=xin.device).manual_seed(stream % 2**63)
         dx = torch.zeros_like(xin)
         loss = 0.0
         start = 0

@@ -91,6 +91,13 @@ class TrainConfig:
     export: str = ""  # write the artifact here at the end
     stop_after: int = 0  # stop abruptly after this many steps of this process (tests of resume), 0: off
     progress: bool = True
+    # label-sharded training on a Ray cluster (training.ray_train); 0 workers: this process alone
+    workers: int = 0  # Ray Train workers, each holding a label shard of the head
+    use_gpu: bool = False  # one GPU per worker (NCCL); else CPU workers (gloo)
+    cpus_per_worker: float = 1.0
+    address: str = ""  # Ray cluster to join ("auto", "ray://host:10001"); "" starts a local one
+    max_failures: int = 2  # worker failures Ray Train recovers from (restart from the latest checkpoint)
+    ray_storage: str = ""  # checkpoint storage all nodes reach (a shared path, s3://...); "" = <out>/ray
 
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -1,30 +1,13 @@
 """The training loop: config handling, schedule, kill-and-resume equivalence, and a real-data run beating popularity."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from lf_data import write_lf
 
-from training.data import make_synthetic, read_lf
+from training.data import read_lf
 from training.metrics import evaluate
 from training.train import TrainConfig, load_config, lr_factor, model_from_checkpoint, train
-
-
-def write_lf(directory, num_labels=60, num_train=400, num_test=80, seed=0):
-    """A synthetic planted problem in the LF JSON-lines layout, with a filter pair per row (a bogus 'own' label)."""
-    train, test = make_synthetic(num_labels=num_labels, num_train=num_train, num_test=num_test, seed=seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "lbl.json", "w") as f:
-        for uid, title in zip(train.label_uids, train.label_titles, strict=True):
-            f.write(json.dumps({"uid": uid, "title": title}) + "\n")
-    for name, ds in (("trn", train), ("tst", test)):
-        with open(directory / f"{name}.json", "w") as f, open(directory / f"filter_labels_{name}.txt", "w") as g:
-            for i in range(ds.num_rows):
-                t = ds.labels.indices[ds.labels.indptr[i] : ds.labels.indptr[i + 1]].tolist()
-                f.write(json.dumps({"uid": ds.uids[i], "title": ds.texts[i], "target_ind": t}) + "\n")
-                g.write(f"{i} {(i * 7) % num_labels}\n")
-    return directory
 
 
 def test_config_file_and_overrides(tmp_path):

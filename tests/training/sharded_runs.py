@@ -1,0 +1,44 @@
+"""Runs of the label-sharded trainer in W local processes (gloo), as torchrun would start them."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from training.train import TrainConfig
+
+
+def _work(rank: int, world: int, init_file: str, kw: dict, results: str) -> None:
+    from training.worker import DirectoryCheckpointer, train_worker
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig(**kw)
+        out = train_worker(cfg, DirectoryCheckpointer(cfg.out, rank, cfg.resume))
+        torch.save(out, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_sharded(world: int, **kw) -> list[dict]:
+    """train_worker in `world` processes; each rank's returned dict."""
+    fd, init_file = tempfile.mkstemp(prefix="elmo-init-")
+    os.close(fd)
+    os.unlink(init_file)
+    results = str(Path(kw["out"]).with_name(Path(kw["out"]).name + "-result"))
+    mp.spawn(_work, args=(world, init_file, kw, results), nprocs=world)
+    return [torch.load(f"{results}.{r}", weights_only=False) for r in range(world)]
+
+
+def sharded_head_weights(out: str | Path) -> torch.Tensor:
+    """The whole head of a run's checkpoint in true units (L, D_in): the shards' rows in order."""
+    directory = Path(out) / "checkpoint"
+    parts = sorted(directory.glob("shard-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    rows = []
+    for p in parts:
+        s = torch.load(p, weights_only=False)
+        rows.append(s["head"]["weight"][: s["end"] - s["start"]].float() / s["head"]["scale"])
+    return torch.cat(rows)
