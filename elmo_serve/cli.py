@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from elmo_serve.commands import add_serve_commands
+from elmo_serve.retrain import add_retrain_command
 
 DEMO_RUN = "runs/demo"
 DEMO_ARTIFACT = "artifacts/demo"
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     add_serve_commands(sub)
+    add_retrain_command(sub)
 
     tr = sub.add_parser("train", help="train a model (config file and --key value flags)")
     tr.add_argument("--config", default=None, help="a JSON or TOML file of TrainConfig keys")

@@ -12,6 +12,7 @@ resumes from the latest checkpoint (up to `max_failures` times).
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
@@ -69,7 +70,7 @@ def _absolute(cfg: TrainConfig) -> TrainConfig:
 
 
 def fit(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run `cfg` on cfg.workers Ray Train workers; returns the final metrics (what rank 0 reported last).
+    """Run `cfg` on cfg.workers Ray Train workers; returns the final metrics (and train_seconds, step_ms).
 
     Joins the Ray cluster at cfg.address (or starts a local one). on_step(step) runs in every worker after each
     step (tests inject failures with it). Raises RuntimeError when the run fails beyond cfg.max_failures."""
@@ -99,4 +100,9 @@ def fit(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"Ray Train run {cfg.out} failed: {result.error}") from result.error
-    return dict(result.metrics or {})
+    metrics = dict(result.metrics or {})  # what the latest checkpoint was reported with
+    written = Path(cfg.out) / "metrics.json"  # rank 0's final summary, where the driver can read it
+    if written.is_file():
+        final = json.loads(written.read_text())
+        metrics.update(final["metrics"], **{k: final[k] for k in ("train_seconds", "step_ms", "workers")})
+    return metrics

@@ -33,9 +33,9 @@ def run_sharded(world: int, **kw) -> list[dict]:
     return [torch.load(f"{results}.{r}", weights_only=False) for r in range(world)]
 
 
-def sharded_head_weights(out: str | Path) -> torch.Tensor:
-    """The whole head of a run's checkpoint in true units (L, D_in): the shards' rows in order."""
-    directory = Path(out) / "checkpoint"
+def sharded_head_weights(path: str | Path) -> torch.Tensor:
+    """The whole head of a checkpoint (a run directory's, or a checkpoint directory) in true units (L, D_in)."""
+    directory = Path(path) / "checkpoint" if (Path(path) / "checkpoint").is_dir() else Path(path)
     parts = sorted(directory.glob("shard-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
     rows = []
     for p in parts:
