@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import make_artifact  # at import time: tests/training has a conftest module too
 
 from elmo_serve.retrain import (
     AuthError,
@@ -266,12 +267,23 @@ def _free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+def _session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (Linux: /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
 def _stop_session(proc: subprocess.Popen) -> None:
     """Stop the cluster started by `proc` and only it: `ray stop` would kill every Ray process on the machine,
     including the in-process Ray of the other serve tests. SIGTERM makes `ray start --block` take down its own
     processes; anything of its session left after that is killed by pid."""
-    import psutil
-
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -279,21 +291,12 @@ def _stop_session(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     deadline = time.monotonic() + 10
-    while True:
-        left = []
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == proc.pid:
-                    left.append(p)
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                pass
-        if not left or time.monotonic() > deadline:
-            break
+    while (left := _session_pids(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for p in left:
+    for pid in left:
         try:
-            p.kill()
-        except psutil.Error:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 
@@ -302,8 +305,6 @@ def cluster(tmp_path_factory):
     """A `ray start --head` cluster in its own session, with its own temp dir (so `ray.init()` elsewhere never finds
     it through /tmp/ray/ray_current_cluster) and its own ports, and the app deployed on artifact v1 through the
     Serve REST API, as `serve deploy` does."""
-    from conftest import make_artifact
-
     gcs, dashboard, http, grpc, *agent = _free_ports(11)
     temp_dir = tempfile.mkdtemp(prefix="elmo-ray-", dir="/tmp")  # short: Ray's unix socket paths live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
