@@ -104,5 +104,6 @@ def fit(cfg: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
     written = Path(cfg.out) / "metrics.json"  # rank 0's final summary, where the driver can read it
     if written.is_file():
         final = json.loads(written.read_text())
-        metrics.update(final["metrics"], **{k: final[k] for k in ("train_seconds", "step_ms", "workers")})
+        summary = ("train_seconds", "step_ms", "comm_mb_per_step", "workers")
+        metrics.update(final["metrics"], **{k: final[k] for k in summary})
     return metrics

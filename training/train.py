@@ -141,6 +141,12 @@ def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:
     return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def step_milliseconds(step_times: list[float], warmup: int = 3) -> float:
+    """Median step time in ms, the first `warmup` steps (kernel compilation, allocator growth) left out."""
+    timed = step_times[warmup:] if len(step_times) > 2 * warmup else step_times
+    return 1e3 * float(np.median(timed)) if timed else float("nan")
+
+
 def head_config(cfg: TrainConfig, num_labels: int, dim: int) -> HeadConfig:
     """The head of a run: its precision, bias, Kahan rows and chunking come from the training config."""
     return HeadConfig(
@@ -319,10 +325,12 @@ def train(cfg: TrainConfig) -> dict:
     filt = train_ds.filter_matrix() if cfg.exclude_self and len(train_ds.filters) else None
     bar = tqdm(total=total, initial=state["step"], unit="step", disable=not cfg.progress, dynamic_ncols=True)
     done_here = 0
+    step_times: list[float] = []  # this process's steps (not checkpointed)
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         batches = xd.iter_batches(train_ds, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=state["batch"])
         for b in batches:
+            t_step = time.perf_counter()
             step = state["step"]
             f = lr_factor(step, total, cfg.warmup, cfg.min_lr)
             for o in opts:
@@ -353,6 +361,9 @@ def train(cfg: TrainConfig) -> dict:
             state["step"] += 1
             state["batch"] += 1
             done_here += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - t_step)
             if loss is not None:
                 state["history"].append({"step": step, "epoch": epoch, "loss": loss, "lr_factor": f})
                 bar.set_postfix(
@@ -387,6 +398,8 @@ def train(cfg: TrainConfig) -> dict:
         else state["metrics"],
         "history": state["history"],
         "train_seconds": state["train_seconds"],
+        "step_ms": step_milliseconds(step_times),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "out": str(out),
         "config": asdict(cfg),
     }

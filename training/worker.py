@@ -51,6 +51,7 @@ from training.train import (
     load_data,
     lr_factor,
     make_optimizers,
+    step_milliseconds,
 )
 
 
@@ -294,7 +295,9 @@ def train_worker(
     start, end = shard_range(train_ds.num_labels, world, rank)
     shard = Shard(start, end, shard_head(full_head, start, end))
     model.head = shard.head  # the whole head stays on the CPU only until the export
-    state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "step_seconds": 0.0, "history": [], "metrics": {}}
+    state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "history": [], "metrics": {}}
+    step_times: list[float] = []  # this process's steps (not checkpointed)
+    step_comm = 0  # bytes this rank received in the collectives of those steps
     with checkpointer.restore() as ckpt_dir:
         common = None
         if ckpt_dir is not None:
@@ -351,16 +354,18 @@ def train_worker(
             t_step = time.perf_counter()
             step = state["step"]
             f = lr_factor(step, total, cfg.warmup, cfg.min_lr)
+            sent = COMM.bytes
             if len(b.rows) >= world:  # an epoch's last batch smaller than the world is skipped
                 loss = _train_step(cfg, model, shard, grads, opts, train_ds, train_feats, filt, b, step, f, device)
             else:
                 loss = None
+            step_comm += COMM.bytes - sent
             state["step"] += 1
             state["batch"] += 1
             done_here += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            state["step_seconds"] = state.get("step_seconds", 0.0) + time.perf_counter() - t_step
+            step_times.append(time.perf_counter() - t_step)
             if loss is not None:
                 state["history"].append({"step": step, "epoch": epoch, "loss": loss, "lr_factor": f})
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -394,7 +399,9 @@ def train_worker(
         "metrics_master_bias": master,
         "history": state["history"],
         "train_seconds": state["train_seconds"],
-        "step_ms": 1e3 * state["step_seconds"] / max(1, state["step"]),
+        "step_ms": step_milliseconds(step_times),
+        "comm_mb_per_step": step_comm / 2**20 / max(1, len(step_times)),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "workers": world,
         "out": str(cfg.out),
         "config": asdict(cfg),
@@ -412,7 +419,7 @@ def train_worker(
         os.replace(tmp, out / "metrics.json")
         _finish(cfg, model, train_ds, test_ds, test_feats, counts, result)
     dist.barrier(group)
-    summary = {k: result[k] for k in ("train_seconds", "step_ms", "workers")}
+    summary = {k: result[k] for k in ("train_seconds", "step_ms", "comm_mb_per_step", "workers")}
     checkpointer.report({**result["metrics"], **summary, "step": state["step"], "epoch": state["epoch"]})
     return result
 
