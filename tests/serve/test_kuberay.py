@@ -68,3 +68,15 @@ def test_artifact_paths_live_on_the_shared_volume():
     assert entry[:2] == ["elmo", "train"]
     export = entry[entry.index("--export") + 1]
     assert export.startswith("/srv/elmo/artifacts/")
+
+
+def test_rayjob_entrypoint_parses_as_an_elmo_train_command():
+    from elmo_serve.cli import build_parser
+
+    job = _load("rayjob.yaml")
+    args = build_parser().parse_args(job["spec"]["entrypoint"].split()[1:])
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+    assert args.command == "train" and args.workers == workers["replicas"] * max(1, gpus)
+    assert args.use_gpu == (gpus > 0)
+    assert args.ray_storage.startswith("/srv/elmo/"), "checkpoints on the volume every pod mounts"
