@@ -57,12 +57,15 @@ def _all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def _gather_pairs(
-    rows: torch.Tensor, cols: torch.Tensor, per_rank: int, new_index: torch.Tensor, group
+    rows: torch.Tensor, cols: torch.Tensor, per_rank: int, new_index: torch.Tensor, group, most: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' (row-in-local-batch, label) pairs as (row-in-global-batch, label), in rank order."""
+    """All ranks' (row-in-local-batch, label) pairs as (row-in-global-batch, label), in rank order.
+
+    most: the largest pair count of any rank, when the caller already exchanged the counts."""
     world, _ = _world(group)
-    count = torch.tensor([[rows.numel()]], device=rows.device)
-    most = int(_all_gather_rows(count, group).max())
+    if most is None:
+        count = torch.tensor([[rows.numel()]], device=rows.device)
+        most = int(_all_gather_rows(count, group).max())
     pairs = torch.full((max(most, 1), 2), -1, dtype=torch.int64, device=rows.device)
     pairs[: rows.numel(), 0] = rows
     pairs[: rows.numel(), 1] = cols
@@ -81,14 +84,15 @@ def gather_batch(
     to the largest one; `real` marks the real rows of the padded (world * rows_per_rank) layout, in which rank r
     owns rows [r * rows_per_rank, r * rows_per_rank + its batch size).
     """
-    sizes = _all_gather_rows(torch.tensor([[x.shape[0]]], device=x.device), group)
-    per_rank = int(sizes.max())
+    # one exchange (one host sync) for both sizes: rows of x and positive pairs
+    sizes = _all_gather_rows(torch.tensor([[x.shape[0], pos_rows.numel()]], device=x.device), group)
+    per_rank, most = (int(v) for v in sizes.max(0).values.tolist())
     x_pad = torch.zeros((per_rank, x.shape[1]), dtype=x.dtype, device=x.device)
     x_pad[: x.shape[0]] = x
-    real = (torch.arange(per_rank, device=x.device)[None, :] < sizes).flatten()
+    real = (torch.arange(per_rank, device=x.device)[None, :] < sizes[:, :1]).flatten()
     new_index = torch.cumsum(real, 0) - 1  # padded row -> row of the global batch
     x_all = _all_gather_rows(x_pad, group)[real]
-    rows, cols = _gather_pairs(pos_rows, pos_cols, per_rank, new_index, group)
+    rows, cols = _gather_pairs(pos_rows, pos_cols, per_rank, new_index, group, most)
     return x_all, rows, cols, real, per_rank
 
 
