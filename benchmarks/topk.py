@@ -115,15 +115,6 @@ def correctness(device, small: bool) -> list[dict]:
 
 
 def variants(B: int, k: int) -> list[TopkConfig]:
-    if B <= 4:  # the default is the GEMV path; the last one is the tensor-core path of B > 4
-        return [
-            TopkConfig(),
-            TopkConfig(gemv=True, block_l=256, block_d=32),
-            TopkConfig(gemv=True, block_l=64, block_d=128),
-            TopkConfig(gemv=True, num_warps=8),
-            TopkConfig(gemv=True, num_stages=4),
-            TopkConfig(gemv=False),
-        ]
     cands = [TopkConfig(), TopkConfig(sort_min=0), TopkConfig(block_d=64), TopkConfig(block_l=64, block_d=64)]
     if B >= 256:
         cands += [TopkConfig(block_b=128, num_warps=8), TopkConfig(block_b=32)]

@@ -100,7 +100,6 @@ def _topk_kernel(
     HAS_EXCL: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
-    GEMV: tl.constexpr,
 ):
     # Program (query block qb, label split): consecutive programs share a split, so the weight tiles they stream are
     # read from HBM once and served from L2 to the other query blocks.
@@ -134,11 +133,7 @@ def _topk_kernel(
             else:
                 xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
                 wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
-            if GEMV:
-                # A few queries: products on the CUDA cores (fp32, exact for bf16/fp8 inputs), a memory-bound sweep
-                # over W instead of tensor-core tiles that would be mostly padding rows.
-                acc += tl.sum(xt.to(tl.float32)[:, :, None] * wt.to(tl.float32)[None, :, :], axis=1)
-            elif UPCAST:
+            if UPCAST:
                 # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which
                 # holds every bf16/fp8 value exactly, with IEEE products.
                 acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
@@ -153,37 +148,29 @@ def _topk_kernel(
         # Canonical scores: -0.0 -> +0.0 (so that ties at zero fall to the id rule), NaN -> -inf.
         s = tl.where(s == 0.0, 0.0, s)
         s = tl.where(s != s, float("-inf"), s)
-        # The row's current KEEP-th best as a score (-inf while the list still holds fillers): a tile with no score
-        # at or above it cannot change the list, and after the first tiles almost none has one, so the int64 keys
-        # are built only for the tiles that need them.
-        thr = tl.min(R, axis=1)
-        thr_mono = (thr >> 32).to(tl.int32)
-        thr_s = (thr_mono ^ ((thr_mono >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-        thr_s = tl.where(thr > _KEY_FILLER_MAX, thr_s, float("-inf"))
-        maybe = row_ok[:, None] & lab_ok[None, :] & (s >= thr_s[:, None])
-        if tl.max(tl.sum(maybe.to(tl.int32), axis=1)) > 0:
-            # Monotone int32 image of an IEEE float: flip the magnitude bits of negatives (two's complement order
-            # then matches float order). The low word holds the inverted id: among equal scores the lower id wins.
-            bits = s.to(tl.int32, bitcast=True)
-            mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-            key = (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
-            valid = row_ok[:, None] & lab_ok[None, :]
-            if HAS_EXCL:
-                for e in range(E):
-                    ex = tl.load(excl_ptr + rows.to(tl.int64) * stride_eb + e, mask=row_ok, other=-1)
-                    valid = valid & (labs[None, :] != ex[:, None])
-            key = tl.where(valid, key, _KEY_EMPTY)
+        # Monotone int32 image of an IEEE float: flip the magnitude bits of negatives (two's complement order then
+        # matches float order). The low word holds the inverted id, so among equal scores the lower id is larger.
+        bits = s.to(tl.int32, bitcast=True)
+        mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
+        valid = row_ok[:, None] & lab_ok[None, :]
+        if HAS_EXCL:
+            for e in range(E):
+                ex = tl.load(excl_ptr + rows.to(tl.int64) * stride_eb + e, mask=row_ok, other=-1)
+                valid = valid & (labs[None, :] != ex[:, None])
+        key = tl.where(valid, key, _KEY_EMPTY)
 
-            # Only keys above the row's current KEEP-th best can enter the list.
-            cand = key > thr[:, None]
-            nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
-            if SORT_MIN > 0:
-                if nmax >= SORT_MIN:
-                    R = _merge_bitonic(R, key, fillers, KEEP, KP, BLOCK_B, BLOCK_L)
-                else:
-                    R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
+        # Only keys above the row's current KEEP-th best can enter the list: after a few tiles there are almost none.
+        thr = tl.min(R, axis=1)
+        cand = key > thr[:, None]
+        nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
+        if SORT_MIN > 0:
+            if nmax >= SORT_MIN:
+                R = _merge_bitonic(R, key, fillers, KEEP, KP, BLOCK_B, BLOCK_L)
             else:
                 R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
+        else:
+            R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
 
     out_ptrs = part_ptr + rows[:, None].to(tl.int64) * stride_pb + split.to(tl.int64) * stride_ps + cols[None, :]
     tl.store(out_ptrs, R, mask=row_ok[:, None] & (cols[None, :] < KEEP))
@@ -201,7 +188,6 @@ class TopkConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES  # bound on the partial lists when `splits` is automatic
-    gemv: bool | None = None  # CUDA-core products instead of tensor-core tiles (default: B <= 4)
 
 
 def _next_pow2(n: int) -> int:
@@ -210,16 +196,9 @@ def _next_pow2(n: int) -> int:
 
 def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, device: torch.device) -> TopkConfig:
     kp = _next_pow2(k)
-    gemv = cfg.gemv if cfg.gemv is not None else B <= 4
-    if gemv:
-        block_b = cfg.block_b or _next_pow2(B)
-        block_l = cfg.block_l or 128
-        # the (block_b, block_d, block_l) product tile stays within ~8K fp32 values (registers)
-        block_d = cfg.block_d or max(16, min(128, _next_pow2(D), 8192 // (block_b * block_l)))
-    else:
-        block_b = cfg.block_b or (64 if B >= 64 else 32 if B >= 32 else 16)
-        block_l = cfg.block_l or 128
-        block_d = cfg.block_d or max(16, min(32, _next_pow2(D)))  # wider chunks spill registers (ptxas, sm_90)
+    block_b = cfg.block_b or (64 if B >= 64 else 32 if B >= 32 else 16)
+    block_l = cfg.block_l or 128
+    block_d = cfg.block_d or max(16, min(32, _next_pow2(D)))  # wider chunks spill registers (ptxas, sm_90)
     sort_min = cfg.sort_min if cfg.sort_min is not None else (max(16, kp // 4) if block_l >= kp >= 16 else 0)
     qblocks = triton.cdiv(B, block_b)
     tiles = triton.cdiv(num_labels, block_l)
@@ -232,7 +211,7 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
     splits = max(1, min(splits, tiles))
     num_warps = cfg.num_warps or (8 if block_b >= 32 or kp >= 512 else 4)
     num_stages = cfg.num_stages or 3
-    return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes, gemv)
+    return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes)
 
 
 def _check_args(x, weights, k, num_labels) -> None:
@@ -367,7 +346,6 @@ def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: T
         HAS_EXCL=has_excl,
         EVEN_D=D % c.block_d == 0,
         UPCAST=_interpreting(),
-        GEMV=c.gemv,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )

@@ -226,18 +226,3 @@ def _bad_calls():
 def test_bad_arguments_raise_value_error(name, call):
     with pytest.raises(ValueError):
         call()
-
-
-@pytest.mark.skipif(not INTERPRET, reason="the Triton path needs TRITON_INTERPRET=1 on CPU")
-@pytest.mark.parametrize(("B", "gemv"), [(1, True), (1, False), (3, True), (3, False), (6, True)])
-@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.bfloat16])
-def test_few_queries_on_cuda_cores_or_tensor_cores(B, gemv, wdtype):
-    """The GEMV path (default for B <= 4) and the tensor-core tiles give the reference's top-k, exclusions included."""
-    L, D, k = 1009, 96, 7
-    w = make_head(L, 1024, D, wdtype, pad_value=50.0)  # padded rows would win if they were scored
-    x = torch.randn(B, D)
-    exclude = torch.randint(0, L, (B, 3))
-    cfg = TopkConfig(gemv=gemv, sort_min=0)
-    got = topk_scores(x, w, k, L, exclude, impl="triton", fp8_dot=wdtype == torch.float8_e4m3fn, config=cfg)
-    want = reference_topk(x, w, k, L, exclude, fp8_dot=wdtype == torch.float8_e4m3fn)
-    check(got, want, L, exclude)
