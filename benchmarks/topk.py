@@ -115,16 +115,11 @@ def correctness(device, small: bool) -> list[dict]:
 
 
 def variants(B: int, k: int) -> list[TopkConfig]:
-    """The default first; flat=False is the per-tile loop (the kernel before the flat, pipelined loop)."""
-    cands = [TopkConfig(), TopkConfig(block_d=64), TopkConfig(block_l=64, block_d=64)]
+    cands = [TopkConfig(), TopkConfig(sort_min=0), TopkConfig(block_d=64), TopkConfig(block_l=64, block_d=64)]
     if B >= 256:
-        cands += [
-            TopkConfig(block_d=64, flat=False),
-            TopkConfig(block_b=128, block_d=64, num_warps=8),
-            TopkConfig(block_b=128, block_d=64, num_warps=8, num_stages=4),
-        ]
+        cands += [TopkConfig(block_b=128, num_warps=8), TopkConfig(block_b=32)]
     else:
-        cands += [TopkConfig(flat=False), TopkConfig(block_l=64, block_d=64, flat=False), TopkConfig(num_stages=4)]
+        cands += [TopkConfig(num_warps=4 if B > 16 else 8)]
     return cands
 
 

@@ -72,99 +72,6 @@ def _merge_bitonic(R, key, fillers, KEEP: tl.constexpr, KP: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _dot_chunk(
-    acc,
-    x_ptr,
-    w_ptr,
-    rows,
-    row_ok,
-    labs,
-    lab_ok,
-    d0,
-    D,
-    stride_xb,
-    stride_wl,
-    BLOCK_D: tl.constexpr,
-    FP8_DOT: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """acc += x[rows, d0:d0+BLOCK_D] @ W[labs, d0:d0+BLOCK_D]^T."""
-    ds = d0 + tl.arange(0, BLOCK_D)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
-    w_ptrs = w_ptr + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
-    if EVEN_D:
-        xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-        wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
-    else:
-        xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
-        wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
-    if UPCAST:
-        # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which
-        # holds every bf16/fp8 value exactly, with IEEE products.
-        acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-    elif FP8_DOT:
-        acc = tl.dot(xt, wt, acc)
-    else:
-        acc = tl.dot(xt, wt.to(xt.dtype), acc)
-    return acc
-
-
-@triton.jit
-def _select(
-    R,
-    acc,
-    labs,
-    lab_ok,
-    rows,
-    row_ok,
-    inv_scale,
-    fillers,
-    excl_ptr,
-    stride_eb,
-    E,
-    KEEP: tl.constexpr,
-    KP: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    SORT_MIN: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_EXCL: tl.constexpr,
-):
-    """The running list R updated with one tile's scores acc (BLOCK_B, BLOCK_L)."""
-    s = acc
-    if HAS_SCALE:
-        s = s * inv_scale[:, None]
-    # Canonical scores: -0.0 -> +0.0 (so that ties at zero fall to the id rule), NaN -> -inf.
-    s = tl.where(s == 0.0, 0.0, s)
-    s = tl.where(s != s, float("-inf"), s)
-    # Monotone int32 image of an IEEE float: flip the magnitude bits of negatives (two's complement order then
-    # matches float order). The low word holds the inverted id, so among equal scores the lower id is larger.
-    bits = s.to(tl.int32, bitcast=True)
-    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
-    valid = row_ok[:, None] & lab_ok[None, :]
-    if HAS_EXCL:
-        for e in range(E):
-            ex = tl.load(excl_ptr + rows.to(tl.int64) * stride_eb + e, mask=row_ok, other=-1)
-            valid = valid & (labs[None, :] != ex[:, None])
-    key = tl.where(valid, key, _KEY_EMPTY)
-
-    # Only keys above the row's current KEEP-th best can enter the list: after a few tiles there are almost none.
-    thr = tl.min(R, axis=1)
-    cand = key > thr[:, None]
-    nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
-    if SORT_MIN > 0:
-        if nmax >= SORT_MIN:
-            R = _merge_bitonic(R, key, fillers, KEEP, KP, BLOCK_B, BLOCK_L)
-        else:
-            R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
-    else:
-        R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
-    return R
-
-
-@triton.jit
 def _topk_kernel(
     x_ptr,
     w_ptr,
@@ -193,7 +100,6 @@ def _topk_kernel(
     HAS_EXCL: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
-    FLAT: tl.constexpr,
 ):
     # Program (query block qb, label split): consecutive programs share a split, so the weight tiles they stream are
     # read from HBM once and served from L2 to the other query blocks.
@@ -206,104 +112,65 @@ def _topk_kernel(
     fillers = _KEY_EMPTY + 1 + cols.to(tl.int64)
     lo = split * labels_per_split
     hi = tl.minimum(lo + labels_per_split, num_labels)
-    inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
 
     # Running top-KEEP per query row, kept as an unordered set of keys in slots [0, KEEP); slots >= KEEP hold KEY_FULL.
     # Empty slots hold distinct fillers, so "the slot equal to the row minimum" is always exactly one slot.
     R = tl.zeros((BLOCK_B, KP), dtype=tl.int64) + tl.where(cols < KEEP, fillers, _KEY_FULL)[None, :]
 
-    if FLAT:
-        # One loop over (label tile, D chunk) pairs: the loads of the next tile are pipelined behind this tile's
-        # selection, as in a persistent GEMM, instead of each tile restarting the pipeline.
-        k_steps = tl.cdiv(D, BLOCK_D)
+    for start in range(lo, hi, BLOCK_L):
+        labs = start + tl.arange(0, BLOCK_L)
+        lab_ok = labs < hi
         acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
-        for it in range(0, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_L) * k_steps):
-            tile = it // k_steps
-            kk = it - tile * k_steps
-            labs = lo + tile * BLOCK_L + tl.arange(0, BLOCK_L)
-            lab_ok = labs < hi
-            acc = _dot_chunk(
-                acc,
-                x_ptr,
-                w_ptr,
-                rows,
-                row_ok,
-                labs,
-                lab_ok,
-                kk * BLOCK_D,
-                D,
-                stride_xb,
-                stride_wl,
-                BLOCK_D,
-                FP8_DOT,
-                EVEN_D,
-                UPCAST,
-            )
-            if kk == k_steps - 1:
-                R = _select(
-                    R,
-                    acc,
-                    labs,
-                    lab_ok,
-                    rows,
-                    row_ok,
-                    inv_scale,
-                    fillers,
-                    excl_ptr,
-                    stride_eb,
-                    E,
-                    KEEP,
-                    KP,
-                    BLOCK_B,
-                    BLOCK_L,
-                    SORT_MIN,
-                    HAS_SCALE,
-                    HAS_EXCL,
-                )
-                acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
-    else:
-        for start in range(lo, hi, BLOCK_L):
-            labs = start + tl.arange(0, BLOCK_L)
-            lab_ok = labs < hi
-            acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                acc = _dot_chunk(
-                    acc,
-                    x_ptr,
-                    w_ptr,
-                    rows,
-                    row_ok,
-                    labs,
-                    lab_ok,
-                    d0,
-                    D,
-                    stride_xb,
-                    stride_wl,
-                    BLOCK_D,
-                    FP8_DOT,
-                    EVEN_D,
-                    UPCAST,
-                )
-            R = _select(
-                R,
-                acc,
-                labs,
-                lab_ok,
-                rows,
-                row_ok,
-                inv_scale,
-                fillers,
-                excl_ptr,
-                stride_eb,
-                E,
-                KEEP,
-                KP,
-                BLOCK_B,
-                BLOCK_L,
-                SORT_MIN,
-                HAS_SCALE,
-                HAS_EXCL,
-            )
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
+            w_ptrs = w_ptr + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
+            if EVEN_D:
+                xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
+            else:
+                xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
+                wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
+            if UPCAST:
+                # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which
+                # holds every bf16/fp8 value exactly, with IEEE products.
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            elif FP8_DOT:
+                acc = tl.dot(xt, wt, acc)
+            else:
+                acc = tl.dot(xt, wt.to(xt.dtype), acc)
+
+        s = acc
+        if HAS_SCALE:
+            s = s * inv_scale[:, None]
+        # Canonical scores: -0.0 -> +0.0 (so that ties at zero fall to the id rule), NaN -> -inf.
+        s = tl.where(s == 0.0, 0.0, s)
+        s = tl.where(s != s, float("-inf"), s)
+        # Monotone int32 image of an IEEE float: flip the magnitude bits of negatives (two's complement order then
+        # matches float order). The low word holds the inverted id, so among equal scores the lower id is larger.
+        bits = s.to(tl.int32, bitcast=True)
+        mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
+        valid = row_ok[:, None] & lab_ok[None, :]
+        if HAS_EXCL:
+            for e in range(E):
+                ex = tl.load(excl_ptr + rows.to(tl.int64) * stride_eb + e, mask=row_ok, other=-1)
+                valid = valid & (labs[None, :] != ex[:, None])
+        key = tl.where(valid, key, _KEY_EMPTY)
+
+        # Only keys above the row's current KEEP-th best can enter the list: after a few tiles there are almost none.
+        thr = tl.min(R, axis=1)
+        cand = key > thr[:, None]
+        nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
+        if SORT_MIN > 0:
+            if nmax >= SORT_MIN:
+                R = _merge_bitonic(R, key, fillers, KEEP, KP, BLOCK_B, BLOCK_L)
+            else:
+                R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
+        else:
+            R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
 
     out_ptrs = part_ptr + rows[:, None].to(tl.int64) * stride_pb + split.to(tl.int64) * stride_ps + cols[None, :]
     tl.store(out_ptrs, R, mask=row_ok[:, None] & (cols[None, :] < KEEP))
@@ -321,7 +188,6 @@ class TopkConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES  # bound on the partial lists when `splits` is automatic
-    flat: bool | None = None  # one pipelined loop over (tile, D chunk) pairs instead of a loop per tile
 
 
 def _next_pow2(n: int) -> int:
@@ -345,8 +211,7 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
     splits = max(1, min(splits, tiles))
     num_warps = cfg.num_warps or (8 if block_b >= 32 or kp >= 512 else 4)
     num_stages = cfg.num_stages or 3
-    flat = cfg.flat if cfg.flat is not None else True
-    return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes, flat)
+    return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes)
 
 
 def _check_args(x, weights, k, num_labels) -> None:
@@ -481,7 +346,6 @@ def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: T
         HAS_EXCL=has_excl,
         EVEN_D=D % c.block_d == 0,
         UPCAST=_interpreting(),
-        FLAT=c.flat,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )

@@ -226,17 +226,3 @@ def _bad_calls():
 def test_bad_arguments_raise_value_error(name, call):
     with pytest.raises(ValueError):
         call()
-
-
-@pytest.mark.skipif(not INTERPRET, reason="the Triton path needs TRITON_INTERPRET=1 on CPU")
-@pytest.mark.parametrize("flat", [True, False])
-@pytest.mark.parametrize("B", [1, 5])
-def test_flat_and_per_tile_loops_agree_with_reference(flat, B):
-    """Both loop structures (one pipelined loop over (tile, D chunk), or a loop per tile) give the reference."""
-    L, D, k = 1009, 80, 6  # D not a multiple of the D chunk, L not a multiple of the tile
-    w = make_head(L, 1024, D, torch.float8_e4m3fn, pad_value=50.0)
-    x = torch.randn(B, D)
-    exclude = torch.randint(0, L, (B, 2))
-    cfg = TopkConfig(flat=flat, sort_min=0, block_d=32, splits=3)
-    got = topk_scores(x, w, k, L, exclude, impl="triton", fp8_dot=True, config=cfg)
-    check(got, reference_topk(x, w, k, L, exclude, fp8_dot=True), L, exclude)
