@@ -115,11 +115,13 @@ def correctness(device, small: bool) -> list[dict]:
 
 
 def variants(B: int, k: int) -> list[TopkConfig]:
-    cands = [TopkConfig(), TopkConfig(sort_min=0), TopkConfig(block_d=64), TopkConfig(block_l=64, block_d=64)]
+    """The default first, then the previous session's defaults (block_d=32, block_l=128) and a few neighbours."""
+    old = TopkConfig(block_d=32, block_l=128, block_b=64 if B >= 64 else 32 if B >= 32 else 16)
+    cands = [TopkConfig(), old, TopkConfig(block_d=64, block_l=128), TopkConfig(block_d=64, block_l=64)]
     if B >= 256:
-        cands += [TopkConfig(block_b=128, num_warps=8), TopkConfig(block_b=32)]
+        cands += [TopkConfig(block_b=128, block_d=64, num_warps=8), TopkConfig(block_b=64, block_d=64)]
     else:
-        cands += [TopkConfig(num_warps=4 if B > 16 else 8)]
+        cands += [TopkConfig(num_stages=4)]
     return cands
 
 

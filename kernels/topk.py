@@ -196,9 +196,12 @@ def _next_pow2(n: int) -> int:
 
 def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, device: torch.device) -> TopkConfig:
     kp = _next_pow2(k)
-    block_b = cfg.block_b or (64 if B >= 64 else 32 if B >= 32 else 16)
-    block_l = cfg.block_l or 128
-    block_d = cfg.block_d or max(16, min(32, _next_pow2(D)))  # wider chunks spill registers (ptxas, sm_90)
+    # Defaults from the H200 sweeps of benchmarks/topk.py (BENCHMARKS.md): 64-wide D chunks everywhere; narrow label
+    # tiles for few queries; 128-query blocks when the running lists are short (k <= 16) and the batch is large.
+    big_b = B >= 256 and kp <= 16
+    block_b = cfg.block_b or (128 if big_b else 64 if B >= 64 else 32 if B >= 32 else 16)
+    block_l = cfg.block_l or (64 if B <= 32 else 128)
+    block_d = cfg.block_d or max(16, min(64, _next_pow2(D)))
     sort_min = cfg.sort_min if cfg.sort_min is not None else (max(16, kp // 4) if block_l >= kp >= 16 else 0)
     qblocks = triton.cdiv(B, block_b)
     tiles = triton.cdiv(num_labels, block_l)
