@@ -197,10 +197,11 @@ def _next_pow2(n: int) -> int:
 def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, device: torch.device) -> TopkConfig:
     kp = _next_pow2(k)
     # Defaults from the H200 sweeps of benchmarks/topk.py (BENCHMARKS.md): 64-wide D chunks everywhere; narrow label
-    # tiles for few queries; 128-query blocks when the running lists are short (k <= 16) and the batch is large.
+    # tiles for few queries with long lists; 128-query blocks when the lists are short (k <= 16) and the batch is
+    # large; a deeper pipeline for few queries.
     big_b = B >= 256 and kp <= 16
     block_b = cfg.block_b or (128 if big_b else 64 if B >= 64 else 32 if B >= 32 else 16)
-    block_l = cfg.block_l or (64 if B <= 32 else 128)
+    block_l = cfg.block_l or (64 if B <= 32 and kp > 16 else 128)
     block_d = cfg.block_d or max(16, min(64, _next_pow2(D)))
     sort_min = cfg.sort_min if cfg.sort_min is not None else (max(16, kp // 4) if block_l >= kp >= 16 else 0)
     qblocks = triton.cdiv(B, block_b)
@@ -213,7 +214,7 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
         splits = min(splits, max(1, cfg.max_partial_bytes // (8 * B * k)))
     splits = max(1, min(splits, tiles))
     num_warps = cfg.num_warps or (8 if block_b >= 32 or kp >= 512 else 4)
-    num_stages = cfg.num_stages or 3
+    num_stages = cfg.num_stages or (4 if B <= 32 else 3)
     return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes)
 
 
