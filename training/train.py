@@ -51,6 +51,7 @@ class TrainConfig:
     # encoder
     encoder: str = "hashed"  # hashed | hf (a local Hugging Face directory in hf_path)
     hf_path: str = ""
+    fp8_encoder: bool = False  # encoder="hf" on an FP8 GPU: torchao's FP8 training linears (measured: BENCHMARKS.md)
     dim: int = 256  # embedding dimension of the hashed encoder
     char_ngrams: str = "3-5"  # character n-gram range of the featurizer; "0-0" turns them off
     min_df: int = 2  # featurizer buckets seen in fewer fitted texts are dropped
@@ -166,6 +167,8 @@ def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XM
     featurizer = None
     if cfg.encoder == "hf":
         encoder = HFTextEncoder.from_pretrained(cfg.hf_path)
+        if cfg.fp8_encoder:
+            fp8_linears(encoder, _device(cfg))
     elif train.features is not None:
         encoder = HashedBagEncoder(HashedBagConfig(num_features=train.features.shape[1], dim=cfg.dim, sparse=True))
     else:
@@ -195,6 +198,22 @@ def build_model(cfg: TrainConfig, train: xd.XMCDataset, order: np.ndarray) -> XM
     prior = (train.label_counts() + 0.5) / (train.num_rows + 1.0)
     model.head.init_weights(vectors, prior, seed=cfg.seed)
     return model
+
+
+def fp8_linears(encoder: torch.nn.Module, device: torch.device) -> None:
+    """Swap the encoder's Linear layers (both sides multiples of 16) for torchao's FP8 training linears, in place."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("fp8_encoder needs a CUDA GPU with FP8 tensor cores (sm_89 or newer)")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise ValueError("fp8_encoder needs torchao: pip install torchao") from e
+
+    def divisible(module: torch.nn.Module, fqn: str) -> bool:
+        linear = isinstance(module, torch.nn.Linear)
+        return linear and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(encoder, module_filter_fn=divisible)
 
 
 def _frozen_embedder(cfg: TrainConfig) -> FrozenTextEmbedder:

@@ -105,3 +105,10 @@ def test_frozen_encoder_run_trains_reloads_and_refuses_export(tmp_path):
     assert model.frozen is not None and model.encoder.proj.weight.shape == (32, 32)
     with pytest.raises(ValueError, match="cannot be exported"):
         train(_cfg(data, tmp_path / "run2", frozen_encoder=str(bert), export=str(tmp_path / "art")))
+
+
+def test_fp8_encoder_needs_an_fp8_gpu():
+    from training.train import fp8_linears
+
+    with pytest.raises(ValueError, match="FP8 tensor cores"):
+        fp8_linears(torch.nn.Sequential(torch.nn.Linear(32, 32)), torch.device("cpu"))
