@@ -18,6 +18,7 @@ import os
 import random
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -245,6 +246,10 @@ def featurize(model: XMCModel, ds: xd.XMCDataset):
     return ds.features
 
 
+# rank(x, filtered) -> (B, 5) label ids: x the batch's embeddings, filtered its (row, label) filter pairs (COO)
+RankFn = Callable[[torch.Tensor, sp.coo_matrix | None], torch.Tensor]
+
+
 @torch.no_grad()
 def evaluate_model(
     model: XMCModel,
@@ -253,21 +258,27 @@ def evaluate_model(
     propensity: np.ndarray | None,
     batch: int = 1024,
     master_bias: bool = False,
+    rank: RankFn | None = None,
 ) -> dict[str, float]:
     """P@k, nDCG@k, PSP@k (k = 1, 3, 5) with the split's filter pairs removed before ranking; values in %.
 
-    Scores use the head's stored bias column (what is exported and served), or with master_bias its fp32 master."""
+    Scores use the head's stored bias column (what is exported and served), or with master_bias its fp32 master.
+    `rank` replaces the head's own top-5 (a label-sharded head merges its shards' lists)."""
+
+    def own_top5(x: torch.Tensor, filtered: sp.coo_matrix | None) -> torch.Tensor:
+        excl = None
+        if filtered is not None:
+            excl = torch.from_numpy(np.stack([filtered.row, filtered.col], 1).astype(np.int64))
+        return model.head.topk(x, 5, exclude=excl, master_bias=master_bias)[1]
+
+    rank = rank or own_top5
     model.eval()
     metrics = XMCMetrics(propensity=propensity)
     filt = ds.filter_matrix() if len(ds.filters) else None
     for start in range(0, ds.num_rows, batch):
         rows = np.arange(start, min(start + batch, ds.num_rows))
         x = model.embed(*encoder_inputs(model, ds, feats, rows))
-        excl = None
-        if filt is not None:
-            f = filt[rows].tocoo()
-            excl = torch.from_numpy(np.stack([f.row, f.col], 1).astype(np.int64))
-        _, ids = model.head.topk(x, 5, exclude=excl, master_bias=master_bias)
+        ids = rank(x, filt[rows].tocoo() if filt is not None else None)
         metrics.update(ids.cpu(), ds.labels[rows])
     model.train()
     return {k: 100 * v for k, v in metrics.compute().items()}

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from kernels.topk import MAX_LABELS, merge_topk
 from training import data as xd
 from training.distributed import COMM, shard_range, sharded_step
-from training.metrics import XMCMetrics, jain_propensity
+from training.metrics import jain_propensity
 from training.model import XMCHead, XMCModel
 from training.train import (
     TrainConfig,
@@ -47,6 +47,7 @@ from training.train import (
     _set_rng_state,
     build_model,
     encoder_inputs,
+    evaluate_model,
     featurize,
     load_data,
     lr_factor,
@@ -231,24 +232,19 @@ def evaluate_sharded(
     feats,
     propensity: np.ndarray | None,
     k: int = 5,
-    batch: int = 1024,
     master_bias: bool = False,
     group=None,
 ) -> dict[str, float]:
     """`training.train.evaluate_model` over a sharded head: each shard ranks the whole test batch, the lists merge.
     Every rank returns the same metrics. Collective."""
-    model.eval()
     world = dist.get_world_size(group)
-    metrics = XMCMetrics(propensity=propensity)
-    filt = ds.filter_matrix() if len(ds.filters) else None
-    for start in range(0, ds.num_rows, batch):
-        rows = np.arange(start, min(start + batch, ds.num_rows))
-        x = model.embed(*encoder_inputs(model, ds, feats, rows))
+
+    def merged_topk(x: torch.Tensor, filtered) -> torch.Tensor:
         excl = None
-        if filt is not None:
-            f = filt[rows].tocoo()
-            mine = (f.col >= shard.start) & (f.col < shard.end)
-            excl = torch.from_numpy(np.stack([f.row[mine], f.col[mine] - shard.start], 1).astype(np.int64))
+        if filtered is not None:
+            mine = (filtered.col >= shard.start) & (filtered.col < shard.end)
+            pairs = np.stack([filtered.row[mine], filtered.col[mine] - shard.start], 1)
+            excl = torch.from_numpy(pairs.astype(np.int64))
         s, i = shard.head.topk(x, k, exclude=excl, master_bias=master_bias)
         pad = k - s.shape[1]  # a shard with fewer than k labels
         s = torch.cat([s, s.new_full((s.shape[0], pad), -math.inf)], 1)
@@ -257,10 +253,9 @@ def evaluate_sharded(
         all_i = [torch.empty_like(i) for _ in range(world)]
         dist.all_gather(all_s, s.contiguous(), group=group)
         dist.all_gather(all_i, i.contiguous(), group=group)
-        _, ids = merge_topk(all_s, all_i, k)
-        metrics.update(ids.cpu(), ds.labels[rows])
-    model.train()
-    return {name: 100 * v for name, v in metrics.compute().items()}
+        return merge_topk(all_s, all_i, k)[1]
+
+    return evaluate_model(model, ds, feats, propensity, rank=merged_topk)
 
 
 def _local_slice(batch_rows: int, world: int, rank: int) -> tuple[int, int]:
