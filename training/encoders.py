@@ -15,7 +15,7 @@ import hashlib
 import re
 from array import array
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,24 @@ _PART = re.compile(r"[-._+:/]+")
 _EDGE = "-._:/"  # stripped from token ends ('+' stays: g++, c++)
 
 
+_MEMO_TOKENS = 1 << 17  # tokens whose bucket ids a featurizer keeps across calls (<= ~60 MB), see `counts`
+
+
 def _bucket(feature: str, num_buckets: int) -> int:
     return int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "little") % num_buckets
+
+
+def _token_features(token: str, char_ngrams: tuple[int, int], name_parts: bool) -> list[str]:
+    feats = ["w:" + token]
+    parts = [p for p in _PART.split(token) if p]
+    if name_parts and len(parts) > 1:
+        feats += ["p:" + p for p in parts]
+    lo, hi = char_ngrams
+    if lo > 0:
+        for p in parts or [token]:
+            s = f"<{p}>"
+            feats += ["c:" + s[i : i + n] for n in range(lo, hi + 1) for i in range(len(s) - n + 1)]
+    return feats
 
 
 @dataclass
@@ -51,6 +67,7 @@ class HashedNgramFeaturizer:
     min_df: int = 1  # keep buckets seen in >= min_df fitted texts; 0 keeps all num_buckets
     kept: np.ndarray | None = None  # (num_features,) sorted int64 bucket ids kept by `fit` (min_df > 0)
     idf: np.ndarray | None = None  # (num_features,) float32 smoothed idf, set by `fit`
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # see `counts`
 
     @property
     def num_features(self) -> int:
@@ -66,16 +83,7 @@ class HashedNgramFeaturizer:
 
     def token_features(self, token: str) -> list[str]:
         """The features one token contributes (bigrams aside), each prefixed by its kind."""
-        feats = ["w:" + token]
-        parts = [p for p in _PART.split(token) if p]
-        if self.name_parts and len(parts) > 1:
-            feats += ["p:" + p for p in parts]
-        lo, hi = self.char_ngrams
-        if lo > 0:
-            for p in parts or [token]:
-                s = f"<{p}>"
-                feats += ["c:" + s[i : i + n] for n in range(lo, hi + 1) for i in range(len(s) - n + 1)]
-        return feats
+        return _token_features(token, tuple(self.char_ngrams), self.name_parts)
 
     def features(self, text: str) -> list[str]:
         """All features of a text, unhashed (for inspection and tests)."""
@@ -87,8 +95,11 @@ class HashedNgramFeaturizer:
 
     def counts(self, texts: Sequence[str]) -> sp.csr_matrix:
         """Raw feature counts, (len(texts) x num_buckets) float32 CSR with sorted, unique indices."""
-        n = self.num_buckets
-        bucket_of: dict[str, int] = {}  # feature -> bucket, and token -> its buckets: hashed once per call
+        # One BLAKE2b per feature dominates. Within a call each feature is hashed once (a token's ~36 char n-grams
+        # recur across tokens); across calls the featurizer keeps each token's bucket ids (a server sees the same
+        # words again and again), up to _MEMO_TOKENS tokens.
+        n, ngrams, parts = self.num_buckets, tuple(self.char_ngrams), self.name_parts
+        bucket_of: dict[str, int] = {}
 
         def bucket(f: str) -> int:
             b = bucket_of.get(f)
@@ -96,7 +107,9 @@ class HashedNgramFeaturizer:
                 b = bucket_of[f] = _bucket(f, n)
             return b
 
-        token_ids: dict[str, list[int]] = {}
+        token_ids = self._memo.get((n, ngrams, parts))
+        if token_ids is None:  # first call, or the settings changed: their bucket ids differ
+            self._memo = {(n, ngrams, parts): (token_ids := {})}
         indices = array("q")
         indptr = array("q", [0])
         for text in texts:
@@ -104,10 +117,12 @@ class HashedNgramFeaturizer:
             for t in toks:
                 ids = token_ids.get(t)
                 if ids is None:
-                    ids = token_ids[t] = [bucket(f) for f in self.token_features(t)]
+                    if len(token_ids) >= _MEMO_TOKENS:
+                        token_ids.clear()
+                    ids = token_ids[t] = array("q", [bucket(f) for f in _token_features(t, ngrams, parts)])
                 indices.extend(ids)
             if self.word_bigrams:
-                indices.extend(bucket(f"b:{a} {b}") for a, b in zip(toks, toks[1:], strict=False))
+                indices.extend([bucket(f"b:{a} {b}") for a, b in zip(toks, toks[1:], strict=False)])
             indptr.append(len(indices))
         idx, ptr = np.frombuffer(indices, dtype=np.int64), np.frombuffer(indptr, dtype=np.int64)
         m = sp.csr_matrix((np.ones(len(idx), dtype=np.float32), idx, ptr), shape=(len(ptr) - 1, n))
@@ -161,7 +176,7 @@ class HashedNgramFeaturizer:
 
     def state_dict(self) -> dict:
         """{"config": JSON-able settings, "kept": array or None, "idf": array or None}; see `from_state_dict`."""
-        config = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("kept", "idf")}
+        config = {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in ("kept", "idf")}
         config["char_ngrams"] = list(config["char_ngrams"])
         return {"config": config, "kept": self.kept, "idf": self.idf}
 

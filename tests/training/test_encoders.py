@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -57,6 +59,83 @@ def test_transform_tfidf_normalised_compact_and_restorable():
         and raw.data.min() >= 1
         and raw.sum() == sum(len(HashedNgramFeaturizer().features(t)) for t in TEXTS)
     )
+
+
+def _titles(path, name: str, n: int) -> list[str]:
+    import json
+
+    with (path / name).open() as f:
+        return [json.loads(line)["title"] for _, line in zip(range(n), f, strict=False)]
+
+
+def _reference_transform(f: HashedNgramFeaturizer, texts: list[str]) -> sp.csr_matrix:
+    """The featurizer written out plainly, one text and one feature at a time (no memo, no vectorised steps)."""
+    data, indices, indptr = [], [], [0]
+    for text in texts:
+        counts: dict[int, int] = {}
+        for feat in f.features(text):
+            b = int.from_bytes(hashlib.blake2b(feat.encode(), digest_size=8).digest(), "little") % f.num_buckets
+            counts[b] = counts.get(b, 0) + 1
+        cols, vals = [], []
+        for b in sorted(counts):
+            j = int(np.searchsorted(f.kept, b))
+            if j < len(f.kept) and f.kept[j] == b:  # buckets not kept by fit are dropped
+                cols.append(j)
+                vals.append(np.float32(counts[b]) * f.idf[j])
+        norm = 0.0
+        for v in vals:  # sequential float64 sum of squares, then the float32 division
+            norm += float(v) ** 2
+        norm = np.float32(np.sqrt(norm) if norm > 0 else 1.0)
+        data += [np.float32(v / norm) for v in vals]
+        indices += cols
+        indptr.append(len(indices))
+    shape = (len(texts), f.num_features)
+    return sp.csr_matrix((np.array(data, dtype=np.float32), np.array(indices), np.array(indptr)), shape=shape)
+
+
+def _assert_same_csr(a: sp.csr_matrix, b: sp.csr_matrix) -> None:
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.data.view(np.uint32), b.data.view(np.uint32))  # bit for bit
+
+
+def test_featurizer_matches_the_plain_reference_on_real_titles(debian_deps):
+    # Saved artifacts hold the encoder rows of these exact features: the fast path (memo of token bucket ids, one
+    # hash per feature per call) must give the plain featurizer's CSR bit for bit, in one call or text by text.
+    f = HashedNgramFeaturizer(min_df=2).fit(_titles(debian_deps, "trn.json", 3000))
+    texts = _titles(debian_deps, "tst.json", 800)
+    ref = _reference_transform(f, texts)
+    _assert_same_csr(f.transform(texts), ref)
+    _assert_same_csr(sp.vstack([f.transform([t]) for t in texts[:200]], format="csr"), ref[:200])
+    g = HashedNgramFeaturizer.from_state_dict(f.state_dict())  # a loaded artifact's featurizer, memo empty
+    _assert_same_csr(g.transform(texts[::-1]), ref[::-1])
+
+
+def test_featurizer_output_is_unchanged_since_the_first_artifacts(debian_deps):
+    # SHA-256 of (kept, idf, CSR) computed with the featurizer as it was when the first artifacts were exported
+    # (commit 6075e24, before the token memo): any change to hashing, fitting or weighting breaks trained models.
+    f = HashedNgramFeaturizer(min_df=2).fit(_titles(debian_deps, "trn.json", 5000))
+    x = f.transform(_titles(debian_deps, "tst.json", 2000))
+    h = hashlib.sha256()
+    for a in (
+        f.kept,
+        f.idf.view(np.uint32),
+        x.indptr.astype(np.int64),
+        x.indices.astype(np.int64),
+        x.data.view(np.uint32),
+    ):
+        h.update(np.ascontiguousarray(a).tobytes())
+    assert h.hexdigest() == "75028a5a06aa21161eeca0b30ed19f94f3b9b3a89e8c4c729cc42785fd31e7b8"
+
+
+def test_featurizer_memo_follows_its_settings():
+    f = HashedNgramFeaturizer(num_buckets=2**16, min_df=0, tfidf=False)
+    first = f.counts(TEXTS)
+    f.num_buckets = 2**12  # bucket ids of the remembered tokens no longer hold
+    _assert_same_csr(f.counts(TEXTS), HashedNgramFeaturizer(num_buckets=2**12, min_df=0, tfidf=False).counts(TEXTS))
+    f.num_buckets = 2**16
+    _assert_same_csr(f.counts(TEXTS), first)
+    assert "memo" not in str(f.state_dict()) and f == HashedNgramFeaturizer(num_buckets=2**16, min_df=0, tfidf=False)
 
 
 def test_bag_inputs_select_rows():
