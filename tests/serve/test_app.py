@@ -147,6 +147,33 @@ def test_bad_input_gets_a_clear_4xx_and_the_replica_keeps_serving(client):
     assert "elmo_requests_total" in client.get("/metrics").text
 
 
+def test_guard_answers_413_before_reading_and_500_as_json():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from elmo_serve.app import _MAX_BODY_BYTES, _Guard
+
+    app = FastAPI()
+    app.add_middleware(_Guard)
+    read = []
+
+    @app.post("/echo")
+    async def echo(body: dict):
+        read.append(body)
+        return body
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("bug")
+
+    with TestClient(app) as c:
+        assert c.post("/echo", json={"a": 1}).json() == {"a": 1}
+        r = c.post("/echo", content=b"x" * (_MAX_BODY_BYTES[0] + 1))
+        assert r.status_code == 413 and "max_body_bytes" in r.json()["error"] and len(read) == 1
+        r = c.get("/boom")
+        assert r.status_code == 500 and r.json()["error"] == "internal error: RuntimeError"
+
+
 def test_wrong_method_and_unknown_path_are_4xx(client):
     assert client.get("/v1/predict").status_code == 405
     assert client.post("/v1/nothing", json={}).status_code == 404
