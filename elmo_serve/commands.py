@@ -12,6 +12,19 @@ from pathlib import Path
 
 from elmo_serve.client import DEFAULT_URL, ElmoClient, ServeError, format_table
 
+# Ray Serve's throughput mode (Ray >= 2.55), read by each Ray process when it starts: HAProxy answers on the HTTP port
+# instead of the Python proxy actor, the ingress replicas serve HTTP themselves (on http_options.host, ports
+# 30000-31000), deployments call each other over gRPC, and user code runs on each replica's event loop. On 2 CPU cores
+# it cuts Serve's share of a request from ~15 to ~4 ms. HAProxy's stats (8404) and Prometheus (9101) ports listen on
+# all interfaces. Set a variable to 0 before starting Ray to keep the proxy actor.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def use_throughput_mode() -> None:
+    """Ray Serve's throughput mode for a Ray started by this process, unless the environment already decides."""
+    for key, value in THROUGHPUT_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def serve_command(
     artifact: str,
@@ -28,6 +41,7 @@ def serve_command(
     if not path.exists():
         print(f"elmo serve: no artifact at {path}", file=sys.stderr)
         return 2
+    use_throughput_mode()
     import ray
     from ray import serve
 

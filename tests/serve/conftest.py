@@ -5,6 +5,7 @@ Ray is started lazily by the `serve_url` fixture, so the scoring tests alone nev
 
 import os
 import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def _filter_warnings() -> None:
 
 
 _IGNORED = ("ignore::pydantic.warnings.PydanticDeprecatedSince20", "ignore::DeprecationWarning:ray.*")
+
+
+_THIS = sys.modules[__name__]
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    # This directory's tests `from conftest import ...` this file, but there is one module named `conftest` at a time:
+    # when a run also collects tests/training (`pytest tests/serve tests/training/...`), its conftest took the name.
+    sys.modules["conftest"] = _THIS
 
 
 def pytest_collection_modifyitems(config, items):
@@ -126,11 +136,29 @@ def serve_url():
     """http://127.0.0.1:PORT of a Serve instance started once for the session (token auth off: a test cluster)."""
     _filter_warnings()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from elmo_serve.commands import THROUGHPUT_ENV, use_throughput_mode
+
+    # The app is tested in the Serve mode `elmo serve` runs (HAProxy, direct ingress, gRPC between deployments), set
+    # before Ray is imported, as there. HAProxy's stats and metrics ports move to free ones (they are fixed otherwise,
+    # and another Serve may run on this machine), and only this cluster gets the mode: the `ray start` cluster of
+    # test_retrain keeps the proxy actor.
+    cluster_env = {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+    saved = {k: os.environ.get(k) for k in [*THROUGHPUT_ENV, *cluster_env]}
+    use_throughput_mode()
+    os.environ.update(cluster_env)
     import ray
     from ray import serve
 
     port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for k, v in saved.items():
+        if v is None:
+            del os.environ[k]
+        else:
+            os.environ[k] = v
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

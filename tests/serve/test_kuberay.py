@@ -50,6 +50,15 @@ def test_rayservice_cluster_autoscales_with_cpu_and_gpu_groups_and_auth():
     assert scorer["ray_actor_options"]["num_cpus"] <= float(cpu_pod)
 
 
+def test_every_ray_container_runs_serve_in_throughput_mode():
+    from elmo_serve.commands import THROUGHPUT_ENV
+
+    cluster = _load("rayservice.yaml")["spec"]["rayClusterConfig"]
+    for spec in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        env = {e["name"]: e["value"] for e in spec["template"]["spec"]["containers"][0].get("env", [])}
+        assert {k: env.get(k) for k in THROUGHPUT_ENV} == THROUGHPUT_ENV  # as `elmo serve` starts Ray
+
+
 def test_artifact_paths_live_on_the_shared_volume():
     service = _load("rayservice.yaml")
     apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
