@@ -4,7 +4,8 @@ HTTP (loopback; N clients, each sends its next request when the last one is answ
     python benchmarks/serve_load.py --artifact runs/deps/artifact              # starts Ray + the app here
     python benchmarks/serve_load.py --synthetic-labels 42000                   # synthetic model, no artifact
     python benchmarks/serve_load.py --url http://127.0.0.1:8000                # an `elmo serve` already running
-  -> requests/s, latency p50/p95/p99, errors, observed scorer batch sizes (x-batch-size header).
+  -> requests/s, latency p50/p95/p99, errors, observed scorer batch sizes (x-batch-size header), the load generator's
+     CPU per request. A started app runs in Serve's throughput mode, as `elmo serve` does (--proxy-actor: without it).
 
 Direct (the GPU machine, where Ray cannot be installed: torch + triton only, repo not installed):
     python benchmarks/serve_load.py --direct --labels 2800000 --dim 768
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import zlib
@@ -87,6 +89,14 @@ def synthetic_model(labels: int, dim: int, device: str = "cpu", backend: str = "
     return ServingModel(f"synthetic-{labels}x{dim}", encode, scorer, uids, titles, info=info)
 
 
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -143,40 +153,47 @@ def run_direct(args) -> list[dict]:
 
 
 async def _load(url: str, clients: int, seconds: float, warmup: float, texts: list[str], k: int, per_req: int):
-    import httpx
+    import aiohttp  # a lighter client than httpx: on 2 cores the load generator shares the CPUs with the server
 
-    lat, errors, codes, batches = [], 0, {}, []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as c:
+    lat, errors, codes, batches, sent = [], 0, {}, [], 0
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
         start = time.perf_counter()
         measure_from, stop = start + warmup, start + warmup + seconds
 
         async def client(i: int):
-            nonlocal errors
+            nonlocal errors, sent
             n = i
             while (now := time.perf_counter()) < stop:
                 body = {"texts": [texts[(n + j) % len(texts)] for j in range(per_req)], "k": k}
                 n += clients
+                batch = None
                 try:
-                    r = await c.post("/v1/predict", json=body)
-                    ok = r.status_code == 200
-                    code = r.status_code
+                    async with session.post("/v1/predict", json=body) as r:
+                        await r.read()
+                        ok, code, batch = r.status == 200, r.status, r.headers.get("x-batch-size")
                 except Exception as e:  # counted, never fatal
-                    ok, code, r = False, type(e).__name__, None
-                t = time.perf_counter()
+                    ok, code = False, type(e).__name__
+                t, sent = time.perf_counter(), sent + 1
                 if now >= measure_from:
                     lat.append(t - now)
                     codes[code] = codes.get(code, 0) + 1
                     errors += not ok
                     if ok:
-                        batches.append(int(r.headers.get("x-batch-size", 0)))
+                        batches.append(int(batch or 0))
 
+        cpu = time.process_time()
         await asyncio.gather(*(client(i) for i in range(clients)))
-    return lat, errors, codes, batches, seconds
+        cpu = time.process_time() - cpu
+    return lat, errors, codes, batches, seconds, cpu / max(1, sent)
 
 
 def _start_app(args):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only benchmark cluster
+    if not args.proxy_actor:
+        from elmo_serve.commands import use_throughput_mode
+
+        use_throughput_mode()  # as `elmo serve` runs it
     import ray
     from ray import serve
 
@@ -195,6 +212,14 @@ def _start_app(args):
     return f"http://127.0.0.1:{args.port}"
 
 
+def serve_mode(started: bool, args) -> str:
+    if not started:
+        return "as running"
+    if args.proxy_actor or os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "0":
+        return "proxy actor"
+    return "throughput (HAProxy, direct ingress, gRPC)"
+
+
 def run_http(args) -> list[dict]:
     started = args.url is None
     url = _start_app(args) if started else args.url
@@ -205,12 +230,14 @@ def run_http(args) -> list[dict]:
         texts = query_texts(4096)
         rows = []
         for clients in args.clients:
-            lat, errors, codes, batches, secs = asyncio.run(
+            load_before = os.getloadavg()[0]
+            lat, errors, codes, batches, secs, cpu = asyncio.run(
                 _load(url, clients, args.seconds, args.warmup_s, texts, args.k, args.texts_per_request)
             )
             q = _quantiles(lat)
             row = {
                 "mode": "http",
+                "serve_mode": serve_mode(started, args),
                 "model": info["model_version"],
                 "labels": info["num_labels"],
                 "backend": info["backend"],
@@ -228,6 +255,8 @@ def run_http(args) -> list[dict]:
                 "status_codes": {str(k): v for k, v in codes.items()},
                 "batch_mean": statistics.fmean(batches) if batches else 0.0,
                 "batch_max": max(batches, default=0),
+                "client_cpu_ms_per_request": 1e3 * cpu,  # the load generator's share of the 2 cores
+                "load_avg_1m_before": round(load_before, 2),
             }
             rows.append(row)
             print(
@@ -266,6 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--proxy-actor", action="store_true", help="http: Serve's Python proxy actor, not throughput mode")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.002)
     p.add_argument("--out", default=str(RESULTS))
@@ -281,6 +311,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "host_cpus": os.cpu_count(),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine skews CPU figures
+        "git_commit": _git_commit(),
     }
     try:
         import triton
