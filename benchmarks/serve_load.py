@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--proxy-actor", action="store_true", help="http: Serve's Python proxy actor, not throughput mode")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.002)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.direct:

@@ -55,7 +55,9 @@ class AppArgs(BaseModel):
     backend: str = Field("auto", description="auto | triton | torch | faiss")
     limits: Limits = Field(default_factory=Limits)
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="see ModelScorer: applies while the scorer is busy")
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, description="cap of the wait while the scorer is busy (ModelScorer)"
+    )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies get 413 before parsing")
 
 
@@ -130,11 +132,11 @@ class ModelScorer:
     def __init__(self, artifact: str, backend: str = "auto", limits: dict | None = None, batching: dict | None = None):
         self.backend = backend
         self._initial_limits = self.limits = Limits(**(limits or {}))
-        self._initial_batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.002, **(batching or {})}
+        self._initial_batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.02, **(batching or {})}
         self.model = load_model(artifact, backend)
         self.swap_error: str | None = None
         self._swap = asyncio.Lock()
-        self._batch_wait, self._running = 0.0, 0
+        self._batch_wait, self._batch_s, self._running = 0.0, 0.0, 0
         for key, value in self._initial_batching.items():
             self._set_batching(key, value)
 
@@ -175,8 +177,9 @@ class ModelScorer:
             raise RuntimeError("no model loaded")
 
     # Serve gathers the next batch while this one runs. A request that finds the scorer idle is scored at once (a
-    # wait would only add to its latency); one that arrives while a batch runs waits up to batch_wait_timeout_s for
-    # others to join it, since it has to wait for the running batch anyway.
+    # wait would only add to its latency). One that arrives while a batch runs has to wait for it anyway: its batch
+    # gathers for as long as a batch has been taking (a running average), at most batch_wait_timeout_s. Under load
+    # batches then grow with the load instead of queueing up small behind the running one.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _batched(self, items: list[tuple[ServingModel, Query]]) -> list[tuple]:
         groups: dict[int, list[int]] = {}
@@ -185,7 +188,8 @@ class ModelScorer:
         out: list = [None] * len(items)
         texts = sum(len(q.texts) for _, q in items)
         self._running += 1
-        self._batched.set_batch_wait_timeout_s(self._batch_wait)
+        self._batched.set_batch_wait_timeout_s(min(self._batch_wait, self._batch_s))
+        t0 = time.perf_counter()
         try:
             for idx in groups.values():
                 model = items[idx[0]][0]
@@ -194,6 +198,7 @@ class ModelScorer:
                     out[i] = (r, len(items), texts)
         finally:
             self._running -= 1
+            self._batch_s += 0.2 * (time.perf_counter() - t0 - self._batch_s)
             if not self._running:
                 self._batched.set_batch_wait_timeout_s(0.0)
         return out

@@ -32,7 +32,7 @@ def serve_command(
     port: int = 8000,
     backend: str = "auto",
     max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.002,
+    batch_wait_timeout_s: float = 0.02,
     num_cpus: int | None = None,
     stop: threading.Event | None = None,
 ) -> int:
@@ -113,7 +113,7 @@ def add_serve_commands(subparsers) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("ELMO_PORT", 8000)))
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "faiss"])
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.002)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.02, help="cap of the wait while the scorer is busy")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs given to the local Ray (default: all)")
     p.set_defaults(func=_serve)
 
