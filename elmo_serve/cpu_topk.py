@@ -11,7 +11,7 @@ exact products x_d w_d (the rescoring's included):
 (rounding to bf16 costs <= 2^-8 |s|, 2^-7 if truncated; two fp32 summation orders differ by <= 2 D 2^-24 sum |x_d w_d|
 <= 2 D 2^-24 |x| |w| (Cauchy-Schwarz); the last term covers flushed subnormals. Each bound is taken 2-4x too wide: a
 wider margin only adds candidates.) A label can be in the exact top-k only if its upper bound reaches the k-th largest
-lower bound: 11-20 labels for k = 10 on DebianDeps, nearly always among the first k + 32 by screened score, which
+lower bound: 11-20 labels for k = 10 on DebianDeps, nearly always among the first 2k + 32 by screened score, which
 one check proves (else every label is bounded). The candidates are rescored in fp32 and ranked with the kernels' key
 (score descending, then the lower id): the answer of scoring every label in fp32, as
 `kernels.topk.topk_scores(impl="torch")` does.
@@ -65,9 +65,9 @@ class ScreenedTopk:
             rows, cols = (exclude >= 0).nonzero(as_tuple=True)
             a[rows, exclude[rows, cols]] = float("-inf")
         qn = xq.float().norm(dim=1, keepdim=True)
-        # Usually every label that can be in the top-k is among the first k + 32 by screened score: the k first score
+        # Usually every label that can be in the top-k is among the first 2k + 32 by screened score: the k first score
         # at least `floor`, and any label after the subset at most `beyond` (the bound grows with the score).
-        top_a, cand = a.topk(min(k + 32, self.num_labels), dim=1)
+        top_a, cand = a.topk(min(2 * k + 32, self.num_labels), dim=1)
         top_a = top_a.float()
         floor = (top_a[:, :k] - _margin(top_a[:, :k], qn, self._norms[cand[:, :k]])).min(dim=1).values
         last = top_a[:, -1]
