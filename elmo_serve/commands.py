@@ -15,8 +15,9 @@ from elmo_serve.client import DEFAULT_URL, ElmoClient, ServeError, format_table
 # Ray Serve's throughput mode (Ray >= 2.55), read by each Ray process when it starts: HAProxy answers on the HTTP port
 # instead of the Python proxy actor, the ingress replicas serve HTTP themselves (on http_options.host, ports
 # 30000-31000), deployments call each other over gRPC, and user code runs on each replica's event loop. On 2 CPU cores
-# it cuts Serve's share of a request from ~15 to ~4 ms. HAProxy's stats (8404) and Prometheus (9101) ports listen on
-# all interfaces. Set a variable to 0 before starting Ray to keep the proxy actor.
+# a trivial model's request drops from ~16 to ~3 ms (p50, benchmarks/serve_load.py). HAProxy's stats (8404) and
+# Prometheus (9101) ports listen on all interfaces. A process that sets it before importing Ray can call deployment
+# handles only from inside an event loop (HTTP clients are unaffected). Set a variable to 0 to keep the proxy actor.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
