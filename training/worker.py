@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from kernels.topk import MAX_LABELS, merge_topk
 from training import data as xd
-from training.distributed import COMM, shard_range, sharded_step
+from training.distributed import COMM, _all_gather_rows, shard_range, sharded_step
 from training.metrics import jain_propensity
 from training.model import XMCHead, XMCModel
 from training.train import (
@@ -208,8 +208,6 @@ class EncoderGradients:
                 g.copy_(s)
 
     def _sum_sparse(self, grad: torch.Tensor) -> torch.Tensor:
-        from training.distributed import _all_gather_rows
-
         g = grad.coalesce()
         idx, val = g.indices()[0], g.values()
         count = _all_gather_rows(torch.tensor([[idx.numel()]], device=idx.device), self.group)
