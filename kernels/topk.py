@@ -30,6 +30,7 @@ KEY_FULL = 2**63 - 1
 _KEY_EMPTY = tl.constexpr(KEY_EMPTY)
 _KEY_FULL = tl.constexpr(KEY_FULL)
 _KEY_FILLER_MAX = tl.constexpr(KEY_EMPTY + 2**19)
+KEY_REAL_MIN = -2139095041 * 2**32  # the key of (-inf, the largest id): every real key is >= this
 
 FP8_MAX = 448.0
 WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
@@ -72,12 +73,122 @@ def _merge_bitonic(R, key, fillers, KEEP: tl.constexpr, KP: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _score_tile(
+    x_ptr,
+    w_ptr,
+    inv_scale,
+    rows,
+    row_ok,
+    labs,
+    lab_ok,
+    D,
+    stride_xb,
+    stride_wl,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Canonical fp32 scores of a (query block, label tile): -0.0 -> +0.0 (ties at zero fall to the id rule), NaN ->
+    -inf. The one place scores are computed, so every kernel ranks the same numbers."""
+    acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
+        w_ptrs = w_ptr + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
+        if EVEN_D:
+            xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
+        else:
+            xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
+            wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
+        if UPCAST:
+            # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which
+            # holds every bf16/fp8 value exactly, with IEEE products.
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        elif FP8_DOT:
+            acc = tl.dot(xt, wt, acc)
+        else:
+            acc = tl.dot(xt, wt.to(xt.dtype), acc)
+    s = acc
+    if HAS_SCALE:
+        s = s * inv_scale[:, None]
+    s = tl.where(s == 0.0, 0.0, s)
+    return tl.where(s != s, float("-inf"), s)
+
+
+@triton.jit
+def _score_keys(s, labs):
+    """Sortable int64 keys: the monotone int32 image of the fp32 bits (negatives get their magnitude bits flipped, so
+    two's complement order matches float order) in the high word, the inverted id in the low word (among equal
+    scores the lower id is larger)."""
+    bits = s.to(tl.int32, bitcast=True)
+    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
+
+
+@triton.jit
+def _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL: tl.constexpr):
+    valid = row_ok[:, None] & lab_ok[None, :]
+    if HAS_EXCL:
+        for e in range(E):
+            ex = tl.load(excl_ptr + rows.to(tl.int64) * stride_eb + e, mask=row_ok, other=-1)
+            valid = valid & (labs[None, :] != ex[:, None])
+    return valid
+
+
+@triton.jit
+def _running_topk(
+    x_ptr, w_ptr, inv_scale, excl_ptr, part_ptr, rows, row_ok, split, lo, hi, D, E,
+    stride_xb, stride_wl, stride_eb, stride_pb, stride_ps,
+    KEEP: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    SORT_MIN: tl.constexpr, FP8_DOT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    cols = tl.arange(0, KP)
+    fillers = _KEY_EMPTY + 1 + cols.to(tl.int64)
+    # Running top-KEEP per query row, kept as an unordered set of keys in slots [0, KEEP); slots >= KEEP hold KEY_FULL.
+    # Empty slots hold distinct fillers, so "the slot equal to the row minimum" is always exactly one slot.
+    R = tl.zeros((BLOCK_B, KP), dtype=tl.int64) + tl.where(cols < KEEP, fillers, _KEY_FULL)[None, :]
+
+    for start in range(lo, hi, BLOCK_L):
+        labs = start + tl.arange(0, BLOCK_L)
+        lab_ok = labs < hi
+        s = _score_tile(
+            x_ptr, w_ptr, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+        )  # fmt: skip
+        key = _score_keys(s, labs)
+        valid = _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
+        key = tl.where(valid, key, _KEY_EMPTY)
+
+        # Only keys above the row's current KEEP-th best can enter the list: after a few tiles there are almost none.
+        thr = tl.min(R, axis=1)
+        cand = key > thr[:, None]
+        nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
+        if SORT_MIN > 0:
+            if nmax >= SORT_MIN:
+                R = _merge_bitonic(R, key, fillers, KEEP, KP, BLOCK_B, BLOCK_L)
+            else:
+                R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
+        else:
+            R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
+
+    out_ptrs = part_ptr + rows[:, None].to(tl.int64) * stride_pb + split.to(tl.int64) * stride_ps + cols[None, :]
+    tl.store(out_ptrs, R, mask=row_ok[:, None] & (cols[None, :] < KEEP))
+
+
+@triton.jit
 def _topk_kernel(
     x_ptr,
     w_ptr,
     inv_scale_ptr,
     excl_ptr,
     part_ptr,
+    flag_ptr,
     B,
     num_labels,
     D,
@@ -100,6 +211,7 @@ def _topk_kernel(
     HAS_EXCL: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
 ):
     # Program (query block qb, label split): consecutive programs share a split, so the weight tiles they stream are
     # read from HBM once and served from L2 to the other query blocks.
@@ -108,72 +220,85 @@ def _topk_kernel(
     split = pid // num_qblocks
     rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    cols = tl.arange(0, KP)
-    fillers = _KEY_EMPTY + 1 + cols.to(tl.int64)
     lo = split * labels_per_split
     hi = tl.minimum(lo + labels_per_split, num_labels)
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
+    # With a flag vector (the screened path's overflow rows), only query blocks holding a flagged row do any work.
+    if HAS_FLAG:
+        run = tl.max(tl.load(flag_ptr + rows, mask=row_ok, other=0), axis=0) > 0
+    else:
+        run = True
+    if run:
+        _running_topk(
+            x_ptr, w_ptr, inv_scale, excl_ptr, part_ptr, rows, row_ok, split, lo, hi, D, E,
+            stride_xb, stride_wl, stride_eb, stride_pb, stride_ps,
+            KEEP, KP, BLOCK_B, BLOCK_L, BLOCK_D, SORT_MIN, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST,
+        )  # fmt: skip
 
-    # Running top-KEEP per query row, kept as an unordered set of keys in slots [0, KEEP); slots >= KEEP hold KEY_FULL.
-    # Empty slots hold distinct fillers, so "the slot equal to the row minimum" is always exactly one slot.
-    R = tl.zeros((BLOCK_B, KP), dtype=tl.int64) + tl.where(cols < KEEP, fillers, _KEY_FULL)[None, :]
 
-    for start in range(lo, hi, BLOCK_L):
-        labs = start + tl.arange(0, BLOCK_L)
-        lab_ok = labs < hi
-        acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
-            w_ptrs = w_ptr + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
-            if EVEN_D:
-                xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
-            else:
-                xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
-                wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
-            if UPCAST:
-                # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which
-                # holds every bf16/fp8 value exactly, with IEEE products.
-                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            elif FP8_DOT:
-                acc = tl.dot(xt, wt, acc)
-            else:
-                acc = tl.dot(xt, wt.to(xt.dtype), acc)
-
-        s = acc
-        if HAS_SCALE:
-            s = s * inv_scale[:, None]
-        # Canonical scores: -0.0 -> +0.0 (so that ties at zero fall to the id rule), NaN -> -inf.
-        s = tl.where(s == 0.0, 0.0, s)
-        s = tl.where(s != s, float("-inf"), s)
-        # Monotone int32 image of an IEEE float: flip the magnitude bits of negatives (two's complement order then
-        # matches float order). The low word holds the inverted id, so among equal scores the lower id is larger.
-        bits = s.to(tl.int32, bitcast=True)
-        mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
-        valid = row_ok[:, None] & lab_ok[None, :]
-        if HAS_EXCL:
-            for e in range(E):
-                ex = tl.load(excl_ptr + rows.to(tl.int64) * stride_eb + e, mask=row_ok, other=-1)
-                valid = valid & (labs[None, :] != ex[:, None])
-        key = tl.where(valid, key, _KEY_EMPTY)
-
-        # Only keys above the row's current KEEP-th best can enter the list: after a few tiles there are almost none.
-        thr = tl.min(R, axis=1)
-        cand = key > thr[:, None]
-        nmax = tl.max(tl.sum(cand.to(tl.int32), axis=1))
-        if SORT_MIN > 0:
-            if nmax >= SORT_MIN:
-                R = _merge_bitonic(R, key, fillers, KEEP, KP, BLOCK_B, BLOCK_L)
-            else:
-                R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
-        else:
-            R = _insert_candidates(R, tl.where(cand, key, _KEY_EMPTY), tl.minimum(nmax, KEEP))
-
-    out_ptrs = part_ptr + rows[:, None].to(tl.int64) * stride_pb + split.to(tl.int64) * stride_ps + cols[None, :]
-    tl.store(out_ptrs, R, mask=row_ok[:, None] & (cols[None, :] < KEEP))
+@triton.jit
+def _screen_kernel(
+    x_ptr,
+    w_ptr,
+    inv_scale_ptr,
+    thr_ptr,
+    excl_ptr,
+    cand_ptr,
+    count_ptr,
+    B,
+    first_label,
+    end_label,
+    D,
+    num_qblocks,
+    E,
+    cap,
+    stride_xb,
+    stride_wl,
+    stride_eb,
+    stride_cb,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_EXCL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Score one (query block, label tile) of [first_label, end_label) and append the keys of the labels scoring
+    above their row's threshold to that row's candidate list; the row counters count past `cap` (overflow)."""
+    pid = tl.program_id(0)
+    qb = pid % num_qblocks  # consecutive programs share a label tile: its weights come from HBM once, then from L2
+    tile = pid // num_qblocks
+    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    labs = first_label + tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    lab_ok = labs < end_label
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
+    s = _score_tile(
+        x_ptr, w_ptr, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
+        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+    )  # fmt: skip
+    # Strictly above the threshold: the threshold's label has a lower id than every label here, so an equal score
+    # ranks below it. A threshold of -inf means "the row has fewer than k candidates yet": take everything valid.
+    thr = tl.load(thr_ptr + rows, mask=row_ok, other=float("inf"))
+    hit = ((s > thr[:, None]) | (thr == float("-inf"))[:, None]) & _valid_pairs(
+        rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL
+    )
+    hits = hit.to(tl.int32)
+    n = tl.sum(hits, axis=1)
+    if tl.max(n, axis=0) > 0:
+        # One atomic per row reserves a run of slots; the tile's hits fill it in label order.
+        base = tl.atomic_add(count_ptr + rows, n, mask=n > 0)
+        pos = base[:, None] + tl.cumsum(hits, axis=1) - 1
+        ptrs = cand_ptr + rows[:, None].to(tl.int64) * stride_cb + pos
+        tl.store(ptrs, _score_keys(s, labs), mask=hit & (pos < cap))
 
 
 @dataclass
@@ -188,6 +313,8 @@ class TopkConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES  # bound on the partial lists when `splits` is automatic
+    screen: bool | None = None  # screened path (see `_topk_screened`); None: where the candidate lists fit (k <= cap/8)
+    screen_cap: int | None = None  # candidate slots per query row; None: from max_partial_bytes, at most 32768
 
 
 def _next_pow2(n: int) -> int:
@@ -215,7 +342,52 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
     splits = max(1, min(splits, tiles))
     num_warps = cfg.num_warps or (8 if block_b >= 32 or kp >= 512 else 4)
     num_stages = cfg.num_stages or (4 if B <= 32 else 3)
-    return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes)
+    return TopkConfig(
+        block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes, False, None
+    )
+
+
+def _resolve_screen_config(cfg: TopkConfig, B: int, D: int) -> TopkConfig:
+    """Launch options of the screening kernel: a plain GEMM tile with a light epilogue, so wide tiles."""
+    block_b = cfg.block_b or (16 if B <= 16 else 32 if B <= 32 else 64 if B <= 64 else 128)
+    block_l = cfg.block_l or (128 if B <= 64 else 256)
+    block_d = cfg.block_d or max(16, min(128, _next_pow2(D)))
+    num_warps = cfg.num_warps or (4 if block_b * block_l <= 64 * 128 else 8)
+    num_stages = cfg.num_stages or (4 if B <= 64 else 3)
+    return TopkConfig(block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None)
+
+
+def _screen_levels(k: int, num_labels: int, cap: int) -> list[tuple[int, int]]:
+    """Label ranges scored one after another by the screened path.
+
+    The first range holds at most `cap` labels, all candidates. Each later range is sized so that, with labels in
+    random order, about cap/4 of its labels beat the k-th best of everything before it (k * size / before): the
+    ranges grow geometrically. A short tail is folded into the range before it.
+    """
+    bounds = [0, min(num_labels, cap)]
+    while bounds[-1] < num_labels:
+        before = bounds[-1]
+        end = before + max(1, before * cap // (4 * k))
+        if num_labels - end < (end - before) // 2:
+            end = num_labels
+        bounds.append(min(end, num_labels))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _screen_cap(cfg: TopkConfig, B: int, k: int) -> int | None:
+    """Candidate slots per row for the screened path, or None when it should not be used."""
+    if cfg.screen is False:
+        return None
+    if cfg.screen_cap is not None:
+        if cfg.screen_cap < 1:
+            raise ValueError(f"screen_cap must be >= 1, got {cfg.screen_cap}")
+        return max(cfg.screen_cap, k)
+    # Half of the extra-memory budget for the candidate lists (int64 keys), the rest for the fallback's partial lists.
+    cap = 1 << max(0, (cfg.max_partial_bytes // (2 * 8 * B)).bit_length() - 1)
+    cap = min(cap, 32768)
+    if cfg.screen is None and cap < 8 * k:
+        return None
+    return max(cap, k)
 
 
 def _check_args(x, weights, k, num_labels) -> None:
@@ -312,7 +484,82 @@ def keys_to_scores(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), ids
 
 
-def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig):
+def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig) -> torch.Tensor:
+    """Sorted top-k keys (B, k): the screened path where its candidate lists fit, else the running top-k kernel."""
+    cap = _screen_cap(cfg, xq.shape[0], k)
+    if cap is not None:
+        return _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg, cap)
+    return _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg)
+
+
+def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig, cap: int):
+    """Exact top-k as a GEMM with a threshold epilogue, over label ranges of growing size (`_screen_levels`).
+
+    After each range, the row's threshold is the score of its k-th best label so far: a label of a later range can
+    only enter the top-k by scoring strictly above it, and only such labels are written (as keys) to the row's
+    candidate list. A row whose list overflows `cap` in some range is recomputed whole by the running top-k kernel
+    (launched for every call but idle unless a row overflowed: no host synchronisation).
+    """
+    B, D = xq.shape
+    c = _resolve_screen_config(cfg, B, D)
+    dev = xq.device
+    has_excl = exclude is not None
+    # Row layout of `buf`: the k best keys so far, then the candidate slots of the current range.
+    buf = torch.empty((B, k + cap), dtype=torch.int64, device=dev)
+    buf[:, :k] = KEY_EMPTY
+    cand = buf[:, k:]
+    levels = _screen_levels(k, num_labels, cap)
+    counts = torch.zeros((len(levels), B), dtype=torch.int32, device=dev)
+    thr = torch.full((B,), float("-inf"), dtype=torch.float32, device=dev)
+    slots = torch.arange(cap, device=dev)
+    qblocks = triton.cdiv(B, c.block_b)
+    excl = exclude if has_excl else counts
+    for i, (lo, hi) in enumerate(levels):
+        _screen_kernel[(qblocks * triton.cdiv(hi - lo, c.block_l),)](
+            xq,
+            weights,
+            inv_scale,
+            thr,
+            excl,
+            cand,
+            counts[i],
+            B,
+            lo,
+            hi,
+            D,
+            qblocks,
+            excl.shape[1] if has_excl else 0,
+            cap,
+            xq.stride(0),
+            weights.stride(0),
+            excl.stride(0) if has_excl else 0,
+            buf.stride(0),
+            BLOCK_B=c.block_b,
+            BLOCK_L=c.block_l,
+            BLOCK_D=c.block_d,
+            FP8_DOT=fp8_dot,
+            HAS_SCALE=fp8_dot,
+            HAS_EXCL=has_excl,
+            EVEN_D=D % c.block_d == 0,
+            UPCAST=_interpreting(),
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        cand.masked_fill_(slots[None, :] >= counts[i][:, None], KEY_EMPTY)
+        buf[:, :k] = torch.topk(buf, k, dim=1).values
+        if i + 1 < len(levels):
+            kth = buf[:, k - 1]
+            thr = torch.where(kth >= KEY_REAL_MIN, keys_to_scores(kth)[0], float("-inf"))
+    best = buf[:, :k]
+    overflow = (counts > cap).any(dim=0)
+    fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 2)
+    redo = _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)
+    return torch.where(overflow[:, None], redo, best)
+
+
+def _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig, flag=None):
+    """Sorted top-k keys (B, k) from the running top-k kernel; with `flag` (B,) bool, only rows in query blocks
+    holding a flagged row are valid."""
     B, D = xq.shape
     c = _resolve_config(cfg, B, D, k, num_labels, xq.device)
     tiles = triton.cdiv(num_labels, c.block_l)
@@ -328,6 +575,7 @@ def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: T
         inv_scale,
         excl,
         part,
+        flag.to(torch.int32) if flag is not None else part,
         B,
         num_labels,
         D,
@@ -350,15 +598,14 @@ def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: T
         HAS_EXCL=has_excl,
         EVEN_D=D % c.block_d == 0,
         UPCAST=_interpreting(),
+        HAS_FLAG=flag is not None,
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
     keys = part.view(B, splits * k)
     if splits > 1:
-        keys = torch.topk(keys, k, dim=1).values
-    else:
-        keys = keys.sort(dim=1, descending=True).values
-    return keys_to_scores(keys)
+        return torch.topk(keys, k, dim=1).values
+    return keys.sort(dim=1, descending=True).values
 
 
 def _topk_torch(xq, inv_scale, weights, k, num_labels, exclude, chunk_size):
@@ -427,7 +674,7 @@ def topk_scores(
         weights = weights.contiguous()
     if impl == "torch":
         return _topk_torch(xq, inv_scale, weights, k, num_labels, exclude, chunk_size)
-    return _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, config or TopkConfig())
+    return keys_to_scores(_topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, config or TopkConfig()))
 
 
 def merge_topk(

@@ -10,13 +10,29 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.topk import TopkConfig, merge_topk, reference_topk, topk_scores  # noqa: E402
+from kernels.topk import (  # noqa: E402
+    TopkConfig,
+    _screen_cap,
+    _screen_levels,
+    merge_topk,
+    reference_topk,
+    topk_scores,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-IMPLS = ["triton", "torch"] if INTERPRET else ["torch"]
-# The bitonic merge is slow in the interpreter: most rows use the candidate-insertion path only; test_sort_merge covers
-# the bitonic one.
-NO_SORT = TopkConfig(sort_min=0)
+IMPLS = ["running", "screened", "torch"] if INTERPRET else ["torch"]
+# Triton paths: the running top-k kernel (the bitonic merge is slow in the interpreter, so the candidate-insertion
+# branch only; test_sort_merge covers the bitonic one), and the screened path with few candidate slots, so that the
+# small heads here still take several label ranges and threshold updates.
+CONFIGS = {"running": TopkConfig(sort_min=0, screen=False), "screened": TopkConfig(screen=True, screen_cap=64)}
+
+
+def run(impl, x, w, k, L, **kw):
+    """topk_scores through one of IMPLS."""
+    if impl == "torch":
+        return topk_scores(x, w, k, L, impl="torch", **kw)
+    kw.pop("chunk_size", None)
+    return topk_scores(x, w, k, L, impl="triton", config=CONFIGS[impl], **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -75,17 +91,23 @@ CASES = [
 def test_matches_reference(impl, B, L, L_pad, D, k, xdtype, wdtype):
     x = torch.randn(B, D).to(xdtype)
     w = make_head(L, L_pad, D, wdtype)
-    got = topk_scores(x, w, k, L, impl=impl, config=NO_SORT, chunk_size=256)
+    got = run(impl, x, w, k, L, chunk_size=256)
     check(got, reference_topk(x, w, k, L), L)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
-def test_large_k_single_split():
-    """k >= 1024 (k > the tile: insertion path only), one label range per program."""
+@pytest.mark.parametrize(
+    "config",
+    [TopkConfig(splits=1, screen=False), TopkConfig(screen=True, screen_cap=1060)],
+    ids=["running-one-split", "screened-two-ranges"],
+)
+def test_large_k(config):
+    """k >= 1024: the running kernel with k > the tile (insertion path only) and one label range per program; the
+    screened path with a first range of 1060 labels and a second of 40."""
     B, L, L_pad, D, k = 2, 1100, 1104, 32, 1030
     x = torch.randn(B, D)
     w = make_head(L, L_pad, D, torch.bfloat16)
-    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(splits=1))
+    got = topk_scores(x, w, k, L, impl="triton", config=config)
     check(got, reference_topk(x, w, k, L), L)
 
 
@@ -95,7 +117,7 @@ def test_padded_rows_never_returned(impl):
     x = torch.rand(B, D) + 0.5  # positive queries: the padded rows (all 448) would score highest
     w = make_head(L, L_pad, D, torch.float8_e4m3fn, pad_value=448.0)
     for k in (3, L):
-        got = topk_scores(x, w, k, L, impl=impl, config=NO_SORT)
+        got = run(impl, x, w, k, L)
         check(got, reference_topk(x, w, k, L), L)
 
 
@@ -109,13 +131,13 @@ def test_exclusions(impl, form):
     # Row 0 excludes its own best 4 labels, row 1 one label twice plus padding, row 2 nothing.
     rows = [top[0].tolist(), [int(top[1, 0]), int(top[1, 0]), -1, -1], [-1, -1, -1, -1]]
     exclude = torch.tensor(rows) if form == "tensor" else [r for r in rows[:2]] + [[]]
-    got = topk_scores(x, w, k, L, exclude=exclude, impl=impl, config=NO_SORT, chunk_size=128)
+    got = run(impl, x, w, k, L, exclude=exclude, chunk_size=128)
     check(got, reference_topk(x, w, k, L, exclude=rows), L, exclude=rows)
     # Every label but k excluded in the fullest row: exactly the k left come back.
     keep = torch.randperm(L)[:k]
     row = [j for j in range(L) if j not in set(keep.tolist())]
     excl = [row, [], [0]]
-    got = topk_scores(x, w, k, L, exclude=excl, impl=impl, config=NO_SORT)
+    got = run(impl, x, w, k, L, exclude=excl)
     assert set(got[1][0].tolist()) == set(keep.tolist())
     check(got, reference_topk(x, w, k, L, exclude=excl), L, exclude=excl)
 
@@ -132,13 +154,13 @@ def test_ties_go_to_lower_id(impl):
     w[dup[30:]] = w[dup[:30]]  # 30 pairs of duplicate rows
     w[:, :3] = 0.0  # plenty of further coincidental ties
     w = w.to(torch.float8_e4m3fn)
-    got = topk_scores(x, w, k, L, impl=impl, config=NO_SORT, chunk_size=100)
+    got = run(impl, x, w, k, L, chunk_size=100)
     want = reference_topk(x, w, k, L)
     assert torch.equal(got[1], want[1]), f"ids differ at {(got[1] != want[1]).nonzero()[:5].tolist()}"
     assert torch.equal(got[0], want[0])
     # All scores equal: the k lowest ids, in order.
     flat = torch.ones(L_pad, D).to(torch.bfloat16)
-    got = topk_scores(x, flat, 7, L, impl=impl, config=NO_SORT)
+    got = run(impl, x, flat, 7, L)
     assert (got[1] == torch.arange(7)).all(), got[1]
 
 
@@ -149,7 +171,7 @@ def test_sort_merge(k, block_l):
     B, L, L_pad, D = 3, 150, 160, 32
     x = torch.randn(B, D)
     w = make_head(L, L_pad, D, torch.bfloat16)
-    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(block_l=block_l, sort_min=1, splits=2))
+    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(block_l=block_l, sort_min=1, splits=2, screen=False))
     check(got, reference_topk(x, w, k, L), L)
 
 
@@ -158,7 +180,7 @@ def test_fp8_dot_quantizes_queries(impl):
     B, L, L_pad, D, k = 3, 333, 336, 64, 9
     x = torch.randn(B, D) * torch.tensor([1e-3, 1.0, 900.0])[:, None]  # scales far from 1 and past 448
     w = make_head(L, L_pad, D, torch.float8_e4m3fn)
-    got = topk_scores(x, w, k, L, impl=impl, fp8_dot=True, config=NO_SORT)
+    got = run(impl, x, w, k, L, fp8_dot=True)
     want = reference_topk(x, w, k, L, fp8_dot=True)
     check(got, want, L, atol=1e-4 * want[0].abs().max().item())
 
@@ -190,6 +212,59 @@ def test_chunked_torch_matches_triton_defaults():
     check(topk_scores(x, w, k, L, impl="torch"), want, L)
     if INTERPRET:
         check(topk_scores(x, w, k, L, impl="triton"), want, L)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("exclude", [None, [[599, 0], [597]]], ids=["plain", "exclusions"])
+def test_screened_overflow_falls_back_exactly(exclude):
+    """Scores rising with the label id defeat every threshold: each later range overflows its candidate slots, and
+    the overflowing rows come from the running kernel. One row ascending, one descending (which never overflows)."""
+    B, L, L_pad, D, k = 2, 600, 608, 16, 5
+    x = torch.ones(B, D)
+    x[1] = -1.0
+    w = (torch.linspace(-1, 1, L_pad)[:, None] + 0.01 * torch.randn(L_pad, D)).to(torch.bfloat16)
+    got = topk_scores(x, w, k, L, exclude=exclude, impl="triton", config=TopkConfig(screen=True, screen_cap=40))
+    check(got, reference_topk(x, w, k, L, exclude=exclude), L, exclude=exclude)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+def test_screened_ignores_stale_buffer_contents(monkeypatch):
+    """Candidate slots past a row's count hold whatever memory held: fill every fresh buffer with the best possible
+    key (or NaN) and check that none of it leaks into the answer."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(2**63 - 1) if t.dtype == torch.int64 else t.fill_(float("nan")) if t.is_floating_point() else t
+
+    B, L, L_pad, D, k = 3, 700, 704, 32, 6
+    x = torch.randn(B, D)
+    w = make_head(L, L_pad, D, torch.float8_e4m3fn)
+    want = reference_topk(x, w, k, L)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(screen=True, screen_cap=64))
+    monkeypatch.undo()
+    check(got, want, L)
+
+
+@pytest.mark.parametrize("k, L, cap", [(5, 2_812_281, 32768), (100, 2_812_281, 4096), (7, 100, 64), (1030, 1100, 1060)])
+def test_screen_levels_cover_the_labels_once(k, L, cap):
+    levels = _screen_levels(k, L, cap)
+    assert levels[0] == (0, min(L, cap))
+    assert all(a < b for a, b in levels) and levels[-1][1] == L
+    assert all(levels[i][1] == levels[i + 1][0] for i in range(len(levels) - 1))
+
+
+def test_screen_choice_follows_the_memory_budget():
+    """Auto: screened where k <= cap / 8, cap from half the budget over B rows (a power of two, at most 32768)."""
+    assert _screen_cap(TopkConfig(), 1, 100) == 32768
+    assert _screen_cap(TopkConfig(), 1024, 100) == 4096  # 64 MiB / 2 / (8 B * 1024)
+    assert _screen_cap(TopkConfig(), 1024, 1000) is None  # the running kernel
+    assert _screen_cap(TopkConfig(screen=False), 1, 5) is None
+    assert _screen_cap(TopkConfig(screen=True), 1024, 1000) == 4096
+    assert _screen_cap(TopkConfig(screen=True, screen_cap=10), 4, 50) == 50  # never fewer slots than k
+    with pytest.raises(ValueError):
+        _screen_cap(TopkConfig(screen_cap=0), 4, 5)
 
 
 def _bad_calls():
