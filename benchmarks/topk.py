@@ -91,7 +91,15 @@ def correctness(device, small: bool) -> list[dict]:
     for B, k in cases:
         x = torch.randn(B, D, device=device).abs().to(torch.bfloat16)  # positive: padding rows would score high
         excl = torch.randint(0, L, (B, 3), device=device)
-        for name, w, kw in (("fp8", w8, {}), ("bf16", w16, {}), ("fp8-excl", w8, {"exclude": excl})):
+        for name, w, kw in (
+            ("fp8", w8, {}),
+            ("bf16", w16, {}),
+            ("fp8-excl", w8, {"exclude": excl}),
+            ("fp8-running", w8, {"config": TopkConfig(screen=False)}),
+            ("fp8-excl-screen-cap256", w8, {"exclude": excl, "config": TopkConfig(screen=True, screen_cap=256)}),
+        ):
+            if k > 256 and "cap256" in name:
+                continue
             rec = {"B": B, "k": k, "L": L, "weights": name}
             try:
                 fp8 = (
@@ -102,10 +110,13 @@ def correctness(device, small: bool) -> list[dict]:
                 impl = "torch" if device.type == "cpu" and not small else "auto" if device.type == "cuda" else "triton"
                 got = topk_scores(x, w, k, L, impl=impl, **kw)
                 want = reference_topk(x, w, k, L, exclude=kw.get("exclude"), fp8_dot=fp8)
-                scale = float(want[0].abs().max())
-                bad, first = check_ids(got, want, 2e-3 * scale)
+                # Hopper's fp8 MMA accumulates with fewer mantissa bits than fp32 (measured here: score errors up to
+                # 2.7e-3 of the largest score at D = 768): ids are compared only where the reference scores are apart
+                # by more than that.
+                scale = float(want[0].abs().max()) * (4e-3 if fp8 else 2e-3)
+                bad, first = check_ids(got, want, scale)
                 err = float((got[0] - want[0]).abs().max())
-                ok = bad == 0 and err <= 2e-3 * scale and bool((got[1] < L).all())
+                ok = bad == 0 and err <= scale and bool((got[1] < L).all())
                 rec.update(mismatches=bad, first=first, max_score_err=err, ok=ok, fp8_dot=fp8)
             except Exception as e:  # keep going: the timing part is still worth having
                 rec.update(ok=False, error=repr(e)[:500])
@@ -115,14 +126,57 @@ def correctness(device, small: bool) -> list[dict]:
 
 
 def variants(B: int, k: int) -> list[TopkConfig]:
-    """The default first, then the previous session's defaults (block_d=32, block_l=128) and a few neighbours."""
-    old = TopkConfig(block_d=32, block_l=128, block_b=64 if B >= 64 else 32 if B >= 32 else 16)
-    cands = [TopkConfig(), old, TopkConfig(block_d=64, block_l=128), TopkConfig(block_d=64, block_l=64)]
+    """The default first, then the running top-k kernel alone (the previous default), then screened-path neighbours."""
+    S = lambda **kw: TopkConfig(screen=True, **kw)  # noqa: E731
+    cands = [TopkConfig(), TopkConfig(screen=False), S(screen_growth=4.0), S(screen_growth=16.0)]
     if B >= 256:
-        cands += [TopkConfig(block_b=128, block_d=64, num_warps=8), TopkConfig(block_b=64, block_d=64)]
+        cands += [
+            S(block_b=128, block_l=64, block_d=128, num_warps=4),
+            S(block_b=64, block_l=128, block_d=128, num_warps=4, num_stages=4),
+            S(block_b=128, block_l=128, block_d=64, num_warps=8, num_stages=4, screen_growth=4.0),
+        ]
     else:
-        cands += [TopkConfig(num_stages=4)]
+        cands += [
+            S(block_l=256, block_d=64, num_stages=5),
+            S(block_l=64, block_d=256, num_stages=3),
+        ]
     return cands
+
+
+def profile(x, w8, k, L, device) -> list[dict]:
+    """Where the default call spends its time over 20 calls: GPU kernels by CUDA time, host ops by CPU self time, and
+    the host's wall time per call when it never waits for the GPU (launch-bound if close to the measured ms)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    topk_scores(x, w8, k, L)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        topk_scores(x, w8, k, L)
+    host_us = (time.perf_counter() - t) / 20 * 1e6
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            topk_scores(x, w8, k, L)
+        torch.cuda.synchronize()
+    rows = [{"name": "host wall per call (no waiting)", "us_per_call": host_us, "launches_per_call": 1}]
+    gpu, cpu = [], []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.self_cpu_time_total == 0:  # a kernel (host ops carry their own CPU time)
+            gpu.append({"name": "gpu " + e.key[:76], "us_per_call": t / 20, "launches_per_call": e.count / 20})
+        if e.self_cpu_time_total > 0:
+            cpu.append(
+                {
+                    "name": "cpu " + e.key[:76],
+                    "us_per_call": e.self_cpu_time_total / 20,
+                    "launches_per_call": e.count / 20,
+                }
+            )
+    gpu.sort(key=lambda r: -r["us_per_call"])
+    cpu.sort(key=lambda r: -r["us_per_call"])
+    return rows + gpu[:10] + cpu[:10]
 
 
 def run_gpu(args) -> dict:
@@ -167,6 +221,14 @@ def run_gpu(args) -> dict:
                     row["baselines"][name] = {"error": repr(e)[:300]}
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if device.type == "cuda" and (B, k) in ((1, 5), (1024, 5), (1024, 100)):
+                try:
+                    row["profile"] = profile(x, w8, k, L, device)
+                    for r in row["profile"]:
+                        us, n = r["us_per_call"], r["launches_per_call"]
+                        print(f"  profile B={B} k={k}: {us:9.1f} us x{n:.0f} {r['name']}")
+                except Exception as e:
+                    row["profile_error"] = repr(e)[:300]
             timed = [r for r in row["ours"] if "ms" in r]
             if timed:
                 best = min(timed, key=lambda r: r["ms"])
@@ -189,6 +251,9 @@ def baselines(x, w8, w16, k, L, device) -> dict:
             return torch.topk(logits[:, :L], k, dim=1)
 
         out["fp8_scaled_mm+topk"] = fp8_scaled_mm
+        out["fp8_scaled_mm_only"] = lambda: torch._scaled_mm(
+            xq, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16
+        )  # the GEMM alone, for scale: no top-k
     out["bf16_matmul+topk"] = lambda: torch.topk((x @ w16.t())[:, :L], k, dim=1)
     return out
 
@@ -282,7 +347,7 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "topk.json"))
     p.add_argument("--cpu", action="store_true", help="faiss-cpu IndexFlatIP vs our CPU path")
     p.add_argument("--small", action="store_true", help="toy sizes (CPU + TRITON_INTERPRET=1 for the GPU logic)")
-    p.add_argument("--budget", type=float, default=200.0, help="seconds after which only default configs are timed")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds after which only default configs are timed")
     args = p.parse_args()
     result = run_cpu(args) if args.cpu else run_gpu(args)
     save(result, args.out)

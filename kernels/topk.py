@@ -31,6 +31,7 @@ _KEY_EMPTY = tl.constexpr(KEY_EMPTY)
 _KEY_FULL = tl.constexpr(KEY_FULL)
 _KEY_FILLER_MAX = tl.constexpr(KEY_EMPTY + 2**19)
 KEY_REAL_MIN = -2139095041 * 2**32  # the key of (-inf, the largest id): every real key is >= this
+_KEY_REAL_MIN = tl.constexpr(KEY_REAL_MIN)
 
 FP8_MAX = 448.0
 WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
@@ -92,8 +93,8 @@ def _score_tile(
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Canonical fp32 scores of a (query block, label tile): -0.0 -> +0.0 (ties at zero fall to the id rule), NaN ->
-    -inf. The one place scores are computed, so every kernel ranks the same numbers."""
+    """fp32 scores of a (query block, label tile): the one place scores are computed, so every kernel ranks the same
+    numbers."""
     acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
@@ -113,21 +114,29 @@ def _score_tile(
             acc = tl.dot(xt, wt, acc)
         else:
             acc = tl.dot(xt, wt.to(xt.dtype), acc)
-    s = acc
     if HAS_SCALE:
-        s = s * inv_scale[:, None]
-    s = tl.where(s == 0.0, 0.0, s)
-    return tl.where(s != s, float("-inf"), s)
+        acc = acc * inv_scale[:, None]
+    return acc
 
 
 @triton.jit
 def _score_keys(s, labs):
-    """Sortable int64 keys: the monotone int32 image of the fp32 bits (negatives get their magnitude bits flipped, so
-    two's complement order matches float order) in the high word, the inverted id in the low word (among equal
-    scores the lower id is larger)."""
+    """Sortable int64 keys of scores s and label ids labs (broadcast against s). Scores are made canonical first:
+    -0.0 -> +0.0 (ties at zero fall to the id rule), NaN -> -inf. High word: the monotone int32 image of the fp32
+    bits (negatives get their magnitude bits flipped, so two's complement order matches float order); low word: the
+    inverted id (among equal scores the lower id is larger)."""
+    s = tl.where(s == 0.0, 0.0, s)
+    s = tl.where(s != s, float("-inf"), s)
     bits = s.to(tl.int32, bitcast=True)
     mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))[None, :]
+    return (mono.to(tl.int64) << 32) | (0xFFFFFFFF - labs.to(tl.int64))
+
+
+@triton.jit
+def _key_score(key):
+    """The fp32 score of a key (inverse of the high word of `_score_keys`)."""
+    mono = (key >> 32).to(tl.int32)
+    return (mono ^ ((mono >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -161,7 +170,7 @@ def _running_topk(
             x_ptr, w_ptr, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
             BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
         )  # fmt: skip
-        key = _score_keys(s, labs)
+        key = _score_keys(s, labs[None, :])
         valid = _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
         key = tl.where(valid, key, _KEY_EMPTY)
 
@@ -244,9 +253,10 @@ def _screen_kernel(
     x_ptr,
     w_ptr,
     inv_scale_ptr,
-    thr_ptr,
+    best_ptr,
     excl_ptr,
-    cand_ptr,
+    cand_score_ptr,
+    cand_id_ptr,
     count_ptr,
     B,
     first_label,
@@ -255,9 +265,11 @@ def _screen_kernel(
     num_qblocks,
     E,
     cap,
+    kth,
     stride_xb,
     stride_wl,
     stride_eb,
+    stride_bb,
     stride_cb,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -268,8 +280,8 @@ def _screen_kernel(
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Score one (query block, label tile) of [first_label, end_label) and append the keys of the labels scoring
-    above their row's threshold to that row's candidate list; the row counters count past `cap` (overflow)."""
+    """Score one (query block, label tile) of [first_label, end_label) and append (score, id) of every label scoring
+    above its row's threshold to that row's candidate slots; the row counters count on past `cap` (overflow)."""
     pid = tl.program_id(0)
     qb = pid % num_qblocks  # consecutive programs share a label tile: its weights come from HBM once, then from L2
     tile = pid // num_qblocks
@@ -285,20 +297,50 @@ def _screen_kernel(
         x_ptr, w_ptr, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
         BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
     )  # fmt: skip
-    # Strictly above the threshold: the threshold's label has a lower id than every label here, so an equal score
-    # ranks below it. A threshold of -inf means "the row has fewer than k candidates yet": take everything valid.
-    thr = tl.load(thr_ptr + rows, mask=row_ok, other=float("inf"))
-    hit = ((s > thr[:, None]) | (thr == float("-inf"))[:, None]) & _valid_pairs(
-        rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL
-    )
-    hits = hit.to(tl.int32)
-    n = tl.sum(hits, axis=1)
-    if tl.max(n, axis=0) > 0:
-        # One atomic per row reserves a run of slots; the tile's hits fill it in label order.
-        base = tl.atomic_add(count_ptr + rows, n, mask=n > 0)
-        pos = base[:, None] + tl.cumsum(hits, axis=1) - 1
-        ptrs = cand_ptr + rows[:, None].to(tl.int64) * stride_cb + pos
-        tl.store(ptrs, _score_keys(s, labs), mask=hit & (pos < cap))
+    # Threshold: the score of the row's k-th best key so far. Strictly above it: that label has a lower id than every
+    # label here, so an equal score ranks below it (and NaN never passes). No k-th key yet: take every valid label.
+    kth_key = tl.load(best_ptr + rows.to(tl.int64) * stride_bb + kth, mask=row_ok, other=_KEY_EMPTY)
+    take_all = kth_key < _KEY_REAL_MIN
+    hit = (s > _key_score(kth_key)[:, None]) | take_all[:, None]
+    hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
+    if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
+        # One atomic per hit hands out its slot; almost every element is masked off, so this costs little.
+        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit)
+        keep = hit & (slot < cap)
+        offs = rows[:, None].to(tl.int64) * stride_cb + slot
+        tl.store(cand_score_ptr + offs, s, mask=keep)
+        tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
+
+
+@triton.jit
+def _merge_kernel(
+    best_ptr,
+    cand_score_ptr,
+    cand_id_ptr,
+    count_ptr,
+    k,
+    cap,
+    stride_bb,
+    stride_cb,
+    KP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One query row: its k best keys (sorted descending, in place) merged with the keys of its filled candidate
+    slots, BLOCK at a time (the best KP of each block, then the best KP of both lists)."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, KP)
+    best = tl.load(best_ptr + b * stride_bb + cols, mask=cols < k, other=_KEY_EMPTY)
+    filled = tl.minimum(tl.load(count_ptr + b), cap)
+    for start in range(0, filled, BLOCK):
+        slot = start + tl.arange(0, BLOCK)
+        ok = slot < filled
+        sc = tl.load(cand_score_ptr + b * stride_cb + slot, mask=ok, other=0.0)
+        ids = tl.load(cand_id_ptr + b * stride_cb + slot, mask=ok, other=0)
+        key = tl.where(ok, _score_keys(sc, ids), _KEY_EMPTY)
+        if BLOCK > KP:
+            key = tl.topk(key, KP)
+        best = tl.topk(tl.reshape(tl.join(best, key), (2 * KP,)), KP)
+    tl.store(best_ptr + b * stride_bb + cols, best, mask=cols < k)
 
 
 @dataclass
@@ -314,7 +356,8 @@ class TopkConfig:
     num_stages: int | None = None
     max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES  # bound on the partial lists when `splits` is automatic
     screen: bool | None = None  # screened path (see `_topk_screened`); None: where the candidate lists fit (k <= cap/8)
-    screen_cap: int | None = None  # candidate slots per query row; None: from max_partial_bytes, at most 32768
+    screen_cap: int | None = None  # candidate slots per query row; None: from max_partial_bytes, at most 4096
+    screen_growth: float | None = None  # cap on (labels scored so far after a range) / (before it); None: from cap / k
 
 
 def _next_pow2(n: int) -> int:
@@ -342,32 +385,34 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
     splits = max(1, min(splits, tiles))
     num_warps = cfg.num_warps or (8 if block_b >= 32 or kp >= 512 else 4)
     num_stages = cfg.num_stages or (4 if B <= 32 else 3)
-    return TopkConfig(
-        block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes, False, None
-    )
+    return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes, False)
 
 
-def _resolve_screen_config(cfg: TopkConfig, B: int, D: int) -> TopkConfig:
-    """Launch options of the screening kernel: a plain GEMM tile with a light epilogue, so wide tiles."""
+def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -> TopkConfig:
+    """Launch options of the screening kernel: a plain GEMM tile with a light epilogue."""
     block_b = cfg.block_b or (16 if B <= 16 else 32 if B <= 32 else 64 if B <= 64 else 128)
-    block_l = cfg.block_l or (128 if B <= 64 else 256)
-    block_d = cfg.block_d or max(16, min(128, _next_pow2(D)))
+    block_l = cfg.block_l or 128
+    block_d = cfg.block_d or max(16, min(128 // weight_bytes, _next_pow2(D)))
     num_warps = cfg.num_warps or (4 if block_b * block_l <= 64 * 128 else 8)
     num_stages = cfg.num_stages or (4 if B <= 64 else 3)
-    return TopkConfig(block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None)
+    return TopkConfig(block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True)
 
 
-def _screen_levels(k: int, num_labels: int, cap: int) -> list[tuple[int, int]]:
+def _screen_levels(k: int, num_labels: int, cap: int, growth: float | None = None) -> list[tuple[int, int]]:
     """Label ranges scored one after another by the screened path.
 
     The first range holds at most `cap` labels, all candidates. Each later range is sized so that, with labels in
     random order, about cap/4 of its labels beat the k-th best of everything before it (k * size / before): the
-    ranges grow geometrically. A short tail is folded into the range before it.
+    ranges grow geometrically, by at most `growth` (fewer hits per range: fewer tiles take the append branch). A short
+    tail is folded into the range before it.
     """
     bounds = [0, min(num_labels, cap)]
     while bounds[-1] < num_labels:
         before = bounds[-1]
-        end = before + max(1, before * cap // (4 * k))
+        size = before * cap // (4 * k)
+        if growth is not None:
+            size = min(size, int(before * (growth - 1)))
+        end = before + max(1, size)
         if num_labels - end < (end - before) // 2:
             end = num_labels
         bounds.append(min(end, num_labels))
@@ -384,7 +429,7 @@ def _screen_cap(cfg: TopkConfig, B: int, k: int) -> int | None:
         return max(cfg.screen_cap, k)
     # Half of the extra-memory budget for the candidate lists (int64 keys), the rest for the fallback's partial lists.
     cap = 1 << max(0, (cfg.max_partial_bytes // (2 * 8 * B)).bit_length() - 1)
-    cap = min(cap, 32768)
+    cap = min(cap, 4096)  # level 0 fills every slot, and one program per row merges them
     if cfg.screen is None and cap < 8 * k:
         return None
     return max(cap, k)
@@ -501,27 +546,26 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     (launched for every call but idle unless a row overflowed: no host synchronisation).
     """
     B, D = xq.shape
-    c = _resolve_screen_config(cfg, B, D)
+    c = _resolve_screen_config(cfg, B, D, weights.element_size())
     dev = xq.device
     has_excl = exclude is not None
-    # Row layout of `buf`: the k best keys so far, then the candidate slots of the current range.
-    buf = torch.empty((B, k + cap), dtype=torch.int64, device=dev)
-    buf[:, :k] = KEY_EMPTY
-    cand = buf[:, k:]
-    levels = _screen_levels(k, num_labels, cap)
+    levels = _screen_levels(k, num_labels, cap, cfg.screen_growth)
+    best = torch.full((B, k), KEY_EMPTY, dtype=torch.int64, device=dev)
+    cand_score = torch.empty((B, cap), dtype=torch.float32, device=dev)
+    cand_id = torch.empty((B, cap), dtype=torch.int32, device=dev)
     counts = torch.zeros((len(levels), B), dtype=torch.int32, device=dev)
-    thr = torch.full((B,), float("-inf"), dtype=torch.float32, device=dev)
-    slots = torch.arange(cap, device=dev)
     qblocks = triton.cdiv(B, c.block_b)
     excl = exclude if has_excl else counts
+    kp = _next_pow2(k)
     for i, (lo, hi) in enumerate(levels):
         _screen_kernel[(qblocks * triton.cdiv(hi - lo, c.block_l),)](
             xq,
             weights,
             inv_scale,
-            thr,
+            best,
             excl,
-            cand,
+            cand_score,
+            cand_id,
             counts[i],
             B,
             lo,
@@ -530,10 +574,12 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             qblocks,
             excl.shape[1] if has_excl else 0,
             cap,
+            k - 1,
             xq.stride(0),
             weights.stride(0),
             excl.stride(0) if has_excl else 0,
-            buf.stride(0),
+            best.stride(0),
+            cand_score.stride(0),
             BLOCK_B=c.block_b,
             BLOCK_L=c.block_l,
             BLOCK_D=c.block_d,
@@ -545,12 +591,19 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             num_warps=c.num_warps,
             num_stages=c.num_stages,
         )
-        cand.masked_fill_(slots[None, :] >= counts[i][:, None], KEY_EMPTY)
-        buf[:, :k] = torch.topk(buf, k, dim=1).values
-        if i + 1 < len(levels):
-            kth = buf[:, k - 1]
-            thr = torch.where(kth >= KEY_REAL_MIN, keys_to_scores(kth)[0], float("-inf"))
-    best = buf[:, :k]
+        _merge_kernel[(B,)](
+            best,
+            cand_score,
+            cand_id,
+            counts[i],
+            k,
+            cap,
+            best.stride(0),
+            cand_score.stride(0),
+            KP=kp,
+            BLOCK=max(kp, min(512, _next_pow2(cap))),
+            num_warps=4,
+        )
     overflow = (counts > cap).any(dim=0)
     fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 2)
     redo = _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)

@@ -247,19 +247,25 @@ def test_screened_ignores_stale_buffer_contents(monkeypatch):
     check(got, want, L)
 
 
-@pytest.mark.parametrize("k, L, cap", [(5, 2_812_281, 32768), (100, 2_812_281, 4096), (7, 100, 64), (1030, 1100, 1060)])
-def test_screen_levels_cover_the_labels_once(k, L, cap):
-    levels = _screen_levels(k, L, cap)
+@pytest.mark.parametrize(
+    "k, L, cap, growth",
+    [(5, 2_812_281, 4096, None), (100, 2_812_281, 4096, 4.0), (7, 100, 64, None), (1030, 1100, 1060, 2)],
+)
+def test_screen_levels_cover_the_labels_once(k, L, cap, growth):
+    levels = _screen_levels(k, L, cap, growth)
     assert levels[0] == (0, min(L, cap))
     assert all(a < b for a, b in levels) and levels[-1][1] == L
     assert all(levels[i][1] == levels[i + 1][0] for i in range(len(levels) - 1))
+    if growth is not None:  # every range but a folded tail stays within the growth bound
+        assert all(b - a <= (growth - 1) * a for a, b in levels[1:-1])
 
 
 def test_screen_choice_follows_the_memory_budget():
-    """Auto: screened where k <= cap / 8, cap from half the budget over B rows (a power of two, at most 32768)."""
-    assert _screen_cap(TopkConfig(), 1, 100) == 32768
+    """Auto: screened where k <= cap / 8, cap from half the budget over B rows (a power of two, at most 4096)."""
+    assert _screen_cap(TopkConfig(), 1, 100) == 4096
+    assert _screen_cap(TopkConfig(), 4096, 100) == 1024
     assert _screen_cap(TopkConfig(), 1024, 100) == 4096  # 64 MiB / 2 / (8 B * 1024)
-    assert _screen_cap(TopkConfig(), 1024, 1000) is None  # the running kernel
+    assert _screen_cap(TopkConfig(), 1, 1000) is None  # the running kernel
     assert _screen_cap(TopkConfig(screen=False), 1, 5) is None
     assert _screen_cap(TopkConfig(screen=True), 1024, 1000) == 4096
     assert _screen_cap(TopkConfig(screen=True, screen_cap=10), 4, 50) == 50  # never fewer slots than k
