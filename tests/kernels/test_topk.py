@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels.topk import (  # noqa: E402
+    CapturedTopk,
     TopkConfig,
     _screen_cap,
     _screen_levels,
@@ -271,6 +272,14 @@ def test_screen_choice_follows_the_memory_budget():
     assert _screen_cap(TopkConfig(screen=True, screen_cap=10), 4, 50) == 50  # never fewer slots than k
     with pytest.raises(ValueError):
         _screen_cap(TopkConfig(screen_cap=0), 4, 5)
+
+
+def test_captured_topk_needs_a_cuda_head():
+    """CUDA graphs exist only on CUDA: a CPU head is refused with a message (the GPU replay is checked against the
+    reference by benchmarks/topk.py)."""
+    w = torch.randn(32, 16).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedTopk(w, 5, 30, 4)
 
 
 def _bad_calls():
