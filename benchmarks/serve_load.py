@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from elmo_serve.scoring import Query, Scorer, ServingModel  # noqa: E402
+from kernels.topk import topk_scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 DEBIAN = ROOT.parent / "shared" / "data" / "debian-deps"
@@ -63,7 +64,9 @@ def query_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(WORDS[i] for i in row) for row in idx]
 
 
-def synthetic_model(labels: int, dim: int, device: str = "cpu", backend: str = "auto", seed: int = 0) -> ServingModel:
+def synthetic_model(
+    labels: int, dim: int, device: str = "cpu", backend: str = "auto", seed: int = 0, cuda_graphs: bool = True
+) -> ServingModel:
     """A random FP8 head (labels x dim, padded to 16) behind a hashed-token EmbeddingBag encoder (torch only)."""
     g = torch.Generator(device=device).manual_seed(seed)
     pad = -(-labels // 16) * 16
@@ -84,7 +87,7 @@ def synthetic_model(labels: int, dim: int, device: str = "cpu", backend: str = "
 
     uids = [f"label{i}" for i in range(labels)]
     titles = [f"synthetic label {i}" for i in range(labels)]
-    scorer = Scorer(w, labels, backend, device=device)
+    scorer = Scorer(w, labels, backend, device=device, cuda_graphs=cuda_graphs)
     info = {"head_dtype": "float8_e4m3fn", "dim": dim, "encoder": "synthetic hashed bag", "artifact": "synthetic"}
     return ServingModel(f"synthetic-{labels}x{dim}", encode, scorer, uids, titles, info=info)
 
@@ -106,10 +109,13 @@ def run_direct(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     texts = query_texts(max(args.batch_sizes) * 4)
     rows = []
-    backends = args.backends or (["triton", "torch"] if device == "cuda" else ["torch"])
+    backends = args.backends or (["triton", "triton-eager", "torch"] if device == "cuda" else ["torch"])
     for backend in backends:
         t0 = time.perf_counter()
-        model = synthetic_model(args.labels, args.dim, device, backend)
+        # "triton-eager": the triton backend without CUDA-graph replay of small batches
+        model = synthetic_model(
+            args.labels, args.dim, device, backend.removesuffix("-eager"), cuda_graphs=not backend.endswith("-eager")
+        )
         _sync()
         print(f"[{backend}] built {model.version} on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
         for b in args.batch_sizes:
@@ -124,6 +130,13 @@ def run_direct(args) -> list[dict]:
                 _sync()
                 times.append(time.perf_counter() - t)
             q = _quantiles(times)
+            agree = {}
+            if backend == "triton":  # the replayed graph against an eager call of the kernel, same queries
+                x = model.encode([t for qq in batch for t in qq.texts])
+                gs, gi = model.scorer.topk(x, args.k)
+                es, ei = topk_scores(x, model.scorer.weights, args.k, model.num_labels)
+                agree = {"ids_equal_eager": float((gi == ei.cpu()).float().mean()),
+                         "max_score_diff_eager": float((gs - es.cpu()).abs().max())}  # fmt: skip
             rows.append(
                 {
                     "mode": "direct",
@@ -139,11 +152,12 @@ def run_direct(args) -> list[dict]:
                     "p95_ms": 1e3 * q["p95"],
                     "p99_ms": 1e3 * q["p99"],
                 }
+                | agree
             )
             r = rows[-1]
             print(
                 f"[{backend}] B={b:5d}  {r['queries_per_s']:10.1f} q/s  p50 {r['p50_ms']:8.2f} ms  "
-                f"p95 {r['p95_ms']:8.2f} ms",
+                f"p95 {r['p95_ms']:8.2f} ms  {agree or ''}",
                 flush=True,
             )
         del model
@@ -282,7 +296,9 @@ def main(argv=None) -> int:
     p.add_argument("--labels", type=int, default=2_800_000, help="direct: synthetic head labels")
     p.add_argument("--dim", type=int, default=768, help="synthetic head dimension")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128, 512])
-    p.add_argument("--backends", nargs="+", default=None, help="direct: triton torch (default: both on GPU)")
+    p.add_argument(
+        "--backends", nargs="+", default=None, help="direct: triton triton-eager torch (default: all three on GPU)"
+    )
     p.add_argument("--warmup", type=int, default=3, help="direct: untimed calls per batch size")
     p.add_argument("--url", default=None, help="http: a running server (else one is started here)")
     p.add_argument("--artifact", default=None, help="http: artifact to serve")

@@ -145,11 +145,11 @@ def variants(B: int, k: int) -> list[TopkConfig]:
     cands = [TopkConfig(), TopkConfig(screen=False)]
     if B >= 256:
         cands += [
-            S(block_b=64, block_l=128, block_d=128, num_warps=4, num_stages=4),
-            S(block_b=64, block_l=128, block_d=128, num_warps=4, num_stages=4, screen_growth=1e9),
+            S(block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=3),
+            S(block_b=64, block_l=128, block_d=256, num_warps=4, num_stages=3),
         ]
     else:
-        cands += [S(block_l=256, block_d=64, num_stages=5), S(screen_growth=16.0)]
+        cands += [S(), S(block_l=256, block_d=64, num_stages=5)]
     return cands
 
 

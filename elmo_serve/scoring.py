@@ -18,15 +18,18 @@ a machine without Ray, pydantic or faiss.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from elmo_serve.cpu_topk import ScreenedTopk
-from kernels.topk import prepare_queries, topk_scores
+from kernels.topk import CapturedTopk, prepare_queries, topk_scores
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
+GRAPH_MAX_BATCH = 64  # triton backend: batches up to this many queries replay a CUDA graph (bucketed to powers of 2)
+GRAPH_CACHE = 16  # captured graphs kept per scorer (least recently used dropped)
 
 
 def import_faiss():
@@ -79,6 +82,7 @@ class Scorer:
         nlist: int = 0,
         nprobe: int = 8,
         device: str | torch.device | None = None,
+        cuda_graphs: bool = True,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -97,6 +101,10 @@ class Scorer:
         self.index = None
         if backend == "faiss":
             self.index = build_index(weights[:num_labels].float(), faiss_index, nlist, nprobe)
+        # Small batches on the GPU: an eager top-k call costs the host more than the GPU work, so they replay a CUDA
+        # graph (kernels.topk.CapturedTopk) captured per (batch bucket, k, exclusion-width bucket).
+        self.cuda_graphs = cuda_graphs and backend == "triton"
+        self._graphs: OrderedDict[tuple[int, int, int], CapturedTopk] = OrderedDict()
 
     def topk(
         self, x: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None
@@ -110,9 +118,33 @@ class Scorer:
         x = x.to(self.device)
         if self._screened is not None:  # queries rounded as `topk_scores` rounds them for an fp8/bf16 head
             return self._screened(prepare_queries(x.float(), self.weights.dtype, False)[0], k, excl)
+        if self.cuda_graphs and x.shape[0] <= GRAPH_MAX_BATCH:
+            graph = self._graph_for(x.shape[0], k, 0 if excl is None else excl.shape[1])
+            if graph is not None:
+                s, i = graph(x.float(), excl)
+                return s.cpu(), i.cpu()
         impl = "triton" if self.backend == "triton" else "torch"
         s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl=impl)
         return s.cpu(), i.cpu()
+
+    def _graph_for(self, batch: int, k: int, width: int) -> CapturedTopk | None:
+        """The captured top-k for this call's shape bucket, captured on first use; None where a graph cannot hold it
+        (too many exclusions for the bucket's width)."""
+        bucket = 1 << max(0, (batch - 1).bit_length())
+        wbucket = 0 if width == 0 else 1 << max(0, (width - 1).bit_length())
+        if wbucket > self.num_labels - k:
+            return None
+        key = (bucket, k, wbucket)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = CapturedTopk(
+                self.weights, k, self.num_labels, bucket, exclude_width=wbucket, query_dtype=torch.float32
+            )
+            self._graphs[key] = graph
+            while len(self._graphs) > GRAPH_CACHE:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        return graph
 
     def _faiss_topk(self, x, k, exclude):
         # The kernels' query rounding (bf16 for bf16/fp8 weights), then exact fp32 inner products in faiss.

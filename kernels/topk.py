@@ -390,11 +390,13 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
 
 def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -> TopkConfig:
     """Launch options of the screening kernel: a plain GEMM tile with a light epilogue."""
-    block_b = cfg.block_b or (16 if B <= 16 else 32 if B <= 32 else 64 if B <= 64 else 128)
+    # H200 sweeps (benchmarks/topk.py, BENCHMARKS.md): 64 x 128 x 128 tiles, 4 warps, 4 stages beat 128-wide
+    # query blocks at B = 256 and 1024 (B = 1024, k = 5: 8.6 vs 9.8 ms).
+    block_b = cfg.block_b or (16 if B <= 16 else 32 if B <= 32 else 64)
     block_l = cfg.block_l or 128
     block_d = cfg.block_d or max(16, min(128 // weight_bytes, _next_pow2(D)))
     num_warps = cfg.num_warps or (4 if block_b * block_l <= 64 * 128 else 8)
-    num_stages = cfg.num_stages or (4 if B <= 64 else 3)
+    num_stages = cfg.num_stages or 4
     # Many queries: ranges growing 4x keep most tiles free of hits (H200: B = 1024, k = 5: 9.7 vs 12.1 ms).
     growth = cfg.screen_growth or (4.0 if B >= 256 else None)
     return TopkConfig(
@@ -434,7 +436,9 @@ def _screen_cap(cfg: TopkConfig, B: int, k: int) -> int | None:
     # Half of the extra-memory budget for the candidate lists (int64 keys), the rest for the fallback's partial lists.
     cap = 1 << max(0, (cfg.max_partial_bytes // (2 * 8 * B)).bit_length() - 1)
     cap = min(cap, 4096)  # level 0 fills every slot, and one program per row merges them
-    if cfg.screen is None and cap < 8 * k:
+    if cfg.screen is None and (cap < 8 * k or B <= 32 and k <= 16):
+        # Few queries with short lists: called eagerly, the screened path's ~30 launches cost the host more than the
+        # GPU work (H200, B = 1, k = 5: 1.5 ms vs 0.87 for the running kernel); `CapturedTopk` replays it instead.
         return None
     return max(cap, k)
 
@@ -782,7 +786,7 @@ class CapturedTopk:
             if exclude_width
             else None
         )
-        cfg = config or TopkConfig()
+        cfg = config or TopkConfig(screen=True)
         run = lambda: _triton_scores(self._x, weights, k, num_labels, self._exclude, fp8_dot, cfg)  # noqa: E731
         side = torch.cuda.Stream(weights.device)
         side.wait_stream(torch.cuda.current_stream(weights.device))

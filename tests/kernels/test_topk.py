@@ -262,11 +262,14 @@ def test_screen_levels_cover_the_labels_once(k, L, cap, growth):
 
 
 def test_screen_choice_follows_the_memory_budget():
-    """Auto: screened where k <= cap / 8, cap from half the budget over B rows (a power of two, at most 4096)."""
+    """Auto: screened where k <= cap / 8 (cap from half the budget over B rows, a power of two, at most 4096), except
+    small batches with short lists."""
     assert _screen_cap(TopkConfig(), 1, 100) == 4096
     assert _screen_cap(TopkConfig(), 4096, 100) == 1024
     assert _screen_cap(TopkConfig(), 1024, 100) == 4096  # 64 MiB / 2 / (8 B * 1024)
     assert _screen_cap(TopkConfig(), 1, 1000) is None  # the running kernel
+    assert _screen_cap(TopkConfig(), 32, 16) is None  # eager small batch, short lists: fewer launches
+    assert _screen_cap(TopkConfig(), 33, 16) == 4096
     assert _screen_cap(TopkConfig(screen=False), 1, 5) is None
     assert _screen_cap(TopkConfig(screen=True), 1024, 1000) == 4096
     assert _screen_cap(TopkConfig(screen=True, screen_cap=10), 4, 50) == 50  # never fewer slots than k
