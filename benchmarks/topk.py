@@ -289,6 +289,44 @@ def env(device) -> dict:
     return info
 
 
+def agree(device, small: bool) -> list[dict]:
+    """The Triton paths against each other and against fp32 rescoring, at L = 200K (fp8 dots on the GPU).
+
+    Per shape: screened (eager) vs running kernel: share of equal ids and max score difference (the two use different
+    D chunks, so fp8 accumulation may round differently); graph replay vs eager screened with the same config: must be
+    identical; each path's "regret": how far below the reference k-th best score the worst returned label's exact fp32
+    score lies (0 for an exact top-k of exact scores; fp8 MMA accumulation error otherwise).
+    """
+    L = 601 if small else MID_L - 3
+    D = 32 if small else DIM
+    w8 = make_head(L, D, device)
+    fp8 = device.type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    rows = []
+    for B, k, E in [(1, 5, 0), (3, 100, 2), (37, 100, 0), (256, 100, 3), (1024, 5, 0)] if not small else [(2, 5, 1)]:
+        x = torch.randn(B, D, device=device).to(torch.bfloat16)
+        excl = torch.randint(0, L, (B, E), device=device) if E else None
+        impl = "auto" if device.type == "cuda" else "triton"
+        run = topk_scores(x, w8, k, L, excl, impl=impl, config=TopkConfig(screen=False))
+        scr = topk_scores(x, w8, k, L, excl, impl=impl, config=TopkConfig(screen=True))
+        xq, inv = prepare_queries(x, w8.dtype, fp8)
+        exact = (xq.float() @ w8[:L].float().T) * inv[:, None]
+        if excl is not None:
+            exact.scatter_(1, excl, float("-inf"))
+        kth = exact.topk(k, dim=1).values[:, -1]
+        rec = {"B": B, "k": k, "exclusions": E}
+        for name, (_, i_) in (("running", run), ("screened", scr)):
+            rec[f"{name}_regret"] = float((kth - exact.gather(1, i_).min(dim=1).values).clamp_min(0).max())
+            rec[f"{name}_excluded_returned"] = int(excl is not None and bool(torch.isin(i_, excl).any()))
+        rec["ids_equal_running_screened"] = float((run[1] == scr[1]).float().mean())
+        rec["max_score_diff_running_screened"] = float((run[0] - scr[0]).abs().max())
+        if device.type == "cuda":
+            g = CapturedTopk(w8, k, L, B, exclude_width=E)(x, excl)
+            rec["graph_identical_to_screened"] = bool(torch.equal(g[0], scr[0]) and torch.equal(g[1], scr[1]))
+        print("agree", rec, flush=True)
+        rows.append(rec)
+    return rows
+
+
 def run_cpu(args) -> dict:
     import faiss
     import numpy as np
@@ -366,8 +404,19 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "topk.json"))
     p.add_argument("--cpu", action="store_true", help="faiss-cpu IndexFlatIP vs our CPU path")
     p.add_argument("--small", action="store_true", help="toy sizes (CPU + TRITON_INTERPRET=1 for the GPU logic)")
+    p.add_argument("--agree", action="store_true", help="only: the Triton paths against each other and fp32")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which only default configs are timed")
     args = p.parse_args()
+    if args.agree:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        result = {"env": env(device), "agree": agree(device, args.small)}
+        save(result, args.out)
+        bad = [r for r in result["agree"] if r.get("graph_identical_to_screened") is False]
+        return (
+            1
+            if bad or any(r["running_excluded_returned"] or r["screened_excluded_returned"] for r in result["agree"])
+            else 0
+        )
     result = run_cpu(args) if args.cpu else run_gpu(args)
     save(result, args.out)
     print(f"wrote {args.out}")

@@ -780,7 +780,12 @@ class CapturedTopk:
         if weights.stride(1) != 1:
             raise ValueError("weights must be contiguous along D")
         self.weights, self.k, self.num_labels, self.batch_size = weights, k, num_labels, batch_size
-        self._x = x.to(weights.device)
+        with torch.inference_mode():  # the graph's buffers are inference tensors: every call runs in inference mode
+            self._capture(x.to(weights.device), exclude_width, fp8_dot, config)
+
+    def _capture(self, x, exclude_width, fp8_dot, config) -> None:
+        weights, k, num_labels, batch_size = self.weights, self.k, self.num_labels, self.batch_size
+        self._x = x
         self._exclude = (
             torch.full((batch_size, exclude_width), -1, dtype=torch.int64, device=weights.device)
             if exclude_width
@@ -797,6 +802,7 @@ class CapturedTopk:
         with torch.cuda.graph(self._graph):
             self._scores, self._ids = run()
 
+    @torch.inference_mode()
     def __call__(
         self, x: torch.Tensor, exclude: torch.Tensor | Sequence[Sequence[int]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
