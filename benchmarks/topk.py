@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.topk import CapturedTopk, TopkConfig, prepare_queries, reference_topk, topk_scores  # noqa: E402
+from kernels.topk import CapturedTopk, TopkConfig, prepare_queries, topk_scores  # noqa: E402
 
 HBM_BYTES_PER_S = 4.25e12  # measured H200 copy bandwidth
 FP8_FLOPS = 1.26e15  # measured H200 fp8 dense rate
@@ -81,6 +81,47 @@ def check_ids(got, want, margin: float) -> tuple[int, list]:
     return int(bad.sum()), first
 
 
+def _fp8_dots(w, device) -> bool:
+    """Whether topk_scores uses fp8 dots for this head (fp8 weights on an sm_89+ GPU)."""
+    return w.dtype == torch.float8_e4m3fn and device.type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def verdict(got, x, w, k: int, L: int, exclude, fp8: bool) -> dict:
+    """Judge a top-k answer against exact fp32 scores of the same quantized queries.
+
+    Hopper's fp8 MMA accumulates with fewer mantissa bits than fp32 (measured: score errors up to 0.01 on scores of
+    ~4.5, D = 768), so a fused fp8 kernel ranks slightly perturbed scores. It passes when every returned score is
+    within `tol` of the label's exact score, the worst returned label's exact score is within 2 tol of the exact
+    k-th best ("regret"), and the ids are valid, distinct per row, sorted by score and never excluded for their row.
+    tol = 8e-3 x the largest score with fp8 dots, 1e-4 x otherwise (fp32 summation order only).
+    """
+    s, i = got
+    xq, inv = prepare_queries(x, w.dtype, fp8)
+    exact = (xq.float() @ w[:L].float().T) * inv[:, None]
+    if exclude is not None:
+        exact.scatter_(1, exclude.clamp_min(0), float("-inf"))  # -1 padding would hit label 0: none used here
+    tol = float(exact[exact.isfinite()].abs().max()) * (8e-3 if fp8 else 1e-4)
+    valid = bool(((i >= 0) & (i < L)).all())
+    mine = exact.gather(1, i.clamp(0, L - 1))
+    kth = exact.topk(k, dim=1).values[:, -1]
+    rec = {
+        "score_err": float((s - mine).abs().max()),
+        "regret": float((kth - mine.min(dim=1).values).clamp_min(0).max()),
+        "tol": tol,
+        "valid_ids": valid,
+        "distinct": all(len(set(r)) == len(r) for r in i.tolist()),
+        "sorted": bool((s[:, 1:] <= s[:, :-1]).all()),
+        "excluded_returned": exclude is not None and bool((i[:, :, None] == exclude[:, None, :]).any()),
+    }
+    want = torch.sort(exact, dim=1, descending=True, stable=True)
+    rec["mismatches_beyond_2tol"] = check_ids(got, (want.values[:, :k], want.indices[:, :k]), 2 * tol)[0]
+    rec["ok"] = (
+        valid and rec["distinct"] and rec["sorted"] and not rec["excluded_returned"]
+        and rec["score_err"] <= tol and rec["regret"] <= 2 * tol
+    )  # fmt: skip
+    return rec
+
+
 def correctness(device, small: bool) -> list[dict]:
     L = 601 if small else MID_L - 3
     D = 32 if small else DIM
@@ -102,22 +143,10 @@ def correctness(device, small: bool) -> list[dict]:
                 continue
             rec = {"B": B, "k": k, "L": L, "weights": name}
             try:
-                fp8 = (
-                    w.dtype == torch.float8_e4m3fn
-                    and device.type == "cuda"
-                    and torch.cuda.get_device_capability() >= (8, 9)
-                )
+                fp8 = _fp8_dots(w, device)
                 impl = "torch" if device.type == "cpu" and not small else "auto" if device.type == "cuda" else "triton"
                 got = topk_scores(x, w, k, L, impl=impl, **kw)
-                want = reference_topk(x, w, k, L, exclude=kw.get("exclude"), fp8_dot=fp8)
-                # Hopper's fp8 MMA accumulates with fewer mantissa bits than fp32 (measured here: score errors up to
-                # 2.7e-3 of the largest score at D = 768): ids are compared only where the reference scores are apart
-                # by more than that.
-                scale = float(want[0].abs().max()) * (4e-3 if fp8 else 2e-3)
-                bad, first = check_ids(got, want, scale)
-                err = float((got[0] - want[0]).abs().max())
-                ok = bad == 0 and err <= scale and bool((got[1] < L).all())
-                rec.update(mismatches=bad, first=first, max_score_err=err, ok=ok, fp8_dot=fp8)
+                rec.update(verdict(got, x, w, k, L, kw.get("exclude"), fp8), fp8_dot=fp8)
             except Exception as e:  # keep going: the timing part is still worth having
                 rec.update(ok=False, error=repr(e)[:500])
             print("check", rec, flush=True)
@@ -126,12 +155,7 @@ def correctness(device, small: bool) -> list[dict]:
             rec = {"B": B, "k": k, "L": L, "weights": "fp8-graph-excl"}
             try:
                 graph = CapturedTopk(w8, k, L, B + 3, exclude_width=4)
-                got = graph(x, exclude=excl)
-                want = reference_topk(x, w8, k, L, exclude=excl, fp8_dot=True)
-                scale = float(want[0].abs().max()) * 4e-3
-                bad, first = check_ids(got, want, scale)
-                err = float((got[0] - want[0]).abs().max())
-                rec.update(mismatches=bad, first=first, max_score_err=err, ok=bad == 0 and err <= scale)
+                rec.update(verdict(graph(x, exclude=excl), x, w8, k, L, excl, _fp8_dots(w8, device)))
             except Exception as e:
                 rec.update(ok=False, error=repr(e)[:500])
             print("check", rec, flush=True)
@@ -300,7 +324,7 @@ def agree(device, small: bool) -> list[dict]:
     L = 601 if small else MID_L - 3
     D = 32 if small else DIM
     w8 = make_head(L, D, device)
-    fp8 = device.type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    fp8 = _fp8_dots(w8, device)
     rows = []
     for B, k, E in [(1, 5, 0), (3, 100, 2), (37, 100, 0), (256, 100, 3), (1024, 5, 0)] if not small else [(2, 5, 1)]:
         x = torch.randn(B, D, device=device).to(torch.bfloat16)
@@ -316,7 +340,8 @@ def agree(device, small: bool) -> list[dict]:
         rec = {"B": B, "k": k, "exclusions": E}
         for name, (_, i_) in (("running", run), ("screened", scr)):
             rec[f"{name}_regret"] = float((kth - exact.gather(1, i_).min(dim=1).values).clamp_min(0).max())
-            rec[f"{name}_excluded_returned"] = int(excl is not None and bool(torch.isin(i_, excl).any()))
+            hit = excl is not None and bool((i_[:, :, None] == excl[:, None, :]).any())  # per row: its own list
+            rec[f"{name}_excluded_returned"] = int(hit)
         rec["ids_equal_running_screened"] = float((run[1] == scr[1]).float().mean())
         rec["max_score_diff_running_screened"] = float((run[0] - scr[0]).abs().max())
         if device.type == "cuda":
