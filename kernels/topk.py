@@ -545,6 +545,22 @@ def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: T
     return _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg)
 
 
+def _tile_meta(c: TopkConfig, D: int, fp8_dot: bool, has_excl: bool) -> dict:
+    """Launch options shared by the scoring kernels (tile sizes, dot flavour, warps and stages)."""
+    return {
+        "BLOCK_B": c.block_b,
+        "BLOCK_L": c.block_l,
+        "BLOCK_D": c.block_d,
+        "FP8_DOT": fp8_dot,
+        "HAS_SCALE": fp8_dot,
+        "HAS_EXCL": has_excl,
+        "EVEN_D": D % c.block_d == 0,
+        "UPCAST": _interpreting(),
+        "num_warps": c.num_warps,
+        "num_stages": c.num_stages,
+    }
+
+
 def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig, cap: int):
     """Exact top-k as a GEMM with a threshold epilogue, over label ranges of growing size (`_screen_levels`).
 
@@ -588,16 +604,7 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             excl.stride(0) if has_excl else 0,
             best.stride(0),
             cand_score.stride(0),
-            BLOCK_B=c.block_b,
-            BLOCK_L=c.block_l,
-            BLOCK_D=c.block_d,
-            FP8_DOT=fp8_dot,
-            HAS_SCALE=fp8_dot,
-            HAS_EXCL=has_excl,
-            EVEN_D=D % c.block_d == 0,
-            UPCAST=_interpreting(),
-            num_warps=c.num_warps,
-            num_stages=c.num_stages,
+            **_tile_meta(c, D, fp8_dot, has_excl),
         )
         _merge_kernel[(B,)](
             best,
@@ -650,18 +657,9 @@ def _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: 
         part.stride(1),
         KEEP=k,
         KP=_next_pow2(k),
-        BLOCK_B=c.block_b,
-        BLOCK_L=c.block_l,
-        BLOCK_D=c.block_d,
         SORT_MIN=c.sort_min,
-        FP8_DOT=fp8_dot,
-        HAS_SCALE=fp8_dot,
-        HAS_EXCL=has_excl,
-        EVEN_D=D % c.block_d == 0,
-        UPCAST=_interpreting(),
         HAS_FLAG=flag is not None,
-        num_warps=c.num_warps,
-        num_stages=c.num_stages,
+        **_tile_meta(c, D, fp8_dot, has_excl),
     )
     keys = part.view(B, splits * k)
     if splits > 1:
