@@ -169,11 +169,14 @@ def variants(B: int, k: int) -> list[TopkConfig]:
     cands = [TopkConfig(), TopkConfig(screen=False)]
     if B >= 256:
         cands += [
-            S(block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=3),
-            S(block_b=64, block_l=128, block_d=256, num_warps=4, num_stages=3),
+            S(tma=True),
+            S(tma=True, persistent=True),
+            S(tma=True, persistent=True, flatten=True),
+            S(tma=True, block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=3),
+            S(tma=True, block_b=128, block_l=256, block_d=128, num_warps=8, num_stages=3, persistent=True),
         ]
     else:
-        cands += [S(), S(block_l=256, block_d=64, num_stages=5)]
+        cands += [S(), S(tma=True), S(tma=True, persistent=True)]
     return cands
 
 

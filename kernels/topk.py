@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Sentinels. Real keys are >= (monotone image of -inf) << 32 = -2139095041 * 2^32 > KEY_EMPTY + 2^32, so both
 # KEY_EMPTY (padded / excluded / masked entries) and the distinct fillers KEY_EMPTY + 1 + j of the running list sort
@@ -249,9 +250,78 @@ def _topk_kernel(
 
 
 @triton.jit
+def _score_tile_desc(
+    x_desc, w_desc, inv_scale, row0, lab0, D,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """`_score_tile` with the tiles fetched through tensor descriptors (TMA on Hopper); rows, labels and D columns
+    past the tensors' ends read as zeros."""
+    acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        xt = x_desc.load([row0, d0])
+        wt = w_desc.load([lab0, d0])
+        if UPCAST:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
+        elif FP8_DOT:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        else:
+            acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc)
+    if HAS_SCALE:
+        acc = acc * inv_scale[:, None]
+    return acc
+
+
+@triton.jit
+def _screen_tile(
+    job, x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+    B, first_label, end_label, D, num_qblocks, E, cap, kth,
+    stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    USE_DESC: tl.constexpr,
+):  # fmt: skip
+    """Score one (query block, label tile) of [first_label, end_label) and append (score, id) of every label scoring
+    above its row's threshold to that row's candidate slots; the row counters count on past `cap` (overflow)."""
+    qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
+    tile = job // num_qblocks
+    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    labs = first_label + tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    lab_ok = labs < end_label
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
+    if USE_DESC:
+        s = _score_tile_desc(
+            x, w, inv_scale, qb * BLOCK_B, first_label + tile * BLOCK_L, D,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, UPCAST,
+        )  # fmt: skip
+    else:
+        s = _score_tile(
+            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+        )  # fmt: skip
+    # Threshold: the score of the row's k-th best key so far. Strictly above it: that label has a lower id than every
+    # label here, so an equal score ranks below it (and NaN never passes). No k-th key yet: take every valid label.
+    kth_key = tl.load(best_ptr + rows.to(tl.int64) * stride_bb + kth, mask=row_ok, other=_KEY_EMPTY)
+    take_all = kth_key < _KEY_REAL_MIN
+    hit = (s > _key_score(kth_key)[:, None]) | take_all[:, None]
+    hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
+    if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
+        # One atomic per hit hands out its slot; almost every element is masked off, so this costs little.
+        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit)
+        keep = hit & (slot < cap)
+        offs = rows[:, None].to(tl.int64) * stride_cb + slot
+        tl.store(cand_score_ptr + offs, s, mask=keep)
+        tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
+
+
+@triton.jit
 def _screen_kernel(
-    x_ptr,
-    w_ptr,
+    x,
+    w,
     inv_scale_ptr,
     best_ptr,
     excl_ptr,
@@ -263,6 +333,7 @@ def _screen_kernel(
     end_label,
     D,
     num_qblocks,
+    num_jobs,
     E,
     cap,
     kth,
@@ -279,37 +350,27 @@ def _screen_kernel(
     HAS_EXCL: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    USE_DESC: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
-    """Score one (query block, label tile) of [first_label, end_label) and append (score, id) of every label scoring
-    above its row's threshold to that row's candidate slots; the row counters count on past `cap` (overflow)."""
-    pid = tl.program_id(0)
-    qb = pid % num_qblocks  # consecutive programs share a label tile: its weights come from HBM once, then from L2
-    tile = pid // num_qblocks
-    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    labs = first_label + tile * BLOCK_L + tl.arange(0, BLOCK_L)
-    lab_ok = labs < end_label
-    if HAS_SCALE:
-        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    """One (query block, label tile) job per program, or with PERSISTENT a fixed grid striding over the jobs (FLATTEN:
+    let the compiler pipeline across jobs). x and w are pointers, or tensor descriptors with USE_DESC."""
+    if PERSISTENT:
+        for job in tl.range(tl.program_id(0), num_jobs, tl.num_programs(0), flatten=FLATTEN):
+            _screen_tile(
+                job, x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+                B, first_label, end_label, D, num_qblocks, E, cap, kth,
+                stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
+                BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
+            )  # fmt: skip
     else:
-        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
-    s = _score_tile(
-        x_ptr, w_ptr, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
-        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
-    )  # fmt: skip
-    # Threshold: the score of the row's k-th best key so far. Strictly above it: that label has a lower id than every
-    # label here, so an equal score ranks below it (and NaN never passes). No k-th key yet: take every valid label.
-    kth_key = tl.load(best_ptr + rows.to(tl.int64) * stride_bb + kth, mask=row_ok, other=_KEY_EMPTY)
-    take_all = kth_key < _KEY_REAL_MIN
-    hit = (s > _key_score(kth_key)[:, None]) | take_all[:, None]
-    hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
-    if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
-        # One atomic per hit hands out its slot; almost every element is masked off, so this costs little.
-        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit)
-        keep = hit & (slot < cap)
-        offs = rows[:, None].to(tl.int64) * stride_cb + slot
-        tl.store(cand_score_ptr + offs, s, mask=keep)
-        tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
+        _screen_tile(
+            tl.program_id(0), x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+            B, first_label, end_label, D, num_qblocks, E, cap, kth,
+            stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -358,6 +419,10 @@ class TopkConfig:
     screen: bool | None = None  # screened path (see `_topk_screened`); None: where the candidate lists fit (k <= cap/8)
     screen_cap: int | None = None  # candidate slots per query row; None: from max_partial_bytes, at most 4096
     screen_growth: float | None = None  # cap on (labels scored so far after a range) / (before it); None: from cap / k
+    # Screening-kernel variants, off until measured faster on the H200 (benchmarks/topk.py sweeps them):
+    tma: bool = False  # tiles through tensor descriptors (TMA), where the tensors' strides allow (else pointers)
+    persistent: bool = False  # a fixed grid of 2 programs per SM striding over the (query block, label tile) jobs
+    flatten: bool = False  # with persistent: one flattened, software-pipelined loop over jobs and D chunks
 
 
 def _next_pow2(n: int) -> int:
@@ -400,8 +465,9 @@ def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -
     # Many queries: ranges growing 4x keep most tiles free of hits (H200: B = 1024, k = 5: 9.7 vs 12.1 ms).
     growth = cfg.screen_growth or (4.0 if B >= 256 else None)
     return TopkConfig(
-        block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None, growth
-    )
+        block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None, growth,
+        cfg.tma, cfg.persistent, cfg.flatten,
+    )  # fmt: skip
 
 
 def _screen_levels(k: int, num_labels: int, cap: int, growth: float | None = None) -> list[tuple[int, int]]:
@@ -545,6 +611,14 @@ def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: T
     return _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg)
 
 
+def _descriptors_fit(xq: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Tensor descriptors (TMA) need 16-byte aligned bases and row strides, and a unit stride along D."""
+    return all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
+        for t in (xq, weights)
+    )
+
+
 def _tile_meta(c: TopkConfig, D: int, fp8_dot: bool, has_excl: bool) -> dict:
     """Launch options shared by the scoring kernels (tile sizes, dot flavour, warps and stages)."""
     return {
@@ -581,10 +655,20 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     qblocks = triton.cdiv(B, c.block_b)
     excl = exclude if has_excl else counts
     kp = max(16, _next_pow2(k))  # tl.join / tl.topk need a few elements on the GPU (k = 1 failed to compile)
+    use_desc = bool(c.tma) and _descriptors_fit(xq, weights)
+    x_arg, w_arg = xq, weights
+    if use_desc:
+        x_arg = TensorDescriptor.from_tensor(xq, [c.block_b, c.block_d])
+        w_arg = TensorDescriptor.from_tensor(weights, [c.block_l, c.block_d])
+    if xq.is_cuda:
+        programs = 2 * torch.cuda.get_device_properties(xq.device).multi_processor_count
+    else:
+        programs = 3  # the interpreter: a few programs, each striding over several jobs
     for i, (lo, hi) in enumerate(levels):
-        _screen_kernel[(qblocks * triton.cdiv(hi - lo, c.block_l),)](
-            xq,
-            weights,
+        jobs = qblocks * triton.cdiv(hi - lo, c.block_l)
+        _screen_kernel[(min(jobs, programs) if c.persistent else jobs,)](
+            x_arg,
+            w_arg,
             inv_scale,
             best,
             excl,
@@ -596,6 +680,7 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             hi,
             D,
             qblocks,
+            jobs,
             excl.shape[1] if has_excl else 0,
             cap,
             k - 1,
@@ -604,6 +689,9 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             excl.stride(0) if has_excl else 0,
             best.stride(0),
             cand_score.stride(0),
+            USE_DESC=use_desc,
+            PERSISTENT=c.persistent,
+            FLATTEN=c.flatten,
             **_tile_meta(c, D, fp8_dot, has_excl),
         )
         _merge_kernel[(B,)](

@@ -229,6 +229,25 @@ def test_screened_overflow_falls_back_exactly(exclude):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize(
+    "variant",
+    [{"tma": True}, {"persistent": True}, {"tma": True, "persistent": True, "flatten": True}],
+    ids=["descriptors", "persistent", "descriptors-persistent-flat"],
+)
+@pytest.mark.parametrize("D", [64, 77], ids=["D64", "D77-no-descriptors"])
+def test_screening_kernel_variants(variant, D):
+    """The screening kernel's experimental variants give the reference answer: tiles through tensor descriptors (the
+    last query block and label tile run past the tensors' ends; D = 77 bf16 rows are not 16-byte aligned, so the
+    pointer loads stay), and a fixed grid striding over the jobs."""
+    B, L, L_pad, k = 5, 1009, 1024, 5
+    x = torch.randn(B, D).to(torch.bfloat16)
+    w = make_head(L, L_pad, D, torch.bfloat16 if D == 77 else torch.float8_e4m3fn, pad_value=8.0)
+    excl = torch.randint(0, L, (B, 2))
+    got = topk_scores(x, w, k, L, excl, impl="triton", config=TopkConfig(screen=True, screen_cap=64, **variant))
+    check(got, reference_topk(x, w, k, L, exclude=excl), L, exclude=excl)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
 def test_screened_ignores_stale_buffer_contents(monkeypatch):
     """Candidate slots past a row's count hold whatever memory held: fill every fresh buffer with the best possible
     key (or NaN) and check that none of it leaks into the answer."""
