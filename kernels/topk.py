@@ -21,7 +21,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:  # host-side tensor descriptors (TMA); older tritons lack them and keep the pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
 
 # Sentinels. Real keys are >= (monotone image of -inf) << 32 = -2139095041 * 2^32 > KEY_EMPTY + 2^32, so both
 # KEY_EMPTY (padded / excluded / masked entries) and the distinct fillers KEY_EMPTY + 1 + j of the running list sort
@@ -613,7 +617,7 @@ def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: T
 
 def _descriptors_fit(xq: torch.Tensor, weights: torch.Tensor) -> bool:
     """Tensor descriptors (TMA) need 16-byte aligned bases and row strides, and a unit stride along D."""
-    return all(
+    return TensorDescriptor is not None and all(
         t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1
         for t in (xq, weights)
     )
