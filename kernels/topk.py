@@ -408,6 +408,48 @@ def _merge_kernel(
     tl.store(best_ptr + b * stride_bb + cols, best, mask=cols < k)
 
 
+@triton.jit
+def _quantize_kernel(x_ptr, xq_ptr, inv_ptr, D, stride_x, stride_q, BLOCK_D: tl.constexpr):
+    """One query row of `prepare_queries(x, fp8_dot=True)` in one launch, bit for bit: the power-of-two scale from the
+    bits of max|x| and round-to-nearest-even onto the e4m3 grid by integer arithmetic (the interpreter's own fp32 ->
+    fp8 conversion is inexact; on-grid values convert exactly everywhere)."""
+    b = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + b * stride_x + ds, mask=ds < D, other=0.0).to(tl.float32)))
+    top = tl.max(amax, axis=0)
+    bits = top.to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 0xFF
+    # top = 1.M 2^(biased - 127): e = 135 - biased if 1.M <= 1.75 else 134 - biased (subnormal top: clamped to 126)
+    e = tl.where((bits & 0x7FFFFF) <= 0x600000, 135 - biased, 134 - biased)
+    e = tl.minimum(tl.maximum(e, -126), 126)
+    e = tl.where(top > 0, e, 0)
+    scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    tl.store(inv_ptr + b, ((127 - e) << 23).to(tl.float32, bitcast=True))
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(x_ptr + b * stride_x + ds, mask=ds < D, other=0.0).to(tl.float32) * scale
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        # normals (|v| >= 2^-6): keep 3 mantissa bits, ties to even
+        vb = v.to(tl.int32, bitcast=True)
+        vb = (vb + 0x7FFFF + ((vb >> 20) & 1)) & -0x100000
+        normal = vb.to(tl.float32, bitcast=True)
+        # subnormals: multiples of 2^-9, ties to even through the fp32 add of 1.5 * 2^23
+        sub = ((v * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
+        q = tl.where(tl.abs(v) < 0.015625, sub, normal)
+        tl.store(xq_ptr + b * stride_q + ds, q.to(tl.float8e4nv), mask=ds < D)
+
+
+@triton.jit
+def _decode_kernel(key_ptr, score_ptr, id_ptr, n, BLOCK: tl.constexpr):
+    """`keys_to_scores` in one launch: fp32 scores and int64 ids of n keys."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key = tl.load(key_ptr + i, mask=i < n, other=0)
+    tl.store(score_ptr + i, _key_score(key), mask=i < n)
+    tl.store(id_ptr + i, 0xFFFFFFFF - (key & 0xFFFFFFFF), mask=i < n)
+
+
 @dataclass
 class TopkConfig:
     """Launch options of the Triton path; None picks a default from the shapes (see `_resolve_config`)."""
@@ -571,11 +613,13 @@ def prepare_queries(x: torch.Tensor, weights_dtype: torch.dtype, fp8_dot: bool) 
     Returns (xq (B, D) float8_e4m3fn / bf16 / fp32, inv_scale (B,) fp32).
     """
     if fp8_dot:
+        # s_b = 2^e, e the largest integer with amax * 2^e <= 448 = 0.875 * 2^9, from amax = m 2^ex, m in [0.5, 1):
+        # e = 9 - ex if m <= 0.875 else 8 - ex (exact, unlike a floating-point log2), clamped to [-126, 126].
         amax = x.float().abs().amax(dim=1)
-        exp = torch.floor(torch.log2(FP8_MAX / amax.clamp_min(1e-30))).clamp(-126, 126)
-        exp = torch.where(amax > 0, exp, torch.zeros_like(exp))
-        scale = torch.exp2(exp)
-        xq = (x.float() * scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        m, ex = torch.frexp(amax)
+        exp = torch.where(m <= 0.875, 9 - ex, 8 - ex).clamp(-126, 126)
+        exp = torch.where(amax > 0, exp, torch.zeros_like(exp)).float()
+        xq = (x.float() * torch.exp2(exp)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return xq, torch.exp2(-exp)
     dtype = torch.float32 if weights_dtype == torch.float32 else torch.bfloat16
     return x.to(dtype), torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
@@ -828,9 +872,28 @@ def topk_scores(
 
 
 def _triton_scores(x, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig):
-    """The Triton path on checked arguments: no host synchronisation, so it can be captured in a CUDA graph."""
-    xq, inv_scale = prepare_queries(x, weights.dtype, fp8_dot)
-    return keys_to_scores(_topk_triton(xq.contiguous(), inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg))
+    """The Triton path on checked arguments: no host synchronisation, so it can be captured in a CUDA graph. The query
+    quantisation and the key decoding are one launch each (a B = 1 call is ~30 small launches otherwise)."""
+    if fp8_dot:
+        xq, inv_scale = quantize_queries(x)
+    else:
+        xq, inv_scale = prepare_queries(x, weights.dtype, fp8_dot)
+    keys = _topk_triton(xq.contiguous(), inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg).contiguous()
+    scores = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
+    ids = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
+    _decode_kernel[(triton.cdiv(keys.numel(), 1024),)](keys, scores, ids, keys.numel(), BLOCK=1024)
+    return scores, ids
+
+
+def quantize_queries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prepare_queries(x, fp8_dot=True)` as one Triton launch (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    B, D = x.shape
+    x = x.contiguous()
+    xq = torch.empty((B, D), dtype=torch.float8_e4m3fn, device=x.device)
+    inv = torch.empty(B, dtype=torch.float32, device=x.device)
+    if B:
+        _quantize_kernel[(B,)](x, xq, inv, D, x.stride(0), xq.stride(0), BLOCK_D=min(1024, _next_pow2(D)))
+    return xq, inv
 
 
 class CapturedTopk:

@@ -16,6 +16,8 @@ from kernels.topk import (  # noqa: E402
     _screen_cap,
     _screen_levels,
     merge_topk,
+    prepare_queries,
+    quantize_queries,
     reference_topk,
     topk_scores,
 )
@@ -184,6 +186,32 @@ def test_fp8_dot_quantizes_queries(impl):
     got = run(impl, x, w, k, L, fp8_dot=True)
     want = reference_topk(x, w, k, L, fp8_dot=True)
     check(got, want, L, atol=1e-4 * want[0].abs().max().item())
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+def test_quantize_kernel_matches_prepare_queries_bit_for_bit():
+    """The one-launch query quantiser of the Triton path against the torch definition: scales far from 1, rows
+    that need no scaling, zero rows, bf16 input, fp32 subnormals, and values exactly halfway between e4m3 neighbours
+    (normal and subnormal: ties go to the even neighbour)."""
+    half = 2.0**-9
+    ties = torch.tensor([[448.0, 1.0625, 1.1875, -1.0625, 248.0, 0.5 * half, 1.5 * half, -2.5 * half, 3.0 * 2**-7]])
+    rows = [
+        torch.randn(7, 77),
+        torch.randn(5, 300) * 1e-3,
+        torch.randn(3, 64) * 1e4,
+        torch.zeros(2, 16),
+        torch.randn(4, 33).to(torch.bfloat16),
+        torch.randn(6, 50) * torch.logspace(-30, 30, 6)[:, None],
+        torch.tensor([[1e-40, -3e-41, 0.0, 2e-39]]),
+        ties,
+    ]
+    for x in rows:
+        got, got_inv = quantize_queries(x)
+        want, want_inv = prepare_queries(x, torch.float8_e4m3fn, True)
+        differ = got.view(torch.uint8) != want.view(torch.uint8)
+        assert not differ.any(), f"{int(differ.sum())} codes differ for rows of shape {tuple(x.shape)}"
+        assert torch.equal(got_inv, want_inv)
+    assert quantize_queries(ties)[0].float().tolist()[0][1:7] == [1.0, 1.25, -1.0, 256.0, 0.0, 2 * half]
 
 
 def test_merge_equals_single_shard():
