@@ -549,8 +549,9 @@ def _screen_cap(cfg: TopkConfig, B: int, k: int) -> int | None:
     cap = 1 << max(0, (cfg.max_partial_bytes // (2 * 8 * B)).bit_length() - 1)
     cap = min(cap, 4096)  # level 0 fills every slot, and one program per row merges them
     if cfg.screen is None and (cap < 8 * k or B <= 32 and k <= 16):
-        # Few queries with short lists: called eagerly, the screened path's ~30 launches cost the host more than the
-        # GPU work (H200, B = 1, k = 5: 1.5 ms vs 0.87 for the running kernel); `CapturedTopk` replays it instead.
+        # Few queries with short lists: called eagerly, the screened path's launches (two per label range, ~17 at
+        # B = 1) cost the host more than the GPU work (H200, B = 1, k = 5, when it was ~30: 1.5 ms vs 0.87 for the
+        # running kernel); `CapturedTopk` replays it instead.
         return None
     return max(cap, k)
 
@@ -873,7 +874,7 @@ def topk_scores(
 
 def _triton_scores(x, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig):
     """The Triton path on checked arguments: no host synchronisation, so it can be captured in a CUDA graph. The query
-    quantisation and the key decoding are one launch each (a B = 1 call is ~30 small launches otherwise)."""
+    quantisation and the key decoding are one launch each (they were ~20 small torch ops)."""
     if fp8_dot:
         xq, inv_scale = quantize_queries(x)
     else:
@@ -899,8 +900,9 @@ def quantize_queries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class CapturedTopk:
     """`topk_scores` on a CUDA GPU for one head, k and batch size, replayed from a CUDA graph.
 
-    An eager call launches ~30 kernels and spends more host time than the GPU needs for a few queries (H200, 2.8M
-    labels, B = 1: ~0.75 ms of host work for ~0.55 ms of GPU work); a replay is one launch. Batches smaller than
+    An eager call launches ~17 kernels (two per label range) and spends more host time than the GPU needs for a few
+    queries (H200, 2.8M labels, B = 1, with ~30 launches: ~0.75 ms of host work for ~0.55 ms of GPU work); a replay
+    is one launch. Batches smaller than
     `batch_size` are padded (the extra rows are scored and dropped). `exclude_width` > 0 reserves that many
     exclusion slots per query. The head must stay at the same address (weights updated in place are fine).
     """
