@@ -9,6 +9,9 @@ A directory:
     encoder/            kind "hashed": encoder.safetensors (the HashedBagEncoder state), featurizer.json and
                         featurizer.safetensors (kept buckets, idf) when it reads raw text;
                         kind "hf": a Hugging Face model directory (config.json, weights, tokenizer)
+    frozen/             only with encoder.frozen {dim, max_length} (a hashed encoder fused with frozen pretrained
+                        sentence embeddings, TrainConfig.frozen_encoder): that pretrained model's Hugging Face
+                        directory; encoder.safetensors then holds "bag.*" (the bag) and "proj.*" (the projection)
     labels.jsonl        line i: {"id": i, "uid": ..., "title": ...}
 
 Scores of texts: x = encoder(texts) (B, dim); scores = [x, bias_input] / s @ weight^T (see training.model.XMCHead),
@@ -31,7 +34,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from training.encoders import HashedBagConfig, HashedBagEncoder, HashedNgramFeaturizer, HFTextEncoder
+from training.encoders import (
+    FrozenTextEmbedder,
+    FusedEncoder,
+    HashedBagConfig,
+    HashedBagEncoder,
+    HashedNgramFeaturizer,
+    HFTextEncoder,
+)
 from training.model import LABEL_ALIGN, HeadConfig, XMCHead, XMCModel, padded
 
 FORMAT = "elmo-artifact"
@@ -91,7 +101,8 @@ def save_artifact(
         kind, enc_config = "hf", {"max_length": encoder.max_length, "hidden_size": encoder.dim}
         encoder.save_pretrained(tmp / "encoder")
     else:
-        kind, enc_config = "hashed", dict(vars(encoder.config))
+        bag = encoder.bag if isinstance(encoder, FusedEncoder) else encoder
+        kind, enc_config = "hashed", dict(vars(bag.config))
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         save_file(state, tmp / "encoder" / "encoder.safetensors")
         if model.featurizer is not None:
@@ -101,6 +112,12 @@ def save_artifact(
                 {"kept": torch.from_numpy(fs["kept"]), "idf": torch.from_numpy(fs["idf"])},
                 tmp / "encoder" / "featurizer.safetensors",
             )
+    frozen = None
+    if isinstance(encoder, FusedEncoder):
+        if model.frozen is None:
+            raise ValueError("a fused encoder needs its frozen embedder (XMCModel.frozen) to be exported")
+        model.frozen.encoder.save_pretrained(tmp / "frozen")
+        frozen = {"dim": model.frozen.dim, "max_length": model.frozen.max_length}
     titles = [""] * head.num_labels
     uids = [str(i) for i in range(head.num_labels)]
     for j, old in enumerate(order):
@@ -127,7 +144,12 @@ def save_artifact(
             "chunk_rows": head.rows_per_chunk,
             "label_align": LABEL_ALIGN,
         },
-        "encoder": {"kind": kind, "config": enc_config, "featurizer": model.featurizer is not None},
+        "encoder": {
+            "kind": kind,
+            "config": enc_config,
+            "featurizer": model.featurizer is not None,
+            **({"frozen": frozen} if frozen else {}),
+        },
         "metrics": metrics or {},
         "data_fingerprint": data_fingerprint(train_ds),
         "training": config or {},
@@ -240,7 +262,7 @@ def _read_encoder(path: Path, manifest: dict):
         encoder = HFTextEncoder.from_pretrained(edir, max_length=enc["config"].get("max_length", 128))
         if encoder.dim != manifest["dim"]:
             raise _fail(path, f"encoder hidden size {encoder.dim} does not match the manifest dim {manifest['dim']}")
-        return encoder, None
+        return encoder, None, None
     try:
         config = HashedBagConfig(**enc["config"])
     except TypeError as e:
@@ -250,7 +272,8 @@ def _read_encoder(path: Path, manifest: dict):
     spath = edir / "encoder.safetensors"
     if not spath.is_file():
         raise _fail(path, "missing file encoder/encoder.safetensors")
-    encoder = HashedBagEncoder(config)
+    frozen = _read_frozen(path, enc)
+    encoder = HashedBagEncoder(config) if frozen is None else FusedEncoder(HashedBagEncoder(config), frozen.dim)
     state = load_file(spath)
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -276,7 +299,22 @@ def _read_encoder(path: Path, manifest: dict):
             raise _fail(
                 path, f"featurizer has {featurizer.num_features} features, the encoder table {config.num_features} rows"
             )
-    return encoder, featurizer
+    return encoder, featurizer, frozen
+
+
+def _read_frozen(path: Path, enc: dict) -> FrozenTextEmbedder | None:
+    """The frozen pretrained embedder of a fused encoder (encoder.frozen in the manifest), or None."""
+    spec = enc.get("frozen")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), int) for k in ("dim", "max_length")):
+        raise _fail(path, "manifest.json encoder 'frozen' must be {'dim': int, 'max_length': int}")
+    if not (path / "frozen" / "config.json").is_file():
+        raise _fail(path, "missing file frozen/config.json (the frozen encoder's Hugging Face directory)")
+    frozen = FrozenTextEmbedder(path / "frozen", max_length=spec["max_length"])
+    if frozen.dim != spec["dim"]:
+        raise _fail(path, f"frozen encoder hidden size {frozen.dim} does not match the manifest's {spec['dim']}")
+    return frozen
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:
@@ -287,7 +325,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     manifest = _read_manifest(path)
     weight, scale = _read_head(path, manifest)
     labels = _read_labels(path, manifest["num_labels"])
-    encoder, featurizer = _read_encoder(path, manifest)
+    encoder, featurizer, frozen = _read_encoder(path, manifest)
     h = manifest["head"]
     precision = "fp8" if weight.dtype == torch.float8_e4m3fn else "bf16"
     head = XMCHead(
@@ -301,5 +339,5 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         )
     )
     head.weight.copy_(weight)
-    model = XMCModel(encoder, head, featurizer).to(device).eval()
+    model = XMCModel(encoder, head, featurizer, frozen=frozen).to(device).eval()
     return Artifact(path=path, manifest=manifest, model=model, labels=labels)

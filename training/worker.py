@@ -41,7 +41,6 @@ from training.metrics import jain_propensity
 from training.model import XMCHead, XMCModel
 from training.train import (
     TrainConfig,
-    _check_exportable,
     _finish,
     _rng_state,
     _set_rng_state,
@@ -273,8 +272,6 @@ def train_worker(
     The process group must be initialised. on_step(step) is called after each optimizer step (tests use it to kill
     a worker). Rank 0 writes metrics.json, the plots and the artifact (cfg.export) into cfg.out."""
     t0 = time.perf_counter()
-    if cfg.export:
-        _check_exportable(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     world, rank = dist.get_world_size(group), dist.get_rank(group)

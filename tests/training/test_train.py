@@ -1,5 +1,8 @@
 """The training loop: config handling, schedule, kill-and-resume equivalence, and a real-data run beating popularity."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -84,8 +87,11 @@ def test_short_run_on_debian_tags_beats_most_popular(debian_tags, tmp_path):
     assert result["metrics"]["P@5"] > 100 * popular["P@5"]
 
 
-def test_frozen_encoder_run_trains_reloads_and_refuses_export(tmp_path):
+def test_frozen_encoder_run_trains_reloads_and_exports(tmp_path):
+    """A hashed bag fused with a frozen (tiny, built here) BERT: trains, reloads from its checkpoint, exports an
+    artifact that carries the frozen model, and that artifact embeds texts exactly as the run's model does."""
     transformers = pytest.importorskip("transformers")
+    from training.artifact import load_artifact
     from training.encoders import HFTextEncoder
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "label", "text", "word", "a", "b"]
@@ -98,13 +104,38 @@ def test_frozen_encoder_run_trains_reloads_and_refuses_export(tmp_path):
         transformers.BertModel(config), transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
     ).save_pretrained(bert)
     data = write_lf(tmp_path / "data")
-    cfg = _cfg(data, tmp_path / "run", frozen_encoder=str(bert), frozen_cache=str(tmp_path / "cache"), epochs=1)
+    art = tmp_path / "art"
+    cfg = _cfg(
+        data,
+        tmp_path / "run",
+        frozen_encoder=str(bert),
+        frozen_cache=str(tmp_path / "cache"),
+        epochs=1,
+        export=str(art),
+    )
     result = train(cfg)
     assert result["metrics"]["P@1"] > 0
     model, _, _ = model_from_checkpoint(tmp_path / "run")
     assert model.frozen is not None and model.encoder.proj.weight.shape == (32, 32)
-    with pytest.raises(ValueError, match="cannot be exported"):
-        train(_cfg(data, tmp_path / "run2", frozen_encoder=str(bert), export=str(tmp_path / "art")))
+
+    loaded = load_artifact(art)
+    assert loaded.manifest["encoder"]["frozen"] == {"dim": 32, "max_length": cfg.frozen_max_length}
+    assert (art / "frozen" / "config.json").is_file()
+    texts = ["a word of text", "label b", "text"]
+    with torch.no_grad():
+        want = model.embed(*model.encoder_inputs(texts))
+        got = loaded.model.embed(*loaded.model.encoder_inputs(texts))
+    assert torch.equal(got, want)
+
+    # The frozen model is part of the artifact: without it, or with another hidden size, loading names the problem.
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["encoder"]["frozen"]["dim"] = 48
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="hidden size 32 does not match"):
+        load_artifact(art)
+    shutil.rmtree(art / "frozen")
+    with pytest.raises(ValueError, match="frozen/config.json"):
+        load_artifact(art)
 
 
 def test_fp8_encoder_needs_an_fp8_gpu():
