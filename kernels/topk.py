@@ -83,6 +83,18 @@ def _merge_bitonic(R, key, fillers, KEEP: tl.constexpr, KP: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _accumulate(acc, xt, wt, FP8_DOT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + xt (BLOCK_B, BLOCK_D) @ wt (BLOCK_D, BLOCK_L): fp8 x fp8 tensor-core dots, or wt in the queries' dtype."""
+    if UPCAST:
+        # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which holds
+        # every bf16/fp8 value exactly, with IEEE products.
+        return tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+    if FP8_DOT:
+        return tl.dot(xt, wt, acc)
+    return tl.dot(xt, wt.to(xt.dtype), acc)
+
+
+@triton.jit
 def _score_tile(
     x_ptr,
     w_ptr,
@@ -115,14 +127,7 @@ def _score_tile(
         else:
             xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
             wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
-        if UPCAST:
-            # The interpreter's tl.dot on bf16 multiplies raw bit patterns (triton issue 11584): use fp32, which
-            # holds every bf16/fp8 value exactly, with IEEE products.
-            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        elif FP8_DOT:
-            acc = tl.dot(xt, wt, acc)
-        else:
-            acc = tl.dot(xt, wt.to(xt.dtype), acc)
+        acc = _accumulate(acc, xt, wt, FP8_DOT, UPCAST)
     if HAS_SCALE:
         acc = acc * inv_scale[:, None]
     return acc
@@ -269,12 +274,7 @@ def _score_tile_desc(
     for d0 in range(0, D, BLOCK_D):
         xt = x_desc.load([row0, d0])
         wt = w_desc.load([lab0, d0])
-        if UPCAST:
-            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
-        elif FP8_DOT:
-            acc = tl.dot(xt, tl.trans(wt), acc)
-        else:
-            acc = tl.dot(xt, tl.trans(wt.to(xt.dtype)), acc)
+        acc = _accumulate(acc, xt, tl.trans(wt), FP8_DOT, UPCAST)
     if HAS_SCALE:
         acc = acc * inv_scale[:, None]
     return acc
@@ -549,7 +549,8 @@ def _screen_cap(cfg: TopkConfig, B: int, k: int) -> int | None:
         if cfg.screen_cap < 1:
             raise ValueError(f"screen_cap must be >= 1, got {cfg.screen_cap}")
         return max(cfg.screen_cap, k)
-    # Half of the extra-memory budget for the candidate lists (int64 keys), the rest for the fallback's partial lists.
+    # Half of the extra-memory budget for the candidate slots (8 bytes: fp32 score + int32 id), the rest for the
+    # fallback's partial lists.
     cap = 1 << max(0, (cfg.max_partial_bytes // (2 * 8 * B)).bit_length() - 1)
     cap = min(cap, 4096)  # level 0 fills every slot, and one program per row merges them
     if cfg.screen is None and (cap < 8 * k or B <= 32 and k <= 16):
@@ -636,6 +637,15 @@ def _auto_fp8_dot(weights: torch.Tensor) -> bool:
         and weights.is_cuda
         and torch.cuda.get_device_capability(weights.device) >= (8, 9)
     )
+
+
+def _resolve_fp8_dot(weights: torch.Tensor, fp8_dot: bool | None) -> bool:
+    """fp8_dot as given (None: where the GPU has fp8 tensor cores); ValueError when the head is not float8_e4m3fn."""
+    if fp8_dot is None:
+        return _auto_fp8_dot(weights)
+    if fp8_dot and weights.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8_dot needs float8_e4m3fn weights, got {weights.dtype}")
+    return fp8_dot
 
 
 def scores_to_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -856,10 +866,7 @@ def topk_scores(
         impl = "triton" if x.is_cuda else "torch"
     if impl == "triton" and not x.is_cuda and not _interpreting():
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
-    if fp8_dot is None:
-        fp8_dot = _auto_fp8_dot(weights)
-    if fp8_dot and weights.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"fp8_dot needs float8_e4m3fn weights, got {weights.dtype}")
+    fp8_dot = _resolve_fp8_dot(weights, fp8_dot)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B = x.shape[0]
@@ -906,9 +913,9 @@ class CapturedTopk:
 
     An eager call launches ~17 kernels (two per label range) and spends more host time than the GPU needs for a few
     queries (H200, 2.8M labels, B = 1, with ~30 launches: ~0.75 ms of host work for ~0.55 ms of GPU work); a replay
-    is one launch. Batches smaller than
-    `batch_size` are padded (the extra rows are scored and dropped). `exclude_width` > 0 reserves that many
-    exclusion slots per query. The head must stay at the same address (weights updated in place are fine).
+    is one launch. Batches smaller than `batch_size` are padded (the extra rows are scored and dropped).
+    `exclude_width` > 0 reserves that many exclusion slots per query. The head must stay at the same address
+    (weights updated in place are fine).
     """
 
     def __init__(
@@ -932,10 +939,7 @@ class CapturedTopk:
         _check_args(x.to(weights.device), weights, k, num_labels)
         if exclude_width > num_labels - k:
             raise ValueError(f"exclude_width={exclude_width} could leave fewer than k={k} of {num_labels} labels")
-        if fp8_dot is None:
-            fp8_dot = _auto_fp8_dot(weights)
-        if fp8_dot and weights.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"fp8_dot needs float8_e4m3fn weights, got {weights.dtype}")
+        fp8_dot = _resolve_fp8_dot(weights, fp8_dot)
         if weights.stride(1) != 1:
             raise ValueError("weights must be contiguous along D")
         self.weights, self.k, self.num_labels, self.batch_size = weights, k, num_labels, batch_size
@@ -973,6 +977,7 @@ class CapturedTopk:
             raise ValueError(f"batch of {B} queries; this graph takes 1 to {self.batch_size}")
         if x.dtype != self._x.dtype:
             raise ValueError(f"x must be {self._x.dtype} (the graph's query_dtype), got {x.dtype}")
+        ex = None
         if exclude is not None:
             if self._exclude is None:
                 raise ValueError("this graph was captured without exclusion slots (exclude_width=0)")
@@ -982,7 +987,7 @@ class CapturedTopk:
         self._x[:B].copy_(x)
         if self._exclude is not None:
             self._exclude.fill_(-1)
-            if exclude is not None and ex is not None:
+            if ex is not None:
                 self._exclude[:B, : ex.shape[1]].copy_(ex)
         self._graph.replay()
         return self._scores[:B].clone(), self._ids[:B].clone()
