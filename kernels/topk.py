@@ -287,7 +287,7 @@ def _screen_tile(
     stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr,
+    USE_DESC: tl.constexpr, ROW_ATOMICS: tl.constexpr,
 ):  # fmt: skip
     """Score one (query block, label tile) of [first_label, end_label) and append (score, id) of every label scoring
     above its row's threshold to that row's candidate slots; the row counters count on past `cap` (overflow)."""
@@ -318,8 +318,17 @@ def _screen_tile(
     hit = (s > _key_score(kth_key)[:, None]) | take_all[:, None]
     hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
     if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
-        # One atomic per hit hands out its slot; almost every element is masked off, so this costs little.
-        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit)
+        # Relaxed atomics: only the counts must be atomic (the slots are read by a later launch); acq_rel would fence.
+        if ROW_ATOMICS:
+            # One atomic per row hands out a run of slots, placed by a prefix sum over the row's hits: no contention
+            # on a row's counter when a whole tile passes (the first range).
+            hits = hit.to(tl.int32)
+            n = tl.sum(hits, axis=1)
+            base = tl.atomic_add(count_ptr + rows, n, mask=n > 0, sem="relaxed")
+            slot = base[:, None] + tl.cumsum(hits, axis=1) - 1
+        else:
+            # One atomic per hit.
+            slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit, sem="relaxed")
         keep = hit & (slot < cap)
         offs = rows[:, None].to(tl.int64) * stride_cb + slot
         tl.store(cand_score_ptr + offs, s, mask=keep)
@@ -360,24 +369,24 @@ def _screen_kernel(
     UPCAST: tl.constexpr,
     USE_DESC: tl.constexpr,
     PERSISTENT: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    ROW_ATOMICS: tl.constexpr,
 ):
-    """One (query block, label tile) job per program, or with PERSISTENT a fixed grid striding over the jobs (FLATTEN:
-    let the compiler pipeline across jobs). x and w are pointers, or tensor descriptors with USE_DESC."""
+    """One (query block, label tile) job per program, or with PERSISTENT a fixed grid striding over the jobs. x and w
+    are pointers, or tensor descriptors with USE_DESC."""
     if PERSISTENT:
-        for job in tl.range(tl.program_id(0), num_jobs, tl.num_programs(0), flatten=FLATTEN):
+        for job in tl.range(tl.program_id(0), num_jobs, tl.num_programs(0)):
             _screen_tile(
                 job, x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
                 B, first_label, end_label, D, num_qblocks, E, cap, kth,
                 stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
-                BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
+                BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC, ROW_ATOMICS,
             )  # fmt: skip
     else:
         _screen_tile(
             tl.program_id(0), x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
             B, first_label, end_label, D, num_qblocks, E, cap, kth,
             stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC, ROW_ATOMICS,
         )  # fmt: skip
 
 
@@ -472,7 +481,7 @@ class TopkConfig:
     # Screening-kernel variants, off until measured faster on the H200 (benchmarks/topk.py sweeps them):
     tma: bool = False  # tiles through tensor descriptors (TMA), where the tensors' strides allow (else pointers)
     persistent: bool = False  # a fixed grid of 2 programs per SM striding over the (query block, label tile) jobs
-    flatten: bool = False  # with persistent: one flattened, software-pipelined loop over jobs and D chunks
+    row_atomics: bool = False  # one atomic per (row, tile) with hits and a prefix sum, instead of one per hit
 
 
 def _next_pow2(n: int) -> int:
@@ -516,7 +525,7 @@ def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -
     growth = cfg.screen_growth or (4.0 if B >= 256 else None)
     return TopkConfig(
         block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None, growth,
-        cfg.tma, cfg.persistent, cfg.flatten,
+        cfg.tma, cfg.persistent, cfg.row_atomics,
     )  # fmt: skip
 
 
@@ -754,7 +763,7 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             cand_score.stride(0),
             USE_DESC=use_desc,
             PERSISTENT=c.persistent,
-            FLATTEN=c.flatten,
+            ROW_ATOMICS=c.row_atomics,
             **_tile_meta(c, D, fp8_dot, has_excl),
         )
         _merge_kernel[(B,)](

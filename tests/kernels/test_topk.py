@@ -244,29 +244,31 @@ def test_chunked_torch_matches_triton_defaults():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("row_atomics", [False, True], ids=["hit-atomics", "row-atomics"])
 @pytest.mark.parametrize("exclude", [None, [[599, 0], [597]]], ids=["plain", "exclusions"])
-def test_screened_overflow_falls_back_exactly(exclude):
+def test_screened_overflow_falls_back_exactly(exclude, row_atomics):
     """Scores rising with the label id defeat every threshold: each later range overflows its candidate slots, and
     the overflowing rows come from the running kernel. One row ascending, one descending (which never overflows)."""
     B, L, L_pad, D, k = 2, 600, 608, 16, 5
     x = torch.ones(B, D)
     x[1] = -1.0
     w = (torch.linspace(-1, 1, L_pad)[:, None] + 0.01 * torch.randn(L_pad, D)).to(torch.bfloat16)
-    got = topk_scores(x, w, k, L, exclude=exclude, impl="triton", config=TopkConfig(screen=True, screen_cap=40))
+    cfg = TopkConfig(screen=True, screen_cap=40, row_atomics=row_atomics)
+    got = topk_scores(x, w, k, L, exclude=exclude, impl="triton", config=cfg)
     check(got, reference_topk(x, w, k, L, exclude=exclude), L, exclude=exclude)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
 @pytest.mark.parametrize(
     "variant",
-    [{"tma": True}, {"persistent": True}, {"tma": True, "persistent": True, "flatten": True}],
-    ids=["descriptors", "persistent", "descriptors-persistent-flat"],
+    [{"tma": True}, {"persistent": True}, {"row_atomics": True}, {"tma": True, "persistent": True, "row_atomics": True}],
+    ids=["descriptors", "persistent", "row-atomics", "all"],
 )
 @pytest.mark.parametrize("D", [64, 77], ids=["D64", "D77-no-descriptors"])
 def test_screening_kernel_variants(variant, D):
     """The screening kernel's experimental variants give the reference answer: tiles through tensor descriptors (the
     last query block and label tile run past the tensors' ends; D = 77 bf16 rows are not 16-byte aligned, so the
-    pointer loads stay), and a fixed grid striding over the jobs."""
+    pointer loads stay), a fixed grid striding over the jobs, and slots handed out per row by a prefix sum."""
     B, L, L_pad, k = 5, 1009, 1024, 5
     x = torch.randn(B, D).to(torch.bfloat16)
     w = make_head(L, L_pad, D, torch.bfloat16 if D == 77 else torch.float8_e4m3fn, pad_value=8.0)
@@ -276,7 +278,8 @@ def test_screening_kernel_variants(variant, D):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
-def test_screened_ignores_stale_buffer_contents(monkeypatch):
+@pytest.mark.parametrize("row_atomics", [False, True], ids=["hit-atomics", "row-atomics"])
+def test_screened_ignores_stale_buffer_contents(monkeypatch, row_atomics):
     """Candidate slots past a row's count hold whatever memory held: fill every fresh buffer with the best possible
     key (or NaN) and check that none of it leaks into the answer."""
     real_empty = torch.empty
@@ -290,7 +293,7 @@ def test_screened_ignores_stale_buffer_contents(monkeypatch):
     w = make_head(L, L_pad, D, torch.float8_e4m3fn)
     want = reference_topk(x, w, k, L)
     monkeypatch.setattr(torch, "empty", poisoned)
-    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(screen=True, screen_cap=64))
+    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(screen=True, screen_cap=64, row_atomics=row_atomics))
     monkeypatch.undo()
     check(got, want, L)
 
