@@ -138,6 +138,7 @@ def correctness(device, small: bool) -> list[dict]:
             ("fp8-excl", w8, {"exclude": excl}),
             ("fp8-running", w8, {"config": TopkConfig(screen=False)}),
             ("fp8-excl-screen-cap256", w8, {"exclude": excl, "config": TopkConfig(screen=True, screen_cap=256)}),
+            ("fp8-excl-rows-tma", w8, {"exclude": excl, "config": TopkConfig(screen=True, row_atomics=True, tma=True)}),
         ):
             if k > 256 and "cap256" in name:
                 continue
@@ -164,20 +165,30 @@ def correctness(device, small: bool) -> list[dict]:
 
 
 def variants(B: int, k: int) -> list[TopkConfig]:
-    """The default first, then the running top-k kernel alone (the previous default), then screened-path neighbours."""
+    """The default first, then the running top-k kernel alone, then screened-path neighbours."""
     S = lambda **kw: TopkConfig(screen=True, **kw)  # noqa: E731
     cands = [TopkConfig(), TopkConfig(screen=False)]
     if B >= 256:
+        T = lambda **kw: S(tma=True, **kw)  # noqa: E731
         cands += [
-            S(tma=True),
-            S(tma=True, persistent=True),
-            S(tma=True, persistent=True, flatten=True),
-            S(tma=True, block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=3),
-            S(tma=True, block_b=128, block_l=256, block_d=128, num_warps=8, num_stages=3, persistent=True),
+            S(),
+            T(),
+            T(row_atomics=True),
+            T(row_atomics=True, num_stages=3),
+            T(row_atomics=True, num_stages=5),
+            T(row_atomics=True, block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=3),
+            T(row_atomics=True, block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=4),
+            T(row_atomics=True, block_b=64, block_l=256, block_d=128, num_warps=8, num_stages=3),
+            T(row_atomics=True, block_b=128, block_l=64, block_d=128, num_warps=4, num_stages=4),
+            T(row_atomics=True, persistent=True),
         ]
     else:
-        cands += [S(), S(tma=True), S(tma=True, persistent=True)]
+        cands += [S(), S(row_atomics=True), S(tma=True), S(tma=True, row_atomics=True), S(tma=True, persistent=True)]
     return cands
+
+
+GRAPH_VARIANTS = {"graph": None, "graph row_atomics": TopkConfig(screen=True, row_atomics=True)}
+GRAPH_VARIANTS["graph tma row_atomics"] = TopkConfig(screen=True, tma=True, row_atomics=True)
 
 
 def profile(x, w8, k, L, device) -> list[dict]:
@@ -249,14 +260,14 @@ def run_gpu(args) -> dict:
                 except Exception as e:
                     rec["error"] = repr(e)[:300]
                 row["ours"].append(rec)
-            if device.type == "cuda":
+            for name, gcfg in GRAPH_VARIANTS.items() if device.type == "cuda" else ():
                 try:
-                    graph = CapturedTopk(w8, k, L, B)
+                    graph = CapturedTopk(w8, k, L, B, config=gcfg)
                     fn = lambda graph=graph, x=x: graph(x)  # noqa: E731
-                    row["graph"] = {"ms": bench_ms(fn, small)[0], "extra_mib": extra_bytes(fn, device) / 2**20}
+                    row[name] = {"ms": bench_ms(fn, small)[0], "extra_mib": extra_bytes(fn, device) / 2**20}
                     del graph
                 except Exception as e:
-                    row["graph"] = {"error": repr(e)[:300]}
+                    row[name] = {"error": repr(e)[:300]}
             for name, fn in baselines(x, w8, w16, k, L, device).items():
                 try:
                     fn()

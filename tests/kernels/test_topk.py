@@ -261,7 +261,12 @@ def test_screened_overflow_falls_back_exactly(exclude, row_atomics):
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
 @pytest.mark.parametrize(
     "variant",
-    [{"tma": True}, {"persistent": True}, {"row_atomics": True}, {"tma": True, "persistent": True, "row_atomics": True}],
+    [
+        {"tma": True},
+        {"persistent": True},
+        {"row_atomics": True},
+        {"tma": True, "persistent": True, "row_atomics": True},
+    ],
     ids=["descriptors", "persistent", "row-atomics", "all"],
 )
 @pytest.mark.parametrize("D", [64, 77], ids=["D64", "D77-no-descriptors"])
