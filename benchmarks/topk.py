@@ -138,7 +138,11 @@ def correctness(device, small: bool) -> list[dict]:
             ("fp8-excl", w8, {"exclude": excl}),
             ("fp8-running", w8, {"config": TopkConfig(screen=False)}),
             ("fp8-excl-screen-cap256", w8, {"exclude": excl, "config": TopkConfig(screen=True, screen_cap=256)}),
-            ("fp8-excl-rows-tma", w8, {"exclude": excl, "config": TopkConfig(screen=True, row_atomics=True, tma=True)}),
+            (
+                "fp8-excl-tma-first",
+                w8,
+                {"exclude": excl, "config": TopkConfig(screen=True, tma=True, screen_first=512)},
+            ),
         ):
             if k > 256 and "cap256" in name:
                 continue
@@ -173,22 +177,20 @@ def variants(B: int, k: int) -> list[TopkConfig]:
         cands += [
             S(),
             T(),
-            T(row_atomics=True),
-            T(row_atomics=True, num_stages=3),
-            T(row_atomics=True, num_stages=5),
-            T(row_atomics=True, block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=3),
-            T(row_atomics=True, block_b=128, block_l=128, block_d=128, num_warps=8, num_stages=4),
-            T(row_atomics=True, block_b=64, block_l=256, block_d=128, num_warps=8, num_stages=3),
-            T(row_atomics=True, block_b=128, block_l=64, block_d=128, num_warps=4, num_stages=4),
-            T(row_atomics=True, persistent=True),
+            T(screen_first=1024),
+            T(block_b=128, block_l=64),
+            T(block_b=128, block_l=64, screen_first=1024),
+            T(screen_growth=8.0),
+            T(screen_growth=2.0),
         ]
     else:
-        cands += [S(), S(row_atomics=True), S(tma=True), S(tma=True, row_atomics=True), S(tma=True, persistent=True)]
+        cands += [S(), S(screen_first=1024), S(tma=True), S(tma=True, screen_first=1024)]
     return cands
 
 
-GRAPH_VARIANTS = {"graph": None, "graph row_atomics": TopkConfig(screen=True, row_atomics=True)}
-GRAPH_VARIANTS["graph tma row_atomics"] = TopkConfig(screen=True, tma=True, row_atomics=True)
+GRAPH_VARIANTS = {"graph": None, "graph first=512": TopkConfig(screen=True, screen_first=512)}
+GRAPH_VARIANTS["graph first=1024"] = TopkConfig(screen=True, screen_first=1024)
+GRAPH_VARIANTS["graph tma"] = TopkConfig(screen=True, tma=True)
 
 
 def profile(x, w8, k, L, device) -> list[dict]:

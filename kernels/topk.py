@@ -287,7 +287,7 @@ def _screen_tile(
     stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr, ROW_ATOMICS: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):  # fmt: skip
     """Score one (query block, label tile) of [first_label, end_label) and append (score, id) of every label scoring
     above its row's threshold to that row's candidate slots; the row counters count on past `cap` (overflow)."""
@@ -318,19 +318,12 @@ def _screen_tile(
     hit = (s > _key_score(kth_key)[:, None]) | take_all[:, None]
     hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
     if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
-        # Relaxed atomics: only the counts must be atomic (the slots are read by a later launch); acq_rel would fence.
-        if ROW_ATOMICS:
-            # One atomic per row hands out a run of slots, placed by a prefix sum over the row's hits: no contention
-            # on a row's counter when a whole tile passes (the first range).
-            hits = hit.to(tl.int32)
-            n = tl.sum(hits, axis=1)
-            base = tl.atomic_add(count_ptr + rows, n, mask=n > 0, sem="relaxed")
-            slot = base[:, None] + tl.cumsum(hits, axis=1) - 1
-        else:
-            # One atomic per hit.
-            slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit, sem="relaxed")
+        # One atomic per hit hands out its slot; almost every element is masked off. Relaxed: only the count must be
+        # atomic (the slots are read by a later launch). Offsets in int32 (B * cap < 2**31, checked by the caller):
+        # fewer registers in this branch. (H200: one atomic per row and tile placed by a prefix sum was slower.)
+        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit, sem="relaxed")
         keep = hit & (slot < cap)
-        offs = rows[:, None].to(tl.int64) * stride_cb + slot
+        offs = rows[:, None] * stride_cb + slot
         tl.store(cand_score_ptr + offs, s, mask=keep)
         tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
 
@@ -369,7 +362,6 @@ def _screen_kernel(
     UPCAST: tl.constexpr,
     USE_DESC: tl.constexpr,
     PERSISTENT: tl.constexpr,
-    ROW_ATOMICS: tl.constexpr,
 ):
     """One (query block, label tile) job per program, or with PERSISTENT a fixed grid striding over the jobs. x and w
     are pointers, or tensor descriptors with USE_DESC."""
@@ -379,14 +371,14 @@ def _screen_kernel(
                 job, x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
                 B, first_label, end_label, D, num_qblocks, E, cap, kth,
                 stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
-                BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC, ROW_ATOMICS,
+                BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
             )  # fmt: skip
     else:
         _screen_tile(
             tl.program_id(0), x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
             B, first_label, end_label, D, num_qblocks, E, cap, kth,
             stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC, ROW_ATOMICS,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
         )  # fmt: skip
 
 
@@ -478,10 +470,10 @@ class TopkConfig:
     screen: bool | None = None  # screened path (see `_topk_screened`); None: where the candidate lists fit (k <= cap/8)
     screen_cap: int | None = None  # candidate slots per query row; None: from max_partial_bytes, at most 4096
     screen_growth: float | None = None  # cap on (labels scored so far after a range) / (before it); None: from cap / k
+    screen_first: int | None = None  # labels in the first range (all of them candidates), at most cap; None: cap
     # Screening-kernel variants, off until measured faster on the H200 (benchmarks/topk.py sweeps them):
     tma: bool = False  # tiles through tensor descriptors (TMA), where the tensors' strides allow (else pointers)
     persistent: bool = False  # a fixed grid of 2 programs per SM striding over the (query block, label tile) jobs
-    row_atomics: bool = False  # one atomic per (row, tile) with hits and a prefix sum, instead of one per hit
 
 
 def _next_pow2(n: int) -> int:
@@ -525,19 +517,22 @@ def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -
     growth = cfg.screen_growth or (4.0 if B >= 256 else None)
     return TopkConfig(
         block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None, growth,
-        cfg.tma, cfg.persistent, cfg.row_atomics,
+        cfg.screen_first, cfg.tma, cfg.persistent,
     )  # fmt: skip
 
 
-def _screen_levels(k: int, num_labels: int, cap: int, growth: float | None = None) -> list[tuple[int, int]]:
+def _screen_levels(
+    k: int, num_labels: int, cap: int, growth: float | None = None, first: int | None = None
+) -> list[tuple[int, int]]:
     """Label ranges scored one after another by the screened path.
 
-    The first range holds at most `cap` labels, all candidates. Each later range is sized so that, with labels in
+    The first range holds `first` labels (at most `cap`; default `cap`), all candidates: fewer make its merge cheaper
+    at the price of more ranges. Each later range is sized so that, with labels in
     random order, about cap/4 of its labels beat the k-th best of everything before it (k * size / before): the
     ranges grow geometrically, by at most `growth` (fewer hits per range: fewer tiles take the append branch). A short
     tail is folded into the range before it.
     """
-    bounds = [0, min(num_labels, cap)]
+    bounds = [0, min(num_labels, cap, first or cap)]
     while bounds[-1] < num_labels:
         before = bounds[-1]
         size = before * cap // (4 * k)
@@ -719,7 +714,9 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     c = _resolve_screen_config(cfg, B, D, weights.element_size())
     dev = xq.device
     has_excl = exclude is not None
-    levels = _screen_levels(k, num_labels, cap, c.screen_growth)
+    if B * cap >= 2**31:
+        raise ValueError(f"screen_cap too large: {B} x {cap} candidate slots (the kernel indexes them in int32)")
+    levels = _screen_levels(k, num_labels, cap, c.screen_growth, c.screen_first)
     best = torch.full((B, k), KEY_EMPTY, dtype=torch.int64, device=dev)
     cand_score = torch.empty((B, cap), dtype=torch.float32, device=dev)
     cand_id = torch.empty((B, cap), dtype=torch.int32, device=dev)
@@ -763,7 +760,6 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             cand_score.stride(0),
             USE_DESC=use_desc,
             PERSISTENT=c.persistent,
-            ROW_ATOMICS=c.row_atomics,
             **_tile_meta(c, D, fp8_dot, has_excl),
         )
         _merge_kernel[(B,)](

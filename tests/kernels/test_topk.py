@@ -244,17 +244,15 @@ def test_chunked_torch_matches_triton_defaults():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
-@pytest.mark.parametrize("row_atomics", [False, True], ids=["hit-atomics", "row-atomics"])
 @pytest.mark.parametrize("exclude", [None, [[599, 0], [597]]], ids=["plain", "exclusions"])
-def test_screened_overflow_falls_back_exactly(exclude, row_atomics):
+def test_screened_overflow_falls_back_exactly(exclude):
     """Scores rising with the label id defeat every threshold: each later range overflows its candidate slots, and
     the overflowing rows come from the running kernel. One row ascending, one descending (which never overflows)."""
     B, L, L_pad, D, k = 2, 600, 608, 16, 5
     x = torch.ones(B, D)
     x[1] = -1.0
     w = (torch.linspace(-1, 1, L_pad)[:, None] + 0.01 * torch.randn(L_pad, D)).to(torch.bfloat16)
-    cfg = TopkConfig(screen=True, screen_cap=40, row_atomics=row_atomics)
-    got = topk_scores(x, w, k, L, exclude=exclude, impl="triton", config=cfg)
+    got = topk_scores(x, w, k, L, exclude=exclude, impl="triton", config=TopkConfig(screen=True, screen_cap=40))
     check(got, reference_topk(x, w, k, L, exclude=exclude), L, exclude=exclude)
 
 
@@ -264,16 +262,17 @@ def test_screened_overflow_falls_back_exactly(exclude, row_atomics):
     [
         {"tma": True},
         {"persistent": True},
-        {"row_atomics": True},
-        {"tma": True, "persistent": True, "row_atomics": True},
+        {"screen_first": 16},
+        {"tma": True, "persistent": True, "screen_first": 3},
     ],
-    ids=["descriptors", "persistent", "row-atomics", "all"],
+    ids=["descriptors", "persistent", "first-16", "all-first-3"],
 )
 @pytest.mark.parametrize("D", [64, 77], ids=["D64", "D77-no-descriptors"])
 def test_screening_kernel_variants(variant, D):
     """The screening kernel's experimental variants give the reference answer: tiles through tensor descriptors (the
     last query block and label tile run past the tensors' ends; D = 77 bf16 rows are not 16-byte aligned, so the
-    pointer loads stay), a fixed grid striding over the jobs, and slots handed out per row by a prefix sum."""
+    pointer loads stay), a fixed grid striding over the jobs, and a short first range (fewer labels than k: no
+    threshold yet in the second range)."""
     B, L, L_pad, k = 5, 1009, 1024, 5
     x = torch.randn(B, D).to(torch.bfloat16)
     w = make_head(L, L_pad, D, torch.bfloat16 if D == 77 else torch.float8_e4m3fn, pad_value=8.0)
@@ -283,8 +282,7 @@ def test_screening_kernel_variants(variant, D):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
-@pytest.mark.parametrize("row_atomics", [False, True], ids=["hit-atomics", "row-atomics"])
-def test_screened_ignores_stale_buffer_contents(monkeypatch, row_atomics):
+def test_screened_ignores_stale_buffer_contents(monkeypatch):
     """Candidate slots past a row's count hold whatever memory held: fill every fresh buffer with the best possible
     key (or NaN) and check that none of it leaks into the answer."""
     real_empty = torch.empty
@@ -298,18 +296,25 @@ def test_screened_ignores_stale_buffer_contents(monkeypatch, row_atomics):
     w = make_head(L, L_pad, D, torch.float8_e4m3fn)
     want = reference_topk(x, w, k, L)
     monkeypatch.setattr(torch, "empty", poisoned)
-    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(screen=True, screen_cap=64, row_atomics=row_atomics))
+    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(screen=True, screen_cap=64))
     monkeypatch.undo()
     check(got, want, L)
 
 
 @pytest.mark.parametrize(
-    "k, L, cap, growth",
-    [(5, 2_812_281, 4096, None), (100, 2_812_281, 4096, 4.0), (7, 100, 64, None), (1030, 1100, 1060, 2)],
+    "k, L, cap, growth, first",
+    [
+        (5, 2_812_281, 4096, None, None),
+        (100, 2_812_281, 4096, 4.0, None),
+        (100, 2_812_281, 4096, None, 1024),
+        (7, 100, 64, None, None),
+        (7, 100, 64, None, 500),  # more than cap: clamped
+        (1030, 1100, 1060, 2, None),
+    ],
 )
-def test_screen_levels_cover_the_labels_once(k, L, cap, growth):
-    levels = _screen_levels(k, L, cap, growth)
-    assert levels[0] == (0, min(L, cap))
+def test_screen_levels_cover_the_labels_once(k, L, cap, growth, first):
+    levels = _screen_levels(k, L, cap, growth, first)
+    assert levels[0] == (0, min(L, cap, first or cap))
     assert all(a < b for a, b in levels) and levels[-1][1] == L
     assert all(levels[i][1] == levels[i + 1][0] for i in range(len(levels) - 1))
     if growth is not None:  # every range but a folded tail stays within the growth bound
