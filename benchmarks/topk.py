@@ -168,29 +168,18 @@ def correctness(device, small: bool) -> list[dict]:
     return rows
 
 
+# The screened path's settings at the start of this sweep series (pointer loads, first range = all slots, growth 4x
+# for B >= 256): the same-run baseline for the defaults chosen from the sweeps (benchmarks/results/topk_sweep_*.json).
+PREVIOUS = {"tma": False, "screen_first": 4096}
+
+
 def variants(B: int, k: int) -> list[TopkConfig]:
-    """The default first, then the running top-k kernel alone, then screened-path neighbours."""
-    S = lambda **kw: TopkConfig(screen=True, **kw)  # noqa: E731
-    cands = [TopkConfig(), TopkConfig(screen=False)]
-    if B >= 256:
-        T = lambda **kw: S(tma=True, **kw)  # noqa: E731
-        cands += [
-            S(),
-            T(),
-            T(screen_first=1024),
-            T(block_b=128, block_l=64),
-            T(block_b=128, block_l=64, screen_first=1024),
-            T(screen_growth=8.0),
-            T(screen_growth=2.0),
-        ]
-    else:
-        cands += [S(), S(screen_first=1024), S(tma=True), S(tma=True, screen_first=1024)]
-    return cands
+    """The default first, then the running top-k kernel alone, then the screened path as it was before the sweeps."""
+    growth = 4.0 if B >= 256 else None
+    return [TopkConfig(), TopkConfig(screen=False), TopkConfig(screen=True, screen_growth=growth, **PREVIOUS)]
 
 
-GRAPH_VARIANTS = {"graph": None, "graph first=512": TopkConfig(screen=True, screen_first=512)}
-GRAPH_VARIANTS["graph first=1024"] = TopkConfig(screen=True, screen_first=1024)
-GRAPH_VARIANTS["graph tma"] = TopkConfig(screen=True, tma=True)
+GRAPH_VARIANTS = {"graph": None, "graph previous": TopkConfig(screen=True, **PREVIOUS)}
 
 
 def profile(x, w8, k, L, device) -> list[dict]:

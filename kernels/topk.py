@@ -470,10 +470,9 @@ class TopkConfig:
     screen: bool | None = None  # screened path (see `_topk_screened`); None: where the candidate lists fit (k <= cap/8)
     screen_cap: int | None = None  # candidate slots per query row; None: from max_partial_bytes, at most 4096
     screen_growth: float | None = None  # cap on (labels scored so far after a range) / (before it); None: from cap / k
-    screen_first: int | None = None  # labels in the first range (all of them candidates), at most cap; None: cap
-    # Screening-kernel variants, off until measured faster on the H200 (benchmarks/topk.py sweeps them):
-    tma: bool = False  # tiles through tensor descriptors (TMA), where the tensors' strides allow (else pointers)
-    persistent: bool = False  # a fixed grid of 2 programs per SM striding over the (query block, label tile) jobs
+    screen_first: int | None = None  # labels in the first range (all of them candidates), at most cap; None: by B
+    tma: bool = True  # screening tiles through tensor descriptors (TMA), where the tensors' strides allow
+    persistent: bool = False  # a fixed grid of 2 programs per SM striding over the jobs (slower on the H200)
 
 
 def _next_pow2(n: int) -> int:
@@ -506,18 +505,21 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
 
 def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -> TopkConfig:
     """Launch options of the screening kernel: a plain GEMM tile with a light epilogue."""
-    # H200 sweeps (benchmarks/topk.py, BENCHMARKS.md): 64 x 128 x 128 tiles, 4 warps, 4 stages beat 128-wide
-    # query blocks at B = 256 and 1024 (B = 1024, k = 5: 8.6 vs 9.8 ms).
+    # H200 sweeps (benchmarks/topk.py, BENCHMARKS.md), B = 1024, k = 5, through descriptors: 64 x 128 x 128 tiles,
+    # 4 warps, 4 stages: 7.3 ms; 128 x 128 (8 warps) 10.8, 64 x 256 (8 warps) 11.0, 128 x 64 8.0, 5 stages 12.0.
     block_b = cfg.block_b or (16 if B <= 16 else 32 if B <= 32 else 64)
     block_l = cfg.block_l or 128
     block_d = cfg.block_d or max(16, min(128 // weight_bytes, _next_pow2(D)))
     num_warps = cfg.num_warps or (4 if block_b * block_l <= 64 * 128 else 8)
     num_stages = cfg.num_stages or 4
-    # Many queries: ranges growing 4x keep most tiles free of hits (H200: B = 1024, k = 5: 9.7 vs 12.1 ms).
-    growth = cfg.screen_growth or (4.0 if B >= 256 else None)
+    # Many queries: ranges growing at most 2x keep most tiles free of hits (H200, B = 1024, k = 100: 10.6 ms vs 11.0
+    # at 4x, 12.5 at 8x). A short first range makes its merge (all of its labels) cheap: 512 labels for few queries
+    # (CUDA graph, B = 1, k = 5: 0.55 vs 0.58 ms with 4096), 1024 for many (B = 1024, k = 5: 7.06 vs 7.27 ms).
+    growth = cfg.screen_growth or (2.0 if B >= 256 else None)
+    first = cfg.screen_first or (1024 if B >= 256 else 512)
     return TopkConfig(
         block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None, growth,
-        cfg.screen_first, cfg.tma, cfg.persistent,
+        first, cfg.tma, cfg.persistent,
     )  # fmt: skip
 
 
