@@ -357,6 +357,38 @@ def agree(device, small: bool) -> list[dict]:
     return rows
 
 
+def graphs(args) -> dict:
+    """The serving buckets: CUDA-graph replay of the default screened path for B = 1..64 (powers of two), k in {5, 100},
+    with the GPU kernels of each replay (a fallback `_topk_kernel` taking time means candidate slots overflowed)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device("cuda")
+    w8 = make_head(BIG_L, DIM, device)
+    rows = []
+    for B in (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(B, DIM, device=device).to(torch.bfloat16)
+        for k in (5, 100):
+            rec = {"B": B, "k": k}
+            for name, cfg in GRAPH_VARIANTS.items():
+                graph = CapturedTopk(w8, k, BIG_L, B, config=cfg)
+                rec[name] = bench_ms(lambda graph=graph, x=x: graph(x), False)[0]
+                if name == "graph":
+                    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        graph(x)
+                        torch.cuda.synchronize()
+                    kern = {}
+                    for e in prof.key_averages():
+                        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                        if t > 0:
+                            kern[e.key[:40]] = round(t, 1)
+                    rec["kernels_us"] = kern
+                del graph
+            print("graphs", json.dumps(rec), flush=True)
+            rows.append(rec)
+    return {"env": env(device), "graphs": rows}
+
+
 def run_cpu(args) -> dict:
     import faiss
     import numpy as np
@@ -435,6 +467,7 @@ def main() -> int:
     p.add_argument("--cpu", action="store_true", help="faiss-cpu IndexFlatIP vs our CPU path")
     p.add_argument("--small", action="store_true", help="toy sizes (CPU + TRITON_INTERPRET=1 for the GPU logic)")
     p.add_argument("--agree", action="store_true", help="only: the Triton paths against each other and fp32")
+    p.add_argument("--graphs", action="store_true", help="only: CUDA-graph replay at the serving batch buckets")
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which only default configs are timed")
     args = p.parse_args()
     if args.agree:
@@ -447,6 +480,9 @@ def main() -> int:
             if bad or any(r["running_excluded_returned"] or r["screened_excluded_returned"] for r in result["agree"])
             else 0
         )
+    if args.graphs:
+        save(graphs(args), args.out)
+        return 0
     result = run_cpu(args) if args.cpu else run_gpu(args)
     save(result, args.out)
     print(f"wrote {args.out}")
