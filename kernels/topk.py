@@ -513,8 +513,9 @@ def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -
     num_warps = cfg.num_warps or (4 if block_b * block_l <= 64 * 128 else 8)
     num_stages = cfg.num_stages or 4
     # Many queries: ranges growing at most 2x keep most tiles free of hits (H200, B = 1024, k = 100: 10.6 ms vs 11.0
-    # at 4x, 12.5 at 8x); 4x at B = 256, where 2x's extra launches cost the host more (eager k = 5: 2.98 vs 1.98 ms). A short first range makes its merge (all of its labels) cheap: 512 labels for few queries
-    # (CUDA graph, B = 1, k = 5: 0.55 vs 0.58 ms with 4096), 1024 for many (B = 1024, k = 5: 7.06 vs 7.27 ms).
+    # at 4x, 12.5 at 8x); 4x at B = 256, where 2x's extra launches cost the host more (eager k = 5: 2.98 vs 1.98 ms).
+    # A short first range makes its merge (all of its labels) cheap: 512 labels for few queries (CUDA graph, B = 1,
+    # k = 5: 0.55 vs 0.58 ms with 4096), 1024 for many (B = 1024, k = 5: 7.06 vs 7.27 ms).
     growth = cfg.screen_growth or (2.0 if B >= 512 else 4.0 if B >= 256 else None)
     first = cfg.screen_first or (1024 if B >= 256 else 512)
     return TopkConfig(
