@@ -216,12 +216,14 @@ def _start_app(args):
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+    threads = args.torch_threads or args.num_cpus or os.cpu_count()  # as `elmo serve`
     if args.artifact:
-        app = app_builder(AppArgs(artifact=str(Path(args.artifact).resolve()), backend=args.backend, **batching))
+        path = str(Path(args.artifact).resolve())
+        app = app_builder(AppArgs(artifact=path, backend=args.backend, torch_threads=threads, **batching))
     else:
         labels, dim, backend = args.synthetic_labels, args.dim, args.backend
         build = lambda: synthetic_model(labels, dim, "cpu", backend)  # runs in the replica
-        app = Ingress.bind(ModelScorer.bind(build, backend, None, batching))
+        app = Ingress.bind(ModelScorer.bind(build, backend, None, batching, threads))
     serve.run(app, name="elmo", route_prefix="/")
     return f"http://127.0.0.1:{args.port}"
 
@@ -256,6 +258,7 @@ def run_http(args) -> list[dict]:
                 "labels": info["num_labels"],
                 "backend": info["backend"],
                 "cpus": os.cpu_count(),
+                "torch_threads": (args.torch_threads or args.num_cpus or os.cpu_count()) if started else None,
                 "clients": clients,
                 "texts_per_request": args.texts_per_request,
                 "k": args.k,
@@ -314,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--proxy-actor", action="store_true", help="http: Serve's Python proxy actor, not throughput mode")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
+    p.add_argument("--torch-threads", type=int, default=None, help="http: scorer's torch threads (as `elmo serve`)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.direct:

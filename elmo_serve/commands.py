@@ -36,6 +36,7 @@ def serve_command(
     batch_wait_timeout_s: float = 0.02,
     num_cpus: int | None = None,
     stop: threading.Event | None = None,
+    torch_threads: int | None = None,
 ) -> int:
     """Start a local Ray and the app on host:port, block until SIGINT/SIGTERM (or `stop` is set), shut down."""
     path = Path(artifact).resolve()
@@ -58,7 +59,8 @@ def serve_command(
     try:
         serve.start(http_options={"host": host, "port": port})
         batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
-        args = AppArgs(artifact=str(path), backend=backend, **batching)
+        threads = torch_threads or num_cpus or os.cpu_count()  # one machine: the scorer may use every core
+        args = AppArgs(artifact=str(path), backend=backend, torch_threads=threads, **batching)
         serve.run(app_builder(args), name="elmo", route_prefix="/")
         with ElmoClient(f"http://{host}:{port}") as c:
             info = c.model()
@@ -98,7 +100,14 @@ def query_command(text: str, k: int = 10, url: str = DEFAULT_URL, similar: bool 
 
 def _serve(args: argparse.Namespace) -> int:
     return serve_command(
-        args.artifact, args.host, args.port, args.backend, args.max_batch_size, args.batch_wait_timeout_s, args.num_cpus
+        args.artifact,
+        args.host,
+        args.port,
+        args.backend,
+        args.max_batch_size,
+        args.batch_wait_timeout_s,
+        args.num_cpus,
+        torch_threads=args.torch_threads,
     )
 
 
@@ -116,6 +125,9 @@ def add_serve_commands(subparsers) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.02, help="cap of the wait while the scorer is busy")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs given to the local Ray (default: all)")
+    p.add_argument(
+        "--torch-threads", type=int, default=None, help="scorer's torch threads (default: --num-cpus, else all)"
+    )
     p.set_defaults(func=_serve)
 
     q = subparsers.add_parser("query", help="ask a running `elmo serve` for the top-k labels of a text")

@@ -90,6 +90,7 @@ class ModelInfo(BaseModel):
     head_dtype: str
     encoder: str
     backend: str
+    torch_threads: int = Field(description="intra-op threads of the answering replica's torch")
     metrics: dict = Field(default_factory=dict)
     manifest: dict = Field(default_factory=dict)
     limits: Limits

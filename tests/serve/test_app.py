@@ -24,7 +24,8 @@ def toy_url(serve_url):
 
     cloudpickle.register_pickle_by_value(sys.modules["conftest"])  # the replica builds the model from this module
     batching = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
-    serve.run(Ingress.bind(ModelScorer.bind(toy_model, "torch", LIMITS, batching)), name="toy", route_prefix="/toy")
+    app = Ingress.bind(ModelScorer.bind(toy_model, "torch", LIMITS, batching, 2))  # 2 torch threads
+    serve.run(app, name="toy", route_prefix="/toy")
     yield serve_url + "/toy"
     serve.delete("toy")
 
@@ -67,6 +68,7 @@ def test_similar_excludes_the_item(client):
 def test_model_health_metrics_and_docs(client):
     info = client.get("/v1/model").json()
     assert info["model_version"] == "toy-v1" and info["num_labels"] == 200 and info["limits"]["max_k"] == 50
+    assert info["torch_threads"] == 2  # as bound (Ray alone would set the replica's num_cpus, 1)
     assert client.get("/healthz").json() == {"status": "ok", "model_version": "toy-v1"}
     assert "elmo_requests_total" in client.get("/metrics").text
     spec = client.get("/openapi.json").json()
@@ -192,6 +194,15 @@ def test_concurrent_requests_are_batched(toy_url):
     sizes = [int(r.headers["x-batch-size"]) for r in rs]
     assert max(sizes) > 1, sizes
     assert max(sizes) <= 16  # max_batch_size
+    # A lone request skips the batch queue (batch of 1) and answers as it did inside a batch (the same labels; fp32
+    # sums over a different batch may differ in the last bits).
+    batched = next(r for r, n in zip(rs, sizes, strict=True) if n > 1)
+    text = batched.request.read().decode()
+    alone = httpx.post(toy_url + "/v1/predict", content=text, headers={"content-type": "application/json"})
+    assert alone.headers["x-batch-size"] == "1"
+    (got,), (want,) = alone.json()["results"], batched.json()["results"]
+    assert [r["label_id"] for r in got] == [r["label_id"] for r in want]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)
 
 
 def test_query_command_prints_a_table(toy_url, capsys):
