@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train, evaluate and export the embedded default dataset")
     demo.add_argument("--out", default=DEMO_RUN, help="run directory (checkpoint, metrics, plots)")
     demo.add_argument("--export", default=DEMO_ARTIFACT, help="artifact directory")
-    demo.add_argument("--precision", default="fp8", choices=["fp32", "bf16", "fp8", "fp8+kahan"])
+    demo.add_argument("--precision", default="fp8+kahan", choices=["fp32", "bf16", "fp8", "fp8+kahan"])
     demo.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--no-serve", action="store_true", help="stop after export (no Ray Serve, no HTTP queries)")
