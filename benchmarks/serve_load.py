@@ -203,10 +203,10 @@ async def _load(url: str, clients: int, seconds: float, warmup: float, texts: li
 
 
 def _start_app(args):
+    from elmo_serve.commands import local_torch_threads, use_throughput_mode
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only benchmark cluster
     if not args.proxy_actor:
-        from elmo_serve.commands import use_throughput_mode
-
         use_throughput_mode()  # as `elmo serve` runs it
     import ray
     from ray import serve
@@ -216,7 +216,7 @@ def _start_app(args):
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
-    threads = args.torch_threads or args.num_cpus or os.cpu_count()  # as `elmo serve`
+    threads = local_torch_threads(args.torch_threads, args.num_cpus)  # as `elmo serve`
     if args.artifact:
         path = str(Path(args.artifact).resolve())
         app = app_builder(AppArgs(artifact=path, backend=args.backend, torch_threads=threads, **batching))
@@ -258,7 +258,7 @@ def run_http(args) -> list[dict]:
                 "labels": info["num_labels"],
                 "backend": info["backend"],
                 "cpus": os.cpu_count(),
-                "torch_threads": (args.torch_threads or args.num_cpus or os.cpu_count()) if started else None,
+                "torch_threads": info.get("torch_threads"),  # as the scorer replica reports it
                 "clients": clients,
                 "texts_per_request": args.texts_per_request,
                 "k": args.k,

@@ -182,6 +182,11 @@ def variants(B: int, k: int) -> list[TopkConfig]:
 GRAPH_VARIANTS = {"graph": None, "graph previous": TopkConfig(screen=True, **PREVIOUS)}
 
 
+def _device_us(event) -> float:
+    """GPU time of a profiler event (the attribute's name changed across torch versions)."""
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+
+
 def profile(x, w8, k, L, device) -> list[dict]:
     """Where the default call spends its time over 20 calls: GPU kernels by CUDA time, host ops by CPU self time, and
     the host's wall time per call when it never waits for the GPU (launch-bound if close to the measured ms)."""
@@ -202,7 +207,7 @@ def profile(x, w8, k, L, device) -> list[dict]:
     rows = [{"name": "host wall per call (no waiting)", "us_per_call": host_us, "launches_per_call": 1}]
     gpu, cpu = [], []
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        t = _device_us(e)
         if t > 0 and e.self_cpu_time_total == 0:  # a kernel (host ops carry their own CPU time)
             gpu.append({"name": "gpu " + e.key[:76], "us_per_call": t / 20, "launches_per_call": e.count / 20})
         if e.self_cpu_time_total > 0:
@@ -377,12 +382,8 @@ def graphs(args) -> dict:
                     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                         graph(x)
                         torch.cuda.synchronize()
-                    kern = {}
-                    for e in prof.key_averages():
-                        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-                        if t > 0:
-                            kern[e.key[:40]] = round(t, 1)
-                    rec["kernels_us"] = kern
+                    events = prof.key_averages()
+                    rec["kernels_us"] = {e.key[:40]: round(_device_us(e), 1) for e in events if _device_us(e) > 0}
                 del graph
             print("graphs", json.dumps(rec), flush=True)
             rows.append(rec)

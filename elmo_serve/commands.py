@@ -27,6 +27,12 @@ def use_throughput_mode() -> None:
         os.environ.setdefault(key, value)
 
 
+def local_torch_threads(torch_threads: int | None = None, num_cpus: int | None = None) -> int:
+    """The scorer's torch threads when Ray runs on this one machine: as asked, else the CPUs given to Ray, else every
+    core (a lone replica answers one request faster on all of them)."""
+    return torch_threads or num_cpus or os.cpu_count() or 1
+
+
 def serve_command(
     artifact: str,
     host: str = "127.0.0.1",
@@ -59,7 +65,7 @@ def serve_command(
     try:
         serve.start(http_options={"host": host, "port": port})
         batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
-        threads = torch_threads or num_cpus or os.cpu_count()  # one machine: the scorer may use every core
+        threads = local_torch_threads(torch_threads, num_cpus)
         args = AppArgs(artifact=str(path), backend=backend, torch_threads=threads, **batching)
         serve.run(app_builder(args), name="elmo", route_prefix="/")
         with ElmoClient(f"http://{host}:{port}") as c:

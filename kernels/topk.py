@@ -383,6 +383,14 @@ def _screen_kernel(
 
 
 @triton.jit
+def _fold_block(best, key, KP: tl.constexpr, BLOCK: tl.constexpr):
+    """The best KP keys (sorted descending) of a list of KP keys and a block of BLOCK keys."""
+    if BLOCK > KP:
+        key = tl.topk(key, KP)
+    return tl.topk(tl.reshape(tl.join(best, key), (2 * KP,)), KP)
+
+
+@triton.jit
 def _merge_kernel(
     best_ptr,
     cand_score_ptr,
@@ -406,10 +414,7 @@ def _merge_kernel(
         ok = slot < filled
         sc = tl.load(cand_score_ptr + b * stride_cb + slot, mask=ok, other=0.0)
         ids = tl.load(cand_id_ptr + b * stride_cb + slot, mask=ok, other=0)
-        key = tl.where(ok, _score_keys(sc, ids), _KEY_EMPTY)
-        if BLOCK > KP:
-            key = tl.topk(key, KP)
-        best = tl.topk(tl.reshape(tl.join(best, key), (2 * KP,)), KP)
+        best = _fold_block(best, tl.where(ok, _score_keys(sc, ids), _KEY_EMPTY), KP, BLOCK)
     tl.store(best_ptr + b * stride_bb + cols, best, mask=cols < k)
 
 
@@ -425,10 +430,7 @@ def _replace_flagged_kernel(
     best = tl.full((KP,), _KEY_EMPTY, tl.int64)
     for start in range(0, tl.where(flagged, n, 0), BLOCK):
         pos = start + tl.arange(0, BLOCK)
-        key = tl.load(part_ptr + b * stride_pb + pos, mask=pos < n, other=_KEY_EMPTY)
-        if BLOCK > KP:
-            key = tl.topk(key, KP)
-        best = tl.topk(tl.reshape(tl.join(best, key), (2 * KP,)), KP)
+        best = _fold_block(best, tl.load(part_ptr + b * stride_pb + pos, mask=pos < n, other=_KEY_EMPTY), KP, BLOCK)
     tl.store(best_ptr + b * stride_bb + cols, best, mask=cols < tl.where(flagged, k, 0))
 
 
@@ -549,10 +551,10 @@ def _screen_levels(
     """Label ranges scored one after another by the screened path.
 
     The first range holds `first` labels (at most `cap`; default `cap`), all candidates: fewer make its merge cheaper
-    at the price of more ranges. Each later range is sized so that, with labels in
-    random order, about cap/4 of its labels beat the k-th best of everything before it (k * size / before): the
-    ranges grow geometrically, by at most `growth` (fewer hits per range: fewer tiles take the append branch). A short
-    tail is folded into the range before it.
+    at the price of more ranges. Each later range is sized so that, with labels in random order, about cap/4 of its
+    labels beat the k-th best of everything before it (k * size / before): the ranges grow geometrically, by at most
+    `growth` (fewer hits per range: fewer tiles take the append branch). A short tail is folded into the range before
+    it.
     """
     bounds = [0, min(num_labels, cap, first or cap)]
     while bounds[-1] < num_labels:
