@@ -13,7 +13,8 @@ the whole batch, reduce-scatter of dX. Per configuration:
   - scaling: W x --scaling-labels-per-gpu labels (fixed labels per GPU); efficiency = t(W=1) / t(W), where t(W=1)
     comes from a W = 1 run of this script (pass its JSON with --baseline);
   - the largest label count of --fit that fits (all ranks agree; an out-of-memory is caught and reported);
-  - sharded top-k (`sharded_topk`, k = --k): ms per batch and queries/s at B = 1 and B = 1024.
+  - sharded top-k (`sharded_topk`, k = --k): ms per batch and queries/s at B = 1 and B = 1024, and the shard's own
+    `topk_scores` over the whole batch (no collectives, no merges).
 Rank 0 prints a table and writes the JSON.
 """
 
@@ -25,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from kernels.head_step import HeadStepConfig, head_step  # noqa: E402
+from kernels.topk import topk_scores  # noqa: E402
 from training.distributed import gather_batch, shard_range, sharded_head_step, sharded_topk  # noqa: E402
 
 GIB = 2**30
@@ -75,6 +78,19 @@ def timed(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def host_syncs(fn) -> int:
+    """How many times one call of fn(0) waits for the GPU (torch's sync debug mode: one warning per wait)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def all_agree(ok: bool, device) -> bool:
     flag = torch.tensor([1 if ok else 0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -95,7 +111,7 @@ def step_config(labels: int, args, world: int, rank: int, device, with_topk: boo
         sharded_head_step(chunks, start, end - start, x, rows, cols, HeadStepConfig(lr=0.01, seed=i), impl="triton")
 
     fixed = local_batch(args.batch, world, rank, labels, args.dim, 0, device)
-    x_all, rows_all, cols_all, _, _ = gather_batch(*fixed)
+    x_all, rows_all, cols_all, _ = gather_batch(*fixed)
     mine = (cols_all >= start) & (cols_all < end)
 
     def local(i: int) -> None:
@@ -105,6 +121,7 @@ def step_config(labels: int, args, world: int, rank: int, device, with_topk: boo
     out["step_ms"] = timed(sharded, args.steps, args.warmup)
     out["local_step_ms"] = timed(local, args.steps, args.warmup)
     out["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+    out["host_syncs_step"], out["host_syncs_local"] = host_syncs(sharded), host_syncs(local)
     # the collectives alone, at the step's sizes
     x_rows = torch.zeros(args.batch // world, args.dim, dtype=torch.bfloat16, device=device)
     parts = [torch.empty_like(x_rows) for _ in range(world)]
@@ -121,6 +138,13 @@ def step_config(labels: int, args, world: int, rank: int, device, with_topk: boo
             ms = timed(lambda i, q=q: sharded_topk([shard], start, end - start, q, args.k), args.steps, args.warmup)
             out[f"topk_b{b}_ms"] = ms
             out[f"topk_b{b}_qps"] = b / ms * 1e3
+            out[f"topk_b{b}_host_syncs"] = host_syncs(
+                lambda i, q=q: sharded_topk([shard], start, end - start, q, args.k)
+            )
+            # the shard's own top-k over the whole batch, no collectives or merges: what the sharding adds
+            q_all = torch.randn(b, args.dim, device=device).to(torch.bfloat16)
+            local_topk = lambda i, q=q_all: topk_scores(q, shard, args.k, end - start)  # noqa: E731
+            out[f"topk_b{b}_local_ms"] = timed(local_topk, args.steps, args.warmup)
     return out
 
 
@@ -167,17 +191,20 @@ def main() -> None:
     if args.baseline:
         base = next(r for r in json.loads(Path(args.baseline).read_text())["rows"] if r["kind"] == "scaling")
     print(f"\nW = {world} x {torch.cuda.get_device_name()}, B = {args.batch}, D = {args.dim}, FP8 head")
-    print("| labels | per GPU | step ms | no-comm ms | comm share | all-gather ms | reduce-scatter ms | peak GiB/GPU |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| labels | per GPU | step ms | no-comm ms | comm share | all-gather ms | reduce-scatter ms | peak GiB/GPU "
+        "| host syncs step / no-comm |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["fits"] and "step_ms" in r:
             print(
                 f"| {r['labels']:,} | {r['labels_per_gpu']:,} | {r['step_ms']:.2f} | {r['local_step_ms']:.2f} | "
                 f"{100 * r['comm_share']:.1f}% | {r['all_gather_ms']:.3f} | {r['reduce_scatter_ms']:.3f} | "
-                f"{r['peak_gib']:.2f} |"
+                f"{r['peak_gib']:.2f} | {r['host_syncs_step']} / {r['host_syncs_local']} |"
             )
         else:
-            print(f"| {r['labels']:,} | does not fit | | | | | | |")
+            print(f"| {r['labels']:,} | does not fit | | | | | | | |")
     scaling = next(r for r in rows if r["kind"] == "scaling")
     if base is not None and scaling.get("fits"):
         scaling["efficiency"] = base["step_ms"] / scaling["step_ms"]
@@ -186,7 +213,10 @@ def main() -> None:
         if "topk_b1_ms" in r:
             print(
                 f"sharded top-{args.k} at {r['labels']:,} labels: B=1 {r['topk_b1_ms']:.3f} ms "
-                f"({r['topk_b1_qps']:.0f} q/s), B=1024 {r['topk_b1024_ms']:.2f} ms ({r['topk_b1024_qps']:.0f} q/s)"
+                f"({r['topk_b1_qps']:.0f} q/s; shard alone {r['topk_b1_local_ms']:.3f}; "
+                f"{r['topk_b1_host_syncs']} host syncs), "
+                f"B=1024 {r['topk_b1024_ms']:.2f} ms "
+                f"({r['topk_b1024_qps']:.0f} q/s; shard alone {r['topk_b1024_local_ms']:.2f})"
             )
     fits = [r["labels"] for r in rows if r["kind"] == "fit" and r["fits"]]
     info = {

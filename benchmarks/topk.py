@@ -370,13 +370,18 @@ def graphs(args) -> dict:
 
     device = torch.device("cuda")
     w8 = make_head(BIG_L, DIM, device)
+    extra = {name: TopkConfig(**fields) for name, fields in json.loads(args.graph_configs).items()}
     rows = []
-    for B in (1, 2, 4, 8, 16, 32, 64):
+    for B in args.batches:
         x = torch.randn(B, DIM, device=device).to(torch.bfloat16)
-        for k in (5, 100):
+        for k in args.ks:
             rec = {"B": B, "k": k}
-            for name, cfg in GRAPH_VARIANTS.items():
+            want = None
+            for name, cfg in {**GRAPH_VARIANTS, **extra}.items():
                 graph = CapturedTopk(w8, k, BIG_L, B, config=cfg)
+                got = graph(x)
+                want = want or (got[0].clone(), got[1].clone())
+                rec[f"{name} same ids"] = bool(torch.equal(got[1], want[1]))
                 rec[name] = bench_ms(lambda graph=graph, x=x: graph(x), False)[0]
                 if name == "graph":
                     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -469,6 +474,13 @@ def main() -> int:
     p.add_argument("--small", action="store_true", help="toy sizes (CPU + TRITON_INTERPRET=1 for the GPU logic)")
     p.add_argument("--agree", action="store_true", help="only: the Triton paths against each other and fp32")
     p.add_argument("--graphs", action="store_true", help="only: CUDA-graph replay at the serving batch buckets")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="--graphs: batch sizes")
+    p.add_argument("--ks", type=int, nargs="+", default=[5, 100], help="--graphs: k values")
+    p.add_argument(
+        "--graph-configs",
+        default="{}",
+        help='--graphs: extra named TopkConfig fields to replay, JSON, e.g. \'{"growth 8": {"screen_growth": 8}}\'',
+    )
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which only default configs are timed")
     args = p.parse_args()
     if args.agree:

@@ -371,9 +371,11 @@ def _check_pairs(rows: torch.Tensor, cols: torch.Tensor, batch: int, num_labels:
     if rows.dtype.is_floating_point or cols.dtype.is_floating_point:
         raise ValueError(f"{name}_rows and {name}_cols must be integer tensors")
     if rows.numel():
-        if int(rows.min()) < 0 or int(rows.max()) >= batch:
+        # one host synchronisation for the four bounds
+        lo_row, hi_row, lo_col, hi_col = torch.stack([rows.min(), rows.max(), cols.min(), cols.max()]).tolist()
+        if lo_row < 0 or hi_row >= batch:
             raise ValueError(f"{name}_rows must lie in [0, {batch})")
-        if int(cols.min()) < 0 or int(cols.max()) >= num_labels:
+        if lo_col < 0 or hi_col >= num_labels:
             raise ValueError(f"{name}_cols must lie in [0, {num_labels}) (padded labels take no pairs)")
 
 

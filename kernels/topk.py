@@ -1050,16 +1050,22 @@ def merge_topk(
     if id_offsets is not None and len(id_offsets) != len(scores):
         raise ValueError(f"id_offsets needs one entry per shard ({len(scores)}), got {len(id_offsets)}")
     B = scores[0].shape[0] if scores[0].dim() == 2 else -1
-    keys = []
+    keys, bounds, checked = [], [], []
     for i, (s, j) in enumerate(zip(scores, ids, strict=True)):
         if s.dim() != 2 or s.shape != j.shape or s.shape[0] != B:
             raise ValueError(f"shard {i}: scores {tuple(s.shape)} and ids {tuple(j.shape)} must both be (B={B}, k_i)")
         if j.dtype.is_floating_point:
             raise ValueError(f"shard {i}: ids must be integers, got {j.dtype}")
         g = j.to(torch.int64) + (id_offsets[i] if id_offsets is not None else 0)
-        if j.numel() and (int(g.min()) < 0 or int(g.max()) > MAX_LABELS):
-            raise ValueError(f"shard {i}: global ids must be in [0, {MAX_LABELS}]")
+        if g.numel():
+            bounds += [g.min(), g.max()]
+            checked.append(i)
         keys.append(scores_to_keys(s, g))
+    if bounds:  # one host synchronisation for every shard's bounds
+        low_high = torch.stack(bounds).view(-1, 2).tolist()
+        for i, (low, high) in zip(checked, low_high, strict=True):
+            if low < 0 or high > MAX_LABELS:
+                raise ValueError(f"shard {i}: global ids must be in [0, {MAX_LABELS}]")
     total = sum(t.shape[1] for t in keys)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= total:
         raise ValueError(f"k must be an int in [1, {total}] (entries over all shards), got {k}")

@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 
 from kernels.head_step import LABEL_ALIGN, HeadStepConfig, HeadStepOutput, head_step
-from kernels.topk import MAX_LABELS, merge_topk, topk_scores
+from kernels.topk import MAX_LABELS, keys_to_scores, scores_to_keys, topk_scores
+
+# the key of a (-inf, MAX_LABELS) entry: below every real label's key
+_PAD_KEY = int(scores_to_keys(torch.tensor([float("-inf")]), torch.tensor([MAX_LABELS]))[0])
 
 
 def shard_range(num_labels: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -56,44 +59,73 @@ def _all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _gather_pairs(
-    rows: torch.Tensor, cols: torch.Tensor, per_rank: int, new_index: torch.Tensor, group, most: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' (row-in-local-batch, label) pairs as (row-in-global-batch, label), in rank order.
+def _exchange_counts(counts: list[int], device: torch.device, group) -> list[list[int]]:
+    """Every rank's `counts` (same length on all ranks), in rank order: the one host synchronisation of a call."""
+    return _all_gather_rows(torch.tensor([counts], device=device), group).tolist()
 
-    most: the largest pair count of any rank, when the caller already exchanged the counts."""
-    world, _ = _world(group)
-    if most is None:
-        count = torch.tensor([[rows.numel()]], device=rows.device)
-        most = int(_all_gather_rows(count, group).max())
-    pairs = torch.full((max(most, 1), 2), -1, dtype=torch.int64, device=rows.device)
-    pairs[: rows.numel(), 0] = rows
-    pairs[: rows.numel(), 1] = cols
-    pairs_all = _all_gather_rows(pairs, group).view(world, -1, 2)
-    owner = torch.arange(world, device=rows.device)[:, None].expand(world, pairs_all.shape[1])
-    keep = pairs_all[..., 0] >= 0
-    return new_index[pairs_all[..., 0][keep] + owner[keep] * per_rank], pairs_all[..., 1][keep]
+
+def _unpad(gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The real rows of an all-gather of per-rank blocks padded to max(counts) rows (slices: no synchronisation)."""
+    per_rank = gathered.shape[0] // len(counts)
+    if all(c == per_rank for c in counts):
+        return gathered
+    return torch.cat([gathered[r * per_rank : r * per_rank + c] for r, c in enumerate(counts)])
+
+
+def _pad_rows(t: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), fill)])
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:r]) for r in range(len(sizes))]
+
+
+class _GlobalBatch:
+    """The queries of every rank, gathered, and where each rank's rows sit among them (known on the host)."""
+
+    def __init__(self, x: torch.Tensor, pair_counts: list[int], group) -> None:
+        _, rank = _world(group)
+        # one host synchronisation: every later shape follows from these counts
+        self.counts = _exchange_counts([x.shape[0], *pair_counts], x.device, group)
+        self.sizes = [c[0] for c in self.counts]
+        self.per_rank = max(self.sizes)
+        self.rank, self.offset = rank, sum(self.sizes[:rank])
+        self.x_padded = _all_gather_rows(_pad_rows(x, self.per_rank), group)  # rank r: rows from r * per_rank
+        self.x_all = _unpad(self.x_padded, self.sizes)
+        self.group = group
+
+    def pairs(self, which: int, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ranks' (local row, label) pairs of kind `which` (its index in pair_counts) as (global row, label)."""
+        counts = [c[1 + which] for c in self.counts]
+        pairs = torch.stack([rows.to(torch.int64) + self.offset, cols.to(torch.int64)], 1)
+        gathered = _all_gather_rows(_pad_rows(pairs, max(max(counts), 1), -1), self.group)
+        pairs_all = _unpad(gathered, counts)
+        return pairs_all[:, 0], pairs_all[:, 1]
+
+    def reduce_scatter(self, dx_all: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of dx_all (rows of the global batch), this rank's rows only."""
+        if len(set(self.sizes)) > 1:
+            parts = [dx_all[s : s + n] for s, n in zip(_starts(self.sizes), self.sizes, strict=True)]
+            dx_all = torch.cat([_pad_rows(p, self.per_rank) for p in parts])
+        mine = torch.empty((self.per_rank, dx_all.shape[1]), dtype=dx_all.dtype, device=dx_all.device)
+        _reduce_scatter(mine, dx_all.contiguous(), group=self.group)
+        COMM.add(mine, len(self.sizes))
+        return mine[: self.sizes[self.rank]]
 
 
 def gather_batch(
     x: torch.Tensor, pos_rows: torch.Tensor, pos_cols: torch.Tensor, group=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """All-gather the local batches: (x_global, rows_global, cols_global, real, rows_per_rank).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """All-gather the local batches: (x_global, rows_global, cols_global, every rank's batch size).
 
-    The global batch is the ranks' real rows in rank order (what one worker would see). Local batches travel padded
-    to the largest one; `real` marks the real rows of the padded (world * rows_per_rank) layout, in which rank r
-    owns rows [r * rows_per_rank, r * rows_per_rank + its batch size).
+    The global batch is the ranks' rows in rank order (what one worker would see): rank r owns rows
+    [sum(sizes[:r]), sum(sizes[:r + 1])). Uneven batches travel padded to the largest; one host synchronisation.
     """
-    # one exchange (one host sync) for both sizes: rows of x and positive pairs
-    sizes = _all_gather_rows(torch.tensor([[x.shape[0], pos_rows.numel()]], device=x.device), group)
-    per_rank, most = (int(v) for v in sizes.max(0).values.tolist())
-    x_pad = torch.zeros((per_rank, x.shape[1]), dtype=x.dtype, device=x.device)
-    x_pad[: x.shape[0]] = x
-    real = (torch.arange(per_rank, device=x.device)[None, :] < sizes[:, :1]).flatten()
-    new_index = torch.cumsum(real, 0) - 1  # padded row -> row of the global batch
-    x_all = _all_gather_rows(x_pad, group)[real]
-    rows, cols = _gather_pairs(pos_rows, pos_cols, per_rank, new_index, group, most)
-    return x_all, rows, cols, real, per_rank
+    batch = _GlobalBatch(x, [pos_rows.numel()], group)
+    rows, cols = batch.pairs(0, pos_rows, pos_cols)
+    return batch.x_all, rows, cols, batch.sizes
 
 
 # torch 2.13 renamed reduce_scatter_tensor (still present, deprecated); the GPU machine has torch 2.11.
@@ -105,6 +137,12 @@ StepFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     tuple[torch.Tensor, float | None],
 ]
+
+
+def _shard_pairs(rows: torch.Tensor, cols: torch.Tensor, start: int, labels: int):
+    """The pairs whose label lies in [start, start + labels), labels made shard-local (one synchronisation)."""
+    keep = torch.nonzero((cols >= start) & (cols < start + labels)).squeeze(1)
+    return rows.index_select(0, keep), cols.index_select(0, keep) - start
 
 
 def sharded_step(
@@ -124,26 +162,20 @@ def sharded_step(
     x, pos_rows, pos_cols: this worker's batch with global label ids; exclude_rows/exclude_cols: this worker's
     (row, global label) pairs that get no gradient. Collective: every rank must call it.
     """
-    x_all, rows, cols, real, per_rank = gather_batch(x, pos_rows, pos_cols, group)
-    mine = (cols >= shard_start) & (cols < shard_start + shard_labels)
+    excluding = exclude_rows is not None
+    batch = _GlobalBatch(x, [pos_rows.numel()] + ([exclude_rows.numel()] if excluding else []), group)
+    rows, cols = _shard_pairs(*batch.pairs(0, pos_rows, pos_cols), shard_start, shard_labels)
     ex_rows = ex_cols = None
-    if exclude_rows is not None:
-        new_index = torch.cumsum(real, 0) - 1
-        ex_all_rows, ex_all_cols = _gather_pairs(exclude_rows, exclude_cols, per_rank, new_index, group)
-        ex_mine = (ex_all_cols >= shard_start) & (ex_all_cols < shard_start + shard_labels)
-        ex_rows, ex_cols = ex_all_rows[ex_mine], ex_all_cols[ex_mine] - shard_start
-    dx, loss = step_fn(x_all, rows[mine], cols[mine] - shard_start, ex_rows, ex_cols)
-    dx_pad = torch.zeros((real.numel(), x.shape[1]), dtype=dx.dtype, device=x.device)
-    dx_pad[real] = dx
-    dx_local = torch.empty((per_rank, x.shape[1]), dtype=dx.dtype, device=x.device)
-    _reduce_scatter(dx_local, dx_pad, group=group)
-    COMM.add(dx_local, dist.get_world_size(group))
+    if excluding:
+        ex_rows, ex_cols = _shard_pairs(*batch.pairs(1, exclude_rows, exclude_cols), shard_start, shard_labels)
+    dx, loss = step_fn(batch.x_all, rows, cols, ex_rows, ex_cols)
+    dx_local = batch.reduce_scatter(dx)
     if loss is not None:
         # Each shard's loss is its labels' summed BCE over the global batch divided by that batch's size.
         total = torch.tensor([loss], dtype=torch.float64, device=x.device)
         dist.all_reduce(total, group=group)
         loss = float(total)
-    return HeadStepOutput(dx_local[: x.shape[0]], loss)
+    return HeadStepOutput(dx_local, loss)
 
 
 def sharded_head_step(
@@ -196,30 +228,29 @@ def sharded_head_step(
 def sharded_topk(
     shard: list[torch.Tensor], shard_start: int, shard_labels: int, x: torch.Tensor, k: int, group=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k global label ids for this worker's queries x: every shard scores the whole batch, then one merge.
+    """Top-k global label ids for this worker's queries x: every shard ranks the whole batch, each worker merges
+    the shards' lists of its own queries.
 
     Collective. k must not exceed the total label count; a shard with fewer than k labels pads its list with
-    (-inf, MAX_LABELS) entries, which sort after every real one.
+    (-inf, MAX_LABELS) entries, which sort after every real one. One host synchronisation (the batch sizes).
     """
-    _, rank = _world(group)
-    empty = torch.zeros(0, dtype=torch.int64, device=x.device)
-    x_all, _, _, real, per_rank = gather_batch(x, empty, empty, group)
-    scores, ids, offsets, start = [], [], [], 0
+    world, _ = _world(group)
+    batch = _GlobalBatch(x, [], group)
+    x_pad = batch.x_padded  # scored as is: the lists travel in this layout, pad rows are dropped at the end
+    keys, start = [], 0
     for w in shard:
         n = max(0, min(w.shape[0], shard_labels - start))
         if n:
-            s, i = topk_scores(x_all, w, min(k, n), n)
-            scores.append(s)
-            ids.append(i)
-            offsets.append(shard_start + start)
+            s, i = topk_scores(x_pad, w, min(k, n), n)
+            keys.append(scores_to_keys(s, i + (shard_start + start)))
         start += w.shape[0]
-    local_k = min(k, sum(t.shape[1] for t in scores))
-    s, i = merge_topk(scores, ids, local_k, id_offsets=offsets)
-    pad = k - local_k
-    s = torch.cat([s, s.new_full((s.shape[0], pad), float("-inf"))], dim=1)
-    i = torch.cat([i, i.new_full((i.shape[0], pad), MAX_LABELS)], dim=1)
-    all_s = _all_gather_rows(s[None], group)
-    all_i = _all_gather_rows(i[None], group)
-    s, i = merge_topk(list(all_s), list(all_i), k)
-    first = int(real[: rank * per_rank].sum())
-    return s[first : first + x.shape[0]], i[first : first + x.shape[0]]
+    keys = torch.cat(keys, 1) if keys else x_pad.new_empty((x_pad.shape[0], 0), dtype=torch.int64)
+    if keys.shape[1] > k:
+        keys = torch.topk(keys, k, dim=1).values
+    keys = torch.cat([keys, keys.new_full((keys.shape[0], k - keys.shape[1]), _PAD_KEY)], 1)
+    # rank r receives every shard's lists for its own rows
+    mine = torch.empty_like(keys)
+    dist.all_to_all_single(mine, keys, group=group)
+    COMM.add(mine[: batch.per_rank], world)
+    lists = mine.view(world, batch.per_rank, k)[:, : x.shape[0]].permute(1, 0, 2).reshape(x.shape[0], world * k)
+    return keys_to_scores(torch.topk(lists, k, dim=1).values)
