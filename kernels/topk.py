@@ -489,7 +489,7 @@ class TopkConfig:
     num_stages: int | None = None
     max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES  # bound on the partial lists when `splits` is automatic
     screen: bool | None = None  # screened path (see `_topk_screened`); None: where the candidate lists fit (k <= cap/8)
-    screen_cap: int | None = None  # candidate slots per query row; None: from max_partial_bytes, at most 4096
+    screen_cap: int | None = None  # candidate slots per query row; None: by budget, <= 4096 (<= 2048 for B <= 8)
     screen_growth: float | None = None  # cap on (labels scored so far after a range) / (before it); None: from cap / k
     screen_first: int | None = None  # labels in the first range (all of them candidates), at most cap; None: by B
     tma: bool = True  # screening tiles through tensor descriptors (TMA), where the tensors' strides allow
@@ -580,7 +580,10 @@ def _screen_cap(cfg: TopkConfig, B: int, k: int) -> int | None:
     # Half of the extra-memory budget for the candidate slots (8 bytes: fp32 score + int32 id), the rest for the
     # fallback's partial lists.
     cap = 1 << max(0, (cfg.max_partial_bytes // (2 * 8 * B)).bit_length() - 1)
-    cap = min(cap, 4096)  # level 0 fills every slot, and one program per row merges them
+    # Level 0 fills every slot, and one program per row merges them. Up to 8 queries, 2048 slots: shorter ranges, and
+    # merges of fewer candidates (H200 CUDA graphs, B = 1 / 2 / 8: k = 5 0.530 / 0.535 / 0.542 ms vs 0.540 / 0.538 /
+    # 0.551 with 4096; k = 100 0.582 / 0.596 / 0.615 vs 0.591 / 0.596 / 0.617).
+    cap = min(cap, 2048 if B <= 8 else 4096)
     if cfg.screen is None and (cap < 8 * k or B <= 32 and k <= 16):
         # Few queries with short lists: called eagerly, the screened path's launches (two per label range, ~17 at
         # B = 1) cost the host more than the GPU work (H200, B = 1, k = 5, when it was ~30: 1.5 ms vs 0.87 for the

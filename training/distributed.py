@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.head_step import LABEL_ALIGN, HeadStepConfig, HeadStepOutput, head_step
-from kernels.topk import MAX_LABELS, keys_to_scores, scores_to_keys, topk_scores
+from kernels.topk import MAX_LABELS, TopkConfig, keys_to_scores, scores_to_keys, topk_scores
 
 # the key of a (-inf, MAX_LABELS) entry: below every real label's key
 _PAD_KEY = int(scores_to_keys(torch.tensor([float("-inf")]), torch.tensor([MAX_LABELS]))[0])
@@ -232,25 +232,90 @@ def sharded_topk(
     the shards' lists of its own queries.
 
     Collective. k must not exceed the total label count; a shard with fewer than k labels pads its list with
-    (-inf, MAX_LABELS) entries, which sort after every real one. One host synchronisation (the batch sizes).
+    (-inf, MAX_LABELS) entries, which sort after every real one. One host synchronisation (the batch sizes); for
+    few queries, where launches dominate, `CapturedShardedTopk` replays the same work as one CUDA graph.
     """
-    world, _ = _world(group)
     batch = _GlobalBatch(x, [], group)
-    x_pad = batch.x_padded  # scored as is: the lists travel in this layout, pad rows are dropped at the end
+    keys = _own_rows_topk(batch.x_padded, shard, shard_start, shard_labels, k, group)
+    return keys_to_scores(keys[: x.shape[0]])
+
+
+def _own_rows_topk(x_padded, shard, shard_start, shard_labels, k, group, config: TopkConfig | None = None):
+    """Merged top-k keys (per_rank, k) of this rank's rows, given every rank's queries padded to per_rank rows each
+    (rank r's at rows [r * per_rank, (r + 1) * per_rank)): the shard scores them all, rank r receives every shard's
+    lists of its own rows (one all-to-all) and merges them."""
+    world, _ = _world(group)
+    per_rank = x_padded.shape[0] // world
     keys, start = [], 0
     for w in shard:
         n = max(0, min(w.shape[0], shard_labels - start))
         if n:
-            s, i = topk_scores(x_pad, w, min(k, n), n)
+            s, i = topk_scores(x_padded, w, min(k, n), n, config=config)
             keys.append(scores_to_keys(s, i + (shard_start + start)))
         start += w.shape[0]
-    keys = torch.cat(keys, 1) if keys else x_pad.new_empty((x_pad.shape[0], 0), dtype=torch.int64)
+    keys = torch.cat(keys, 1) if keys else x_padded.new_empty((x_padded.shape[0], 0), dtype=torch.int64)
     if keys.shape[1] > k:
         keys = torch.topk(keys, k, dim=1).values
     keys = torch.cat([keys, keys.new_full((keys.shape[0], k - keys.shape[1]), _PAD_KEY)], 1)
-    # rank r receives every shard's lists for its own rows
     mine = torch.empty_like(keys)
     dist.all_to_all_single(mine, keys, group=group)
-    COMM.add(mine[: batch.per_rank], world)
-    lists = mine.view(world, batch.per_rank, k)[:, : x.shape[0]].permute(1, 0, 2).reshape(x.shape[0], world * k)
-    return keys_to_scores(torch.topk(lists, k, dim=1).values)
+    COMM.add(mine[:per_rank], world)
+    lists = mine.view(world, per_rank, k).permute(1, 0, 2).reshape(per_rank, world * k)
+    return torch.topk(lists, k, dim=1).values
+
+
+class CapturedShardedTopk:
+    """`sharded_topk` for up to `rows_per_rank` queries per rank, captured once (collectives included) and replayed
+    as one CUDA graph per call: no host synchronisation, one launch.
+
+    Every rank constructs it and calls it together (collective). Queries are padded to rows_per_rank on every rank.
+    The shard's tensors must stay at their addresses (in-place updates are fine).
+    """
+
+    def __init__(
+        self,
+        shard: list[torch.Tensor],
+        shard_start: int,
+        shard_labels: int,
+        k: int,
+        rows_per_rank: int,
+        *,
+        query_dtype: torch.dtype = torch.bfloat16,
+        group=None,
+    ) -> None:
+        if not shard or not all(isinstance(w, torch.Tensor) and w.is_cuda for w in shard):
+            raise ValueError("CapturedShardedTopk needs the shard as CUDA tensors (CUDA graphs)")
+        if isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 1:
+            raise ValueError(f"rows_per_rank must be an int >= 1, got {rows_per_rank!r}")
+        world, _ = _world(group)
+        device = shard[0].device
+        self.rows_per_rank, self.k = rows_per_rank, k
+        self._x = torch.zeros((rows_per_rank, shard[0].shape[1]), dtype=query_dtype, device=device)
+        config = TopkConfig(screen=True)  # the screened path: few launches' worth of work, replayed
+
+        def run() -> torch.Tensor:
+            x_padded = _all_gather_rows(self._x, group)
+            return _own_rows_topk(x_padded, shard, shard_start, shard_labels, k, group, config)
+
+        with torch.inference_mode():
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # compile, warm up and set up the communicators outside the capture
+                run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._keys = run()
+        self.world = world
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores fp32, global ids int64) of the top-k labels of this rank's queries x (at most rows_per_rank)."""
+        if x.dim() != 2 or x.shape[1] != self._x.shape[1] or x.shape[0] > self.rows_per_rank:
+            raise ValueError(f"x must be (n <= {self.rows_per_rank}, {self._x.shape[1]}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        self._x[:n].copy_(x)
+        self._x[n:].zero_()
+        self._graph.replay()
+        return keys_to_scores(self._keys[:n])

@@ -322,9 +322,11 @@ def test_screen_levels_cover_the_labels_once(k, L, cap, growth, first):
 
 
 def test_screen_choice_follows_the_memory_budget():
-    """Auto: screened where k <= cap / 8 (cap from half the budget over B rows, a power of two, at most 4096), except
-    small batches with short lists."""
-    assert _screen_cap(TopkConfig(), 1, 100) == 4096
+    """Auto: screened where k <= cap / 8 (cap from half the budget over B rows, a power of two, at most 4096; 2048 up
+    to 8 queries), except small batches with short lists."""
+    assert _screen_cap(TopkConfig(), 1, 100) == 2048
+    assert _screen_cap(TopkConfig(), 8, 256) == 2048
+    assert _screen_cap(TopkConfig(), 9, 100) == 4096
     assert _screen_cap(TopkConfig(), 4096, 100) == 1024
     assert _screen_cap(TopkConfig(), 1024, 100) == 4096  # 64 MiB / 2 / (8 B * 1024)
     assert _screen_cap(TopkConfig(), 1, 1000) is None  # the running kernel
