@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 from kernels.head_step import HeadStepConfig, head_step
 from kernels.topk import topk_scores
-from training.distributed import shard_range, sharded_head_step, sharded_topk
+from training.distributed import CapturedShardedTopk, shard_range, sharded_head_step, sharded_topk
 
 LABELS, DIM, STEPS = 200, 24, 4
 BATCHES = (4, 3)  # uneven local batches: rank 0 has 4 rows, rank 1 has 3
@@ -103,3 +103,10 @@ def test_shard_range():
         shard_range(20, 4, 0)
     with pytest.raises(ValueError, match="rank"):
         shard_range(100, 2, 2)
+
+
+def test_captured_sharded_topk_needs_cuda_shards():
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedShardedTopk([torch.zeros(16, 8)], 0, 16, 5, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        CapturedShardedTopk([], 0, 16, 5, 4)
