@@ -264,8 +264,9 @@ def test_screened_overflow_falls_back_exactly(exclude):
         {"persistent": True},
         {"screen_first": 16},
         {"tma": True, "persistent": True, "screen_first": 3},
+        {"merge_block": 16, "merge_warps": 2},
     ],
-    ids=["descriptors", "persistent", "first-16", "all-first-3"],
+    ids=["descriptors", "persistent", "first-16", "all-first-3", "merge-16-at-a-time"],
 )
 @pytest.mark.parametrize("D", [64, 77], ids=["D64", "D77-no-descriptors"])
 def test_screening_kernel_variants(variant, D):
@@ -337,6 +338,14 @@ def test_screen_choice_follows_the_memory_budget():
     assert _screen_cap(TopkConfig(screen=True, screen_cap=10), 4, 50) == 50  # never fewer slots than k
     with pytest.raises(ValueError):
         _screen_cap(TopkConfig(screen_cap=0), 4, 5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("field", ["merge_block", "merge_warps"])
+def test_merge_options_must_be_powers_of_two(field):
+    x, w = torch.randn(2, 32), make_head(100, 112, 32, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=field):
+        topk_scores(x, w, 3, 100, impl="triton", config=TopkConfig(screen=True, **{field: 24}))
 
 
 def test_captured_topk_needs_a_cuda_head():
