@@ -261,19 +261,17 @@ def test_screened_overflow_falls_back_exactly(exclude):
     "variant",
     [
         {"tma": True},
-        {"persistent": True},
         {"screen_first": 16},
-        {"tma": True, "persistent": True, "screen_first": 3},
+        {"tma": True, "screen_first": 3},
         {"merge_block": 16, "merge_warps": 2},
     ],
-    ids=["descriptors", "persistent", "first-16", "all-first-3", "merge-16-at-a-time"],
+    ids=["descriptors", "first-16", "all-first-3", "merge-16-at-a-time"],
 )
 @pytest.mark.parametrize("D", [64, 77], ids=["D64", "D77-no-descriptors"])
 def test_screening_kernel_variants(variant, D):
-    """The screening kernel's experimental variants give the reference answer: tiles through tensor descriptors (the
-    last query block and label tile run past the tensors' ends; D = 77 bf16 rows are not 16-byte aligned, so the
-    pointer loads stay), a fixed grid striding over the jobs, and a short first range (fewer labels than k: no
-    threshold yet in the second range)."""
+    """The screened path's options give the reference answer: tiles through tensor descriptors (the last query block
+    and label tile run past the tensors' ends; D = 77 bf16 rows are not 16-byte aligned, so the pointer loads stay), a
+    short first range (fewer labels than k: no threshold yet in the second range), merges of 16 candidates at a time."""
     B, L, L_pad, k = 5, 1009, 1024, 5
     x = torch.randn(B, D).to(torch.bfloat16)
     w = make_head(L, L_pad, D, torch.bfloat16 if D == 77 else torch.float8_e4m3fn, pad_value=8.0)
@@ -341,11 +339,11 @@ def test_screen_choice_follows_the_memory_budget():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
-@pytest.mark.parametrize("field", ["merge_block", "merge_warps"])
-def test_merge_options_must_be_powers_of_two(field):
+@pytest.mark.parametrize("field, value", [("merge_block", 24), ("merge_warps", 24), ("merge_block", 0)])
+def test_screening_options_are_checked(field, value):
     x, w = torch.randn(2, 32), make_head(100, 112, 32, torch.float8_e4m3fn)
     with pytest.raises(ValueError, match=field):
-        topk_scores(x, w, 3, 100, impl="triton", config=TopkConfig(screen=True, **{field: 24}))
+        topk_scores(x, w, 3, 100, impl="triton", config=TopkConfig(screen=True, **{field: value}))
 
 
 def test_captured_topk_needs_a_cuda_head():
