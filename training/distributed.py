@@ -87,6 +87,7 @@ class _GlobalBatch:
 
     def __init__(self, x: torch.Tensor, pair_counts: list[int], group) -> None:
         _, rank = _world(group)
+        self.group = group
         # one host synchronisation: every later shape follows from these counts
         self.counts = _exchange_counts([x.shape[0], *pair_counts], x.device, group)
         self.sizes = [c[0] for c in self.counts]
@@ -94,7 +95,6 @@ class _GlobalBatch:
         self.rank, self.offset = rank, sum(self.sizes[:rank])
         self.x_padded = _all_gather_rows(_pad_rows(x, self.per_rank), group)  # rank r: rows from r * per_rank
         self.x_all = _unpad(self.x_padded, self.sizes)
-        self.group = group
 
     def pairs(self, which: int, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All ranks' (local row, label) pairs of kind `which` (its index in pair_counts) as (global row, label)."""
