@@ -19,8 +19,9 @@ key" means "best label" and every key is distinct; ids must stay below 2^32 - 1.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -941,6 +942,21 @@ def quantize_queries(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, inv
 
 
+def capture_cuda_graph(run: Callable[[], Any], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, outputs): `run()` once on a side stream (kernels compile, communicators set up: outside the capture),
+    then captured; each replay rewrites the outputs of the captured call in place."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 class CapturedTopk:
     """`topk_scores` on a CUDA GPU for one head, k and batch size, replayed from a CUDA graph.
 
@@ -989,14 +1005,7 @@ class CapturedTopk:
         )
         cfg = config or TopkConfig(screen=True)
         run = lambda: _triton_scores(self._x, weights, k, num_labels, self._exclude, fp8_dot, cfg)  # noqa: E731
-        side = torch.cuda.Stream(weights.device)
-        side.wait_stream(torch.cuda.current_stream(weights.device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            run()
-        torch.cuda.current_stream(weights.device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._scores, self._ids = run()
+        self._graph, (self._scores, self._ids) = capture_cuda_graph(run, weights.device)
 
     @torch.inference_mode()
     def __call__(

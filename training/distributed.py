@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.head_step import LABEL_ALIGN, HeadStepConfig, HeadStepOutput, head_step
-from kernels.topk import MAX_LABELS, TopkConfig, keys_to_scores, scores_to_keys, topk_scores
+from kernels.topk import MAX_LABELS, TopkConfig, capture_cuda_graph, keys_to_scores, scores_to_keys, topk_scores
 
 # the key of a (-inf, MAX_LABELS) entry: below every real label's key
 _PAD_KEY = int(scores_to_keys(torch.tensor([float("-inf")]), torch.tensor([MAX_LABELS]))[0])
@@ -287,7 +287,6 @@ class CapturedShardedTopk:
             raise ValueError("CapturedShardedTopk needs the shard as CUDA tensors (CUDA graphs)")
         if isinstance(rows_per_rank, bool) or not isinstance(rows_per_rank, int) or rows_per_rank < 1:
             raise ValueError(f"rows_per_rank must be an int >= 1, got {rows_per_rank!r}")
-        world, _ = _world(group)
         device = shard[0].device
         self.rows_per_rank, self.k = rows_per_rank, k
         self._x = torch.zeros((rows_per_rank, shard[0].shape[1]), dtype=query_dtype, device=device)
@@ -298,16 +297,7 @@ class CapturedShardedTopk:
             return _own_rows_topk(x_padded, shard, shard_start, shard_labels, k, group, config)
 
         with torch.inference_mode():
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # compile, warm up and set up the communicators outside the capture
-                run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            torch.cuda.synchronize(device)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._keys = run()
-        self.world = world
+            self._graph, self._keys = capture_cuda_graph(run, device)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
