@@ -282,16 +282,49 @@ def _score_tile_desc(
 
 
 @triton.jit
+def _screen_epilogue(
+    s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
+    stride_eb, stride_bb, stride_cb, HAS_EXCL: tl.constexpr, GATE: tl.constexpr,
+):  # fmt: skip
+    """Append (score, id) of every label of the scored tile s that beats its row's threshold to that row's candidate
+    slots; the row counters count on past `cap` (overflow)."""
+    # Threshold: the score of the row's k-th best key so far. Strictly above it: that label has a lower id than every
+    # label here, so an equal score ranks below it (and NaN never passes). No k-th key yet: take every valid label.
+    kth_key = tl.load(best_ptr + rows.to(tl.int64) * stride_bb + kth, mask=row_ok, other=_KEY_EMPTY)
+    take_all = kth_key < _KEY_REAL_MIN
+    thr = _key_score(kth_key)
+    if GATE:
+        # One max per row first: most tiles have no hit, and the full-tile test below is skipped for them. A NaN
+        # row maximum (NaN scores) takes the full test too, which ignores NaN. Rows past B never count.
+        row_max = tl.max(s, axis=1)
+        go = tl.max((((row_max > thr) | (row_max != row_max) | take_all) & row_ok).to(tl.int32), axis=0) > 0
+    else:
+        go = True
+    if go:
+        hit = (s > thr[:, None]) | take_all[:, None]
+        hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
+        if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
+            # One atomic per hit hands out its slot; almost every element is masked off. Relaxed: only the count must
+            # be atomic (the slots are read by a later launch). Offsets in int32 (B * cap < 2**31, checked by the
+            # caller): fewer registers in this branch. (H200: one atomic per row and tile placed by a prefix sum was
+            # slower.)
+            slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit, sem="relaxed")
+            keep = hit & (slot < cap)
+            offs = rows[:, None] * stride_cb + slot
+            tl.store(cand_score_ptr + offs, s, mask=keep)
+            tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
+
+
+@triton.jit
 def _screen_tile(
     job, x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
     B, first_label, end_label, D, num_qblocks, E, cap, kth,
     stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr,
+    USE_DESC: tl.constexpr, GATE: tl.constexpr,
 ):  # fmt: skip
-    """Score one (query block, label tile) of [first_label, end_label) and append (score, id) of every label scoring
-    above its row's threshold to that row's candidate slots; the row counters count on past `cap` (overflow)."""
+    """Score one (query block, label tile) of [first_label, end_label) and screen it (`_screen_epilogue`)."""
     qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
     tile = job // num_qblocks
     rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -312,64 +345,29 @@ def _screen_tile(
             x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
             BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
         )  # fmt: skip
-    # Threshold: the score of the row's k-th best key so far. Strictly above it: that label has a lower id than every
-    # label here, so an equal score ranks below it (and NaN never passes). No k-th key yet: take every valid label.
-    kth_key = tl.load(best_ptr + rows.to(tl.int64) * stride_bb + kth, mask=row_ok, other=_KEY_EMPTY)
-    take_all = kth_key < _KEY_REAL_MIN
-    hit = (s > _key_score(kth_key)[:, None]) | take_all[:, None]
-    hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
-    if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
-        # One atomic per hit hands out its slot; almost every element is masked off. Relaxed: only the count must be
-        # atomic (the slots are read by a later launch). Offsets in int32 (B * cap < 2**31, checked by the caller):
-        # fewer registers in this branch. (H200: one atomic per row and tile placed by a prefix sum was slower.)
-        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit, sem="relaxed")
-        keep = hit & (slot < cap)
-        offs = rows[:, None] * stride_cb + slot
-        tl.store(cand_score_ptr + offs, s, mask=keep)
-        tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
+    _screen_epilogue(
+        s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
+        stride_eb, stride_bb, stride_cb, HAS_EXCL, GATE,
+    )  # fmt: skip
 
 
 @triton.jit
 def _screen_kernel(
-    x,
-    w,
-    inv_scale_ptr,
-    best_ptr,
-    excl_ptr,
-    cand_score_ptr,
-    cand_id_ptr,
-    count_ptr,
-    B,
-    first_label,
-    end_label,
-    D,
-    num_qblocks,
-    E,
-    cap,
-    kth,
-    stride_xb,
-    stride_wl,
-    stride_eb,
-    stride_bb,
-    stride_cb,
-    BLOCK_B: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    FP8_DOT: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_EXCL: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr,
-):
+    x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+    B, first_label, end_label, D, num_qblocks, E, cap, kth,
+    stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    USE_DESC: tl.constexpr, GATE: tl.constexpr,
+):  # fmt: skip
     """One (query block, label tile) job per program. x and w are pointers, or tensor descriptors with USE_DESC.
-    (H200: a persistent grid striding over the jobs was slower, 9.9 vs 7.3 ms at B = 1024, k = 5; with tensor
-    descriptors it returned wrong lists in Triton 3.6; with Triton's warp specialisation 8.2-14.9 vs 7.0 ms.)"""
+    (H200, B = 1024, k = 5, against 7.3 / 5.9 ms: a persistent grid was slower, with one nested loop per job 9.9 ms,
+    with Triton's warp specialisation 8.2-14.9, with one flat loop over (job, D chunk) 6.9-16.8 with the row gate.)"""
     _screen_tile(
         tl.program_id(0), x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
         B, first_label, end_label, D, num_qblocks, E, cap, kth,
         stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
-        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
+        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC, GATE,
     )  # fmt: skip
 
 
@@ -486,6 +484,7 @@ class TopkConfig:
     tma: bool = True  # screening tiles through tensor descriptors (TMA), where the tensors' strides allow
     merge_warps: int | None = None  # warps of each range's merge program (one per query row); None: 8
     merge_block: int | None = None  # candidates folded at a time by the merge (power of two); None: min(512, cap)
+    gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
 
 
 def _next_pow2(n: int) -> int:
@@ -516,12 +515,15 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
     return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes, False)
 
 
-def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -> TopkConfig:
+def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int, k: int) -> TopkConfig:
     """Launch options of the screening kernel: a plain GEMM tile with a light epilogue."""
     # H200 sweeps (benchmarks/topk.py, BENCHMARKS.md), B = 1024, k = 5, through descriptors: 64 x 128 x 128 tiles,
     # 4 warps, 4 stages: 7.3 ms; 128 x 128 (8 warps) 10.8, 64 x 256 (8 warps) 11.0, 128 x 64 8.0, 5 stages 12.0.
+    # Larger tiles lose more to the append branch (~220-255 registers per thread: one program per SM at 8 warps).
+    # With the row gate (5.9 ms at k = 5), 64-label tiles for long lists: fewer rows and labels share a tile that
+    # takes the append branch (B = 1024 / 256, k = 100: 9.3 / 2.6 ms vs 9.8 / 2.8; k = 5: 6.9 vs 5.9 ms).
     block_b = cfg.block_b or (16 if B <= 16 else 32 if B <= 32 else 64)
-    block_l = cfg.block_l or 128
+    block_l = cfg.block_l or (64 if B >= 256 and k > 16 else 128)
     block_d = cfg.block_d or max(16, min(128 // weight_bytes, _next_pow2(D)))
     num_warps = cfg.num_warps or (4 if block_b * block_l <= 64 * 128 else 8)
     num_stages = cfg.num_stages or 4
@@ -531,9 +533,11 @@ def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int) -
     # k = 5: 0.55 vs 0.58 ms with 4096), 1024 for many (B = 1024, k = 5: 7.06 vs 7.27 ms).
     growth = cfg.screen_growth or (2.0 if B >= 512 else 4.0 if B >= 256 else None)
     first = cfg.screen_first or (1024 if B >= 256 else 512)
+    # Row gate on by default: B = 1024, k = 5 / 100: 5.9 / 9.8 ms vs 6.9 / 10.3; B = 64: 0.65 vs 0.70 ms (k = 5).
+    gate = cfg.gate if cfg.gate is not None else True
     return TopkConfig(
         block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None, growth,
-        first, cfg.tma, cfg.merge_warps, cfg.merge_block,
+        first, cfg.tma, cfg.merge_warps, cfg.merge_block, gate,
     )  # fmt: skip
 
 
@@ -733,7 +737,7 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     for name, v in (("merge_block", cfg.merge_block), ("merge_warps", cfg.merge_warps)):
         if v is not None and (v < 1 or v & (v - 1)):
             raise ValueError(f"{name} must be a power of two, got {v}")
-    c = _resolve_screen_config(cfg, B, D, weights.element_size())
+    c = _resolve_screen_config(cfg, B, D, weights.element_size(), k)
     dev = xq.device
     has_excl = exclude is not None
     if B * cap >= 2**31:
@@ -753,45 +757,19 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
         w_arg = TensorDescriptor.from_tensor(weights, [c.block_l, c.block_d])
     for i, (lo, hi) in enumerate(levels):
         _screen_kernel[(qblocks * triton.cdiv(hi - lo, c.block_l),)](
-            x_arg,
-            w_arg,
-            inv_scale,
-            best,
-            excl,
-            cand_score,
-            cand_id,
-            counts[i],
-            B,
-            lo,
-            hi,
-            D,
-            qblocks,
-            excl.shape[1] if has_excl else 0,
-            cap,
-            k - 1,
-            xq.stride(0),
-            weights.stride(0),
-            excl.stride(0) if has_excl else 0,
-            best.stride(0),
-            cand_score.stride(0),
-            USE_DESC=use_desc,
-            **_tile_meta(c, D, fp8_dot, has_excl),
-        )
+            x_arg, w_arg, inv_scale, best, excl, cand_score, cand_id, counts[i],
+            B, lo, hi, D, qblocks, excl.shape[1] if has_excl else 0, cap, k - 1,
+            xq.stride(0), weights.stride(0), excl.stride(0) if has_excl else 0, best.stride(0), cand_score.stride(0),
+            USE_DESC=use_desc, GATE=bool(c.gate), **_tile_meta(c, D, fp8_dot, has_excl),
+        )  # fmt: skip
         _merge_kernel[(B,)](
-            best,
-            cand_score,
-            cand_id,
-            counts[i],
-            k,
-            cap,
-            best.stride(0),
-            cand_score.stride(0),
+            best, cand_score, cand_id, counts[i], k, cap, best.stride(0), cand_score.stride(0),
             KP=kp,
             BLOCK=max(kp, cfg.merge_block or min(512, _next_pow2(cap))),
             # 8 warps: H200 CUDA graphs, k = 100, B = 1 / 8 / 64: 0.592 / 0.612 / 0.953 ms vs 0.605 / 0.628 / 0.970
             # with 4; 16 warps, blocks of 256 or 1024-2048 candidates: no better.
             num_warps=cfg.merge_warps or 8,
-        )
+        )  # fmt: skip
     overflow = (counts > cap).any(dim=0).to(torch.int32)
     fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 2)
     part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)

@@ -264,8 +264,10 @@ def test_screened_overflow_falls_back_exactly(exclude):
         {"screen_first": 16},
         {"tma": True, "screen_first": 3},
         {"merge_block": 16, "merge_warps": 2},
+        {"gate": False, "screen_first": 3},
+        {"gate": True, "tma": False, "screen_first": 3},
     ],
-    ids=["descriptors", "first-16", "all-first-3", "merge-16-at-a-time"],
+    ids=["descriptors", "first-16", "all-first-3", "merge-16-at-a-time", "no-row-gate", "row-gate-pointers"],
 )
 @pytest.mark.parametrize("D", [64, 77], ids=["D64", "D77-no-descriptors"])
 def test_screening_kernel_variants(variant, D):
