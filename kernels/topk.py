@@ -316,15 +316,19 @@ def _screen_epilogue(
 
 
 @triton.jit
-def _screen_tile(
-    job, x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+def _screen_kernel(
+    x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
     B, first_label, end_label, D, num_qblocks, E, cap, kth,
     stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
     USE_DESC: tl.constexpr, GATE: tl.constexpr,
 ):  # fmt: skip
-    """Score one (query block, label tile) of [first_label, end_label) and screen it (`_screen_epilogue`)."""
+    """One (query block, label tile) job per program, scored and screened (`_screen_epilogue`). x and w are
+    pointers, or tensor descriptors with USE_DESC.
+    (H200, B = 1024, k = 5, against 7.3 / 5.9 ms: a persistent grid was slower, with one nested loop per job 9.9 ms,
+    with Triton's warp specialisation 8.2-14.9, with one flat loop over (job, D chunk) 6.9-16.8 with the row gate.)"""
+    job = tl.program_id(0)
     qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
     tile = job // num_qblocks
     rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -348,26 +352,6 @@ def _screen_tile(
     _screen_epilogue(
         s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
         stride_eb, stride_bb, stride_cb, HAS_EXCL, GATE,
-    )  # fmt: skip
-
-
-@triton.jit
-def _screen_kernel(
-    x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
-    B, first_label, end_label, D, num_qblocks, E, cap, kth,
-    stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
-    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr, GATE: tl.constexpr,
-):  # fmt: skip
-    """One (query block, label tile) job per program. x and w are pointers, or tensor descriptors with USE_DESC.
-    (H200, B = 1024, k = 5, against 7.3 / 5.9 ms: a persistent grid was slower, with one nested loop per job 9.9 ms,
-    with Triton's warp specialisation 8.2-14.9, with one flat loop over (job, D chunk) 6.9-16.8 with the row gate.)"""
-    _screen_tile(
-        tl.program_id(0), x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
-        B, first_label, end_label, D, num_qblocks, E, cap, kth,
-        stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
-        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC, GATE,
     )  # fmt: skip
 
 
