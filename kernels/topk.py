@@ -744,7 +744,7 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             x_arg, w_arg, inv_scale, best, excl, cand_score, cand_id, counts[i],
             B, lo, hi, D, qblocks, excl.shape[1] if has_excl else 0, cap, k - 1,
             xq.stride(0), weights.stride(0), excl.stride(0) if has_excl else 0, best.stride(0), cand_score.stride(0),
-            USE_DESC=use_desc, GATE=bool(c.gate), **_tile_meta(c, D, fp8_dot, has_excl),
+            USE_DESC=use_desc, GATE=c.gate, **_tile_meta(c, D, fp8_dot, has_excl),
         )  # fmt: skip
         _merge_kernel[(B,)](
             best, cand_score, cand_id, counts[i], k, cap, best.stride(0), cand_score.stride(0),

@@ -273,7 +273,8 @@ def test_screened_overflow_falls_back_exactly(exclude):
 def test_screening_kernel_variants(variant, D):
     """The screened path's options give the reference answer: tiles through tensor descriptors (the last query block
     and label tile run past the tensors' ends; D = 77 bf16 rows are not 16-byte aligned, so the pointer loads stay), a
-    short first range (fewer labels than k: no threshold yet in the second range), merges of 16 candidates at a time."""
+    short first range (fewer labels than k: no threshold yet in the second range), merges of 16 candidates at a time,
+    the row gate off and on through pointer loads (B = 5 in a 16-row block: rows past B must not open the gate)."""
     B, L, L_pad, k = 5, 1009, 1024, 5
     x = torch.randn(B, D).to(torch.bfloat16)
     w = make_head(L, L_pad, D, torch.bfloat16 if D == 77 else torch.float8_e4m3fn, pad_value=8.0)
