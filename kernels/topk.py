@@ -301,18 +301,38 @@ def _screen_epilogue(
     else:
         go = True
     if go:
-        hit = (s > thr[:, None]) | take_all[:, None]
-        hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
-        if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
-            # One atomic per hit hands out its slot; almost every element is masked off. Relaxed: only the count must
-            # be atomic (the slots are read by a later launch). Offsets in int32 (B * cap < 2**31, checked by the
-            # caller): fewer registers in this branch. (H200: one atomic per row and tile placed by a prefix sum was
-            # slower.)
-            slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit, sem="relaxed")
-            keep = hit & (slot < cap)
-            offs = rows[:, None] * stride_cb + slot
-            tl.store(cand_score_ptr + offs, s, mask=keep)
-            tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
+        # Two halves (even and odd label columns) one after the other: a slot index per element of the whole tile took
+        # ~220-250 registers per thread, a half's ~165-175 (and 128 without spilling under `maxnreg`).
+        s_even, s_odd = tl.split(tl.reshape(s, (s.shape[0], s.shape[1] // 2, 2)))
+        labs_even, labs_odd = tl.split(tl.reshape(labs, (labs.shape[0] // 2, 2)))
+        ok_even, ok_odd = tl.split(tl.reshape(lab_ok, (lab_ok.shape[0] // 2, 2)))
+        _append_hits(
+            s_even, thr, take_all, rows, row_ok, labs_even, ok_even, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+            E, cap, stride_eb, stride_cb, HAS_EXCL,
+        )  # fmt: skip
+        _append_hits(
+            s_odd, thr, take_all, rows, row_ok, labs_odd, ok_odd, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+            E, cap, stride_eb, stride_cb, HAS_EXCL,
+        )  # fmt: skip
+
+
+@triton.jit
+def _append_hits(
+    s, thr, take_all, rows, row_ok, labs, lab_ok, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap,
+    stride_eb, stride_cb, HAS_EXCL: tl.constexpr,
+):  # fmt: skip
+    """Append (score, id) of every valid label of s (rows x labs) above its row's threshold to the row's slots."""
+    hit = (s > thr[:, None]) | take_all[:, None]
+    hit = hit & _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
+    if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:
+        # One atomic per hit hands out its slot; almost every element is masked off. Relaxed: only the count must be
+        # atomic (the slots are read by a later launch). Offsets in int32 (B * cap < 2**31, checked by the caller):
+        # fewer registers in this branch. (H200: one atomic per row and tile placed by a prefix sum was slower.)
+        slot = tl.atomic_add(count_ptr + rows[:, None] + 0 * labs[None, :], 1, mask=hit, sem="relaxed")
+        keep = hit & (slot < cap)
+        offs = rows[:, None] * stride_cb + slot
+        tl.store(cand_score_ptr + offs, s, mask=keep)
+        tl.store(cand_id_ptr + offs, labs[None, :] + 0 * slot, mask=keep)
 
 
 @triton.jit
@@ -469,6 +489,7 @@ class TopkConfig:
     merge_warps: int | None = None  # warps of each range's merge program (one per query row); None: 8
     merge_block: int | None = None  # candidates folded at a time by the merge (power of two); None: min(512, cap)
     gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
+    maxnreg: int | None = None  # screening: registers per thread at most (more programs per SM); None: no cap
 
 
 def _next_pow2(n: int) -> int:
@@ -503,14 +524,16 @@ def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int, k
     """Launch options of the screening kernel: a plain GEMM tile with a light epilogue."""
     # H200 sweeps (benchmarks/topk.py, BENCHMARKS.md), B = 1024, k = 5, through descriptors: 64 x 128 x 128 tiles,
     # 4 warps, 4 stages: 7.3 ms; 128 x 128 (8 warps) 10.8, 64 x 256 (8 warps) 11.0, 128 x 64 8.0, 5 stages 12.0.
-    # Larger tiles lose more to the append branch (~220-255 registers per thread: one program per SM at 8 warps).
-    # With the row gate (5.9 ms at k = 5), 64-label tiles for long lists: fewer rows and labels share a tile that
-    # takes the append branch (B = 1024 / 256, k = 100: 9.3 / 2.6 ms vs 9.8 / 2.8; k = 5: 6.9 vs 5.9 ms).
+    # With the row gate and the append in two halves: many queries run 3 stages under a 128-register cap (3 programs
+    # per SM instead of 2), and 64-label tiles for long lists (fewer rows and labels share a tile that takes the append
+    # branch): B = 1024, k = 5 / 100: 5.46 / 8.33 ms vs 5.90 / 8.87 (4 stages, no cap); 128 x 128 tiles (8 warps,
+    # capped) 5.45 / 9.72; B = 256: 1.58 / 2.31 vs 1.64 / 2.50.
     block_b = cfg.block_b or (16 if B <= 16 else 32 if B <= 32 else 64)
     block_l = cfg.block_l or (64 if B >= 256 and k > 16 else 128)
     block_d = cfg.block_d or max(16, min(128 // weight_bytes, _next_pow2(D)))
     num_warps = cfg.num_warps or (4 if block_b * block_l <= 64 * 128 else 8)
-    num_stages = cfg.num_stages or 4
+    num_stages = cfg.num_stages or (3 if B >= 256 else 4)
+    maxnreg = cfg.maxnreg or (128 if B >= 256 and block_b * block_l <= 64 * 128 else None)
     # Many queries: ranges growing at most 2x keep most tiles free of hits (H200, B = 1024, k = 100: 10.6 ms vs 11.0
     # at 4x, 12.5 at 8x); 4x at B = 256, where 2x's extra launches cost the host more (eager k = 5: 2.98 vs 1.98 ms).
     # A short first range makes its merge (all of its labels) cheap: 512 labels for few queries (CUDA graph, B = 1,
@@ -521,7 +544,7 @@ def _resolve_screen_config(cfg: TopkConfig, B: int, D: int, weight_bytes: int, k
     gate = cfg.gate if cfg.gate is not None else True
     return TopkConfig(
         block_b, block_l, block_d, None, None, num_warps, num_stages, cfg.max_partial_bytes, True, None, growth,
-        first, cfg.tma, cfg.merge_warps, cfg.merge_block, gate,
+        first, cfg.tma, cfg.merge_warps, cfg.merge_block, gate, maxnreg,
     )  # fmt: skip
 
 
@@ -706,6 +729,7 @@ def _tile_meta(c: TopkConfig, D: int, fp8_dot: bool, has_excl: bool) -> dict:
         "UPCAST": _interpreting(),
         "num_warps": c.num_warps,
         "num_stages": c.num_stages,
+        **({"maxnreg": c.maxnreg} if c.maxnreg and not _interpreting() else {}),
     }
 
 
