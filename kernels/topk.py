@@ -339,18 +339,25 @@ def _append_hits(
 def _screen_kernel(
     x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
     B, first_label, end_label, D, num_qblocks, E, cap, kth,
-    stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
+    stride_xb, stride_wl, stride_eb, stride_bb, stride_cb, jobs_ptr, jobs_per_qblock,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr, GATE: tl.constexpr,
+    USE_DESC: tl.constexpr, GATE: tl.constexpr, JOBS: tl.constexpr,
 ):  # fmt: skip
     """One (query block, label tile) job per program, scored and screened (`_screen_epilogue`). x and w are
-    pointers, or tensor descriptors with USE_DESC.
+    pointers, or tensor descriptors with USE_DESC. With JOBS, program p scores query block p // jobs_per_qblock and
+    the label tile jobs_ptr[p] (none where it is negative).
     (H200, B = 1024, k = 5, against 7.3 / 5.9 ms: a persistent grid was slower, with one nested loop per job 9.9 ms,
     with Triton's warp specialisation 8.2-14.9, with one flat loop over (job, D chunk) 6.9-16.8 with the row gate.)"""
     job = tl.program_id(0)
-    qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
-    tile = job // num_qblocks
+    if JOBS:
+        qb = job // jobs_per_qblock
+        tile = tl.load(jobs_ptr + job)
+        if tile < 0:
+            return
+    else:
+        qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
+        tile = job // num_qblocks
     rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     labs = first_label + tile * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -373,6 +380,40 @@ def _screen_kernel(
         s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
         stride_eb, stride_bb, stride_cb, HAS_EXCL, GATE,
     )  # fmt: skip
+
+
+@triton.jit
+def _tile_max_kernel(
+    x, w, inv_scale_ptr, excl_ptr, max_ptr, B, num_labels, D, num_qblocks, E, stride_xb, stride_wl, stride_eb,
+    stride_mb, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    USE_DESC: tl.constexpr,
+):  # fmt: skip
+    """The two-pass path's first pass: each query row's largest score in each label tile (excluded and padding
+    labels and NaN scores count as -inf), scored exactly as `_screen_kernel` scores the same tile."""
+    job = tl.program_id(0)
+    qb = job % num_qblocks
+    tile = job // num_qblocks
+    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    labs = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    lab_ok = labs < num_labels
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
+    if USE_DESC:
+        s = _score_tile_desc(
+            x, w, inv_scale, qb * BLOCK_B, tile * BLOCK_L, D, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, UPCAST
+        )
+    else:
+        s = _score_tile(
+            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+        )  # fmt: skip
+    valid = _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL) & (s == s)
+    best = tl.max(tl.where(valid, s, float("-inf")), axis=1)
+    tl.store(max_ptr + rows.to(tl.int64) * stride_mb + tile, best, mask=row_ok)
 
 
 @triton.jit
@@ -490,6 +531,7 @@ class TopkConfig:
     merge_block: int | None = None  # candidates folded at a time by the merge (power of two); None: min(512, cap)
     gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
     maxnreg: int | None = None  # screening: registers per thread at most (more programs per SM); None: no cap
+    two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: by shape
 
 
 def _next_pow2(n: int) -> int:
@@ -702,6 +744,9 @@ def keys_to_scores(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _topk_triton(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig) -> torch.Tensor:
     """Sorted top-k keys (B, k): the screened path where its candidate lists fit, else the running top-k kernel."""
+    tiles = _two_pass_tiles(cfg, xq.shape[0], k, num_labels)
+    if tiles is not None:
+        return _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg, tiles)
     cap = _screen_cap(cfg, xq.shape[0], k)
     if cap is not None:
         return _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg, cap)
@@ -768,7 +813,8 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             x_arg, w_arg, inv_scale, best, excl, cand_score, cand_id, counts[i],
             B, lo, hi, D, qblocks, excl.shape[1] if has_excl else 0, cap, k - 1,
             xq.stride(0), weights.stride(0), excl.stride(0) if has_excl else 0, best.stride(0), cand_score.stride(0),
-            USE_DESC=use_desc, GATE=c.gate, **_tile_meta(c, D, fp8_dot, has_excl),
+            counts, 1,
+            USE_DESC=use_desc, GATE=c.gate, JOBS=False, **_tile_meta(c, D, fp8_dot, has_excl),
         )  # fmt: skip
         _merge_kernel[(B,)](
             best, cand_score, cand_id, counts[i], k, cap, best.stride(0), cand_score.stride(0),
@@ -783,6 +829,104 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)
     # The flagged rows' best lists become the top-k of their partial lists; the others are left alone (no torch.topk
     # over every row: at B = 1, k = 100 it took 22 us of GPU time, 44-45 at B = 2-64).
+    _replace_flagged_kernel[(B,)](
+        best, part, overflow, k, part.shape[1] * k, best.stride(0), part.stride(0),
+        KP=kp, BLOCK=max(kp, min(512, _next_pow2(part.shape[1] * k))), num_warps=4,
+    )  # fmt: skip
+    return best
+
+
+def _two_pass_tiles(cfg: TopkConfig, B: int, k: int, num_labels: int) -> int | None:
+    """Label tiles of the two-pass path, or None when it should not be used (see `_topk_two_pass`)."""
+    block_l = cfg.block_l or 256
+    tiles = triton.cdiv(num_labels, block_l)
+    fits = B * tiles * 4 <= cfg.max_partial_bytes * 3 // 4 and k <= tiles
+    if cfg.two_pass is not None:
+        if cfg.two_pass and not fits:
+            raise ValueError(f"two_pass: {B} x {tiles} tile maxima exceed 3/4 of max_partial_bytes, or k > tiles")
+        return tiles if cfg.two_pass else None
+    return None
+
+
+def _resolve_two_pass_config(cfg: TopkConfig, D: int, weight_bytes: int) -> TopkConfig:
+    """Launch options of both passes: the same tiles, so that both compute every score alike."""
+    return TopkConfig(
+        block_b=cfg.block_b or 128,
+        block_l=cfg.block_l or 256,
+        block_d=cfg.block_d or max(16, min(128 // weight_bytes, _next_pow2(D))),
+        num_warps=cfg.num_warps or 8,
+        num_stages=cfg.num_stages or 3,
+        tma=cfg.tma,
+        gate=True if cfg.gate is None else cfg.gate,
+        maxnreg=cfg.maxnreg,
+    )
+
+
+def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig, tiles: int):
+    """Exact top-k in two passes over the head, for many queries with short lists.
+
+    First pass: a plain GEMM whose epilogue keeps each row's largest score per label tile (B x tiles floats; no
+    branch, no atomics, so large tiles run at GEMM speed). The k-th largest of a row's tile maxima is a score that k
+    distinct labels reach, so the row's k-th best score is at least that threshold, and each of its top-k labels lies
+    in a tile whose maximum reaches it. Second pass: per query block, only the tiles some row of the block selected,
+    scored again by the screening kernel with the same tiles (the same scores, bit for bit) and the fixed threshold
+    (score >= it: appended as candidates); one merge per row. A row whose query block selects more tiles than planned
+    for, or whose candidates overflow, is recomputed by the running top-k kernel, as in `_topk_screened`.
+    """
+    B, D = xq.shape
+    c = _resolve_two_pass_config(cfg, D, weights.element_size())
+    dev = xq.device
+    has_excl = exclude is not None
+    qblocks = triton.cdiv(B, c.block_b)
+    maxes = torch.empty((B, tiles), dtype=torch.float32, device=dev)
+    excl = exclude if has_excl else maxes
+    use_desc = bool(c.tma) and _descriptors_fit(xq, weights)
+    x_arg, w_arg = xq, weights
+    if use_desc:
+        x_arg = TensorDescriptor.from_tensor(xq, [c.block_b, c.block_d])
+        w_arg = TensorDescriptor.from_tensor(weights, [c.block_l, c.block_d])
+    meta = _tile_meta(c, D, fp8_dot, has_excl)
+    first_meta = {key: v for key, v in meta.items() if key != "maxnreg"}  # the cap is for the appending pass
+    _tile_max_kernel[(qblocks * tiles,)](
+        x_arg, w_arg, inv_scale, excl, maxes, B, num_labels, D, qblocks, excl.shape[1] if has_excl else 0,
+        xq.stride(0), weights.stride(0), excl.stride(0) if has_excl else 0, maxes.stride(0),
+        USE_DESC=use_desc, **first_meta,
+    )  # fmt: skip
+    kth = maxes.topk(k, dim=1).values[:, -1]
+    chosen = torch.zeros((qblocks * c.block_b, tiles), dtype=torch.bool, device=dev)
+    chosen[:B] = maxes >= kth[:, None]
+    chosen = chosen.view(qblocks, c.block_b, tiles).any(dim=1)
+    # Job lists of a fixed length (no host synchronisation): a block's chosen tiles in ascending order, then -1.
+    per_block = min(tiles, 2 * c.block_b * k)  # k per row, twice over for ties between tile maxima
+    count = chosen.sum(dim=1)
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :per_block]
+    slot = torch.arange(per_block, device=dev)
+    jobs = torch.where(slot[None, :] < count[:, None], order, -1).to(torch.int32).contiguous()
+    # The screening epilogue appends scores strictly above its threshold: the float just below kth; no finite kth
+    # (fewer than k finite scores): take every label.
+    below = torch.nextafter(kth, torch.full_like(kth, float("-inf")))
+    thr = scores_to_keys(below, torch.zeros_like(kth, dtype=torch.int64))
+    thr = torch.where(kth == float("-inf"), torch.full_like(thr, KEY_EMPTY), thr)[:, None].contiguous()
+    cap = max(64, _next_pow2(8 * k))
+    cand_score = torch.empty((B, cap), dtype=torch.float32, device=dev)
+    cand_id = torch.empty((B, cap), dtype=torch.int32, device=dev)
+    counts = torch.zeros(B, dtype=torch.int32, device=dev)
+    _screen_kernel[(qblocks * per_block,)](
+        x_arg, w_arg, inv_scale, thr, excl, cand_score, cand_id, counts,
+        B, 0, num_labels, D, qblocks, excl.shape[1] if has_excl else 0, cap, 0,
+        xq.stride(0), weights.stride(0), excl.stride(0) if has_excl else 0, thr.stride(0), cand_score.stride(0),
+        jobs, per_block, USE_DESC=use_desc, GATE=c.gate, JOBS=True, **meta,
+    )  # fmt: skip
+    kp = max(16, _next_pow2(k))
+    best = torch.full((B, k), KEY_EMPTY, dtype=torch.int64, device=dev)
+    _merge_kernel[(B,)](
+        best, cand_score, cand_id, counts, k, cap, best.stride(0), cand_score.stride(0),
+        KP=kp, BLOCK=max(kp, min(512, cap)), num_warps=cfg.merge_warps or 8,
+    )  # fmt: skip
+    block_full = (count > per_block).repeat_interleave(c.block_b)[:B]
+    overflow = ((counts > cap) | block_full).to(torch.int32)
+    fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 4)
+    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)
     _replace_flagged_kernel[(B,)](
         best, part, overflow, k, part.shape[1] * k, best.stride(0), part.stride(0),
         KP=kp, BLOCK=max(kp, min(512, _next_pow2(part.shape[1] * k))), num_warps=4,

@@ -283,8 +283,54 @@ def test_screening_kernel_variants(variant, D):
     check(got, reference_topk(x, w, k, L, exclude=excl), L, exclude=excl)
 
 
+TWO_PASS = TopkConfig(two_pass=True, block_b=16, block_l=16)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
-def test_screened_ignores_stale_buffer_contents(monkeypatch):
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("D", [64, 77], ids=["D64-descriptors", "D77-pointers"])
+def test_two_pass_matches_reference(monkeypatch, k, D):
+    """Tile maxima, then only the chosen tiles: 188 tiles of 16 labels (L odd, the last tile partly padding), B = 21
+    in two 16-row blocks, exclusions. The first block answers from its chosen tiles (a row of duplicated best labels:
+    ties across tiles, broken by the lower id). The second holds a zero row (every score 0: every tile ties) and a row
+    whose best label recurs in 60 tiles: its job list overflows and the running kernel answers all its rows."""
+    import kernels.topk as topk_module
+
+    B, L, L_pad = 21, 3001, 3008
+    w = make_head(L, L_pad, D, torch.float8_e4m3fn if D == 64 else torch.bfloat16, pad_value=8.0)
+    w[[40, 900, 2999]] = w[7].clone()
+    w[[16 * t + 3 for t in range(60)]] = (torch.eye(D)[0] * 1.5).to(
+        w.dtype
+    )  # ties for row 18 only (low for random queries)
+    x = torch.randn(B, D).to(torch.bfloat16)
+    x[1] = w[7].float() * 4
+    x[17] = 0
+    x[18] = torch.eye(D)[0]
+    excl = torch.randint(0, L, (B, 3))
+    excl[1, 0] = 900
+    flags = []
+    running = topk_module._running_parts
+    monkeypatch.setattr(
+        topk_module, "_running_parts", lambda *a, flag, **kw: flags.append(flag) or running(*a, flag=flag, **kw)
+    )
+    got = topk_scores(x, w, k, L, excl, impl="triton", config=TWO_PASS)
+    check(got, reference_topk(x, w, k, L, exclude=excl), L, exclude=excl)
+    assert got[1][17].tolist() == [i for i in range(k + 3) if i not in excl[17].tolist()][:k]  # score 0: lowest ids
+    # 2 x 16 x k job slots per block: with fewer than its tiles the second block overflows; with all of them only the
+    # zero row does (its candidates: every label)
+    assert flags[0].tolist() == [0] * 16 + ([1] * 5 if 2 * 16 * k < 188 else [0, 1, 0, 0, 0])
+
+
+def test_two_pass_needs_room_for_its_tile_maxima():
+    x, w = torch.randn(4, 32), torch.randn(4096, 32).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="two_pass"):
+        topk_scores(x, w, 5, 4096, impl="torch" if not INTERPRET else "triton",
+                    config=TopkConfig(two_pass=True, block_l=16, max_partial_bytes=1024))  # fmt: skip
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("config", [TopkConfig(screen=True, screen_cap=64), TWO_PASS], ids=["screened", "two-pass"])
+def test_screened_ignores_stale_buffer_contents(monkeypatch, config):
     """Candidate slots past a row's count hold whatever memory held: fill every fresh buffer with the best possible
     key (or NaN) and check that none of it leaks into the answer."""
     real_empty = torch.empty
@@ -298,7 +344,7 @@ def test_screened_ignores_stale_buffer_contents(monkeypatch):
     w = make_head(L, L_pad, D, torch.float8_e4m3fn)
     want = reference_topk(x, w, k, L)
     monkeypatch.setattr(torch, "empty", poisoned)
-    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(screen=True, screen_cap=64))
+    got = topk_scores(x, w, k, L, impl="triton", config=config)
     monkeypatch.undo()
     check(got, want, L)
 
