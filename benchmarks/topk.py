@@ -391,12 +391,13 @@ def graphs(args) -> dict:
                 want = want or (got[0].clone(), got[1].clone())
                 rec[f"{name} same ids"] = bool(torch.equal(got[1], want[1]))
                 rec[name] = bench_ms(lambda graph=graph, x=x: graph(x), False)[0]
-                if name == "graph":
+                if name == "graph" or args.eager:  # replays of other configs: one profile is enough
                     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                         graph(x)
                         torch.cuda.synchronize()
                     events = prof.key_averages()
-                    rec["kernels_us"] = {e.key[:40]: round(_device_us(e), 1) for e in events if _device_us(e) > 0}
+                    key = "kernels_us" if name == "graph" else f"{name} kernels_us"
+                    rec[key] = {e.key[:40]: round(_device_us(e), 1) for e in events if _device_us(e) > 0}
                 del graph
             print("graphs", json.dumps(rec), flush=True)
             rows.append(rec)
