@@ -390,7 +390,7 @@ def _tile_max_kernel(
     USE_DESC: tl.constexpr,
 ):  # fmt: skip
     """The two-pass path's first pass: each query row's largest score in each label tile (excluded and padding
-    labels and NaN scores count as -inf), scored exactly as `_screen_kernel` scores the same tile."""
+    labels count as -inf), scored exactly as `_screen_kernel` scores the same tile."""
     job = tl.program_id(0)
     qb = job % num_qblocks
     tile = job // num_qblocks
@@ -411,14 +411,19 @@ def _tile_max_kernel(
             x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
             BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
         )  # fmt: skip
-    valid = _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL) & (s == s)
-    best = tl.max(tl.where(valid, s, float("-inf")), axis=1)
-    tl.store(max_ptr + rows.to(tl.int64) * stride_mb + tile, best, mask=row_ok)
+    # Masks only where needed (they cost GEMM time): exclusions, the last tile's padding labels. Rows past B are not
+    # stored. A NaN score is skipped by the max unless the whole row of the tile is NaN; then the row's candidates
+    # fall short and the caller recomputes it.
+    if HAS_EXCL:
+        s = tl.where(_valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL), s, float("-inf"))
+    elif (tile + 1) * BLOCK_L > num_labels:
+        s = tl.where(lab_ok[None, :], s, float("-inf"))
+    tl.store(max_ptr + rows.to(tl.int64) * stride_mb + tile, tl.max(s, axis=1), mask=row_ok)
 
 
 @triton.jit
 def _kth_largest_kernel(val_ptr, out_ptr, n, k, stride_vb, KP: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: the k-th largest of its n values (torch.topk over B x tiles maxima took ~170 us at B = 1024)."""
+    """One row: the k-th largest of its n values (-inf if fewer; torch.topk took ~170 us over 1024 x 11K values)."""
     b = tl.program_id(0).to(tl.int64)
     best = tl.full((KP,), float("-inf"), tl.float32)
     for start in range(0, n, BLOCK):
@@ -895,7 +900,9 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     dev = xq.device
     has_excl = exclude is not None
     excl_args = (exclude.shape[1], exclude.stride(0)) if has_excl else (0, 0)
-    maxes = torch.empty((B, tiles), dtype=torch.float32, device=dev)
+    group = 16  # tiles per group: the threshold is taken over group maxima
+    maxes = torch.empty((B, triton.cdiv(tiles, group) * group), dtype=torch.float32, device=dev)
+    maxes[:, tiles:] = float("-inf")
     excl = exclude if has_excl else maxes
 
     def operands(c: TopkConfig):
@@ -911,14 +918,20 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
         xq.stride(0), weights.stride(0), excl_args[1], maxes.stride(0),
         USE_DESC=use_desc, **_tile_meta(c1, D, fp8_dot, has_excl),
     )  # fmt: skip
+    # The threshold: the k-th largest maximum of groups of tiles. k groups reach it, so k distinct labels do: the row's
+    # k-th best score is at least that (a little below the k-th tile maximum at most; 16x less to select from).
     kp = max(16, _next_pow2(k))
+    groups = maxes.view(B, -1, group).amax(dim=2)
     kth = torch.empty(B, dtype=torch.float32, device=dev)
-    _kth_largest_kernel[(B,)](maxes, kth, tiles, k, maxes.stride(0), KP=kp, BLOCK=max(kp, 1024), num_warps=4)
+    _kth_largest_kernel[(B,)](
+        groups, kth, groups.shape[1], k, groups.stride(0), KP=kp, BLOCK=max(kp, min(1024, _next_pow2(groups.shape[1]))),
+        num_warps=4,
+    )  # fmt: skip
     # Per second-pass query block: the first-pass tiles some row chose, in ascending order, then -1 (fixed-length
     # job lists: no host synchronisation), each expanded to its `sub` second-pass tiles.
     q3 = triton.cdiv(B, c3.block_b)
     chosen = torch.zeros((q3 * c3.block_b, tiles), dtype=torch.bool, device=dev)
-    chosen[:B] = maxes >= kth[:, None]
+    chosen[:B] = maxes[:, :tiles] >= kth[:, None]
     chosen = chosen.view(q3, c3.block_b, tiles).any(dim=1)
     per_block = min(tiles, 2 * c3.block_b * k)  # k per row, twice over for ties between tile maxima
     count = chosen.sum(dim=1)
@@ -947,8 +960,10 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
         best, cand_score, cand_id, counts, k, cap, best.stride(0), cand_score.stride(0),
         KP=kp, BLOCK=max(kp, min(512, cap)), num_warps=cfg.merge_warps or 8,
     )  # fmt: skip
+    # Rows to recompute: candidates past the slots, a query block with more chosen tiles than job slots, or fewer
+    # than k candidates (an all-NaN tile row, or fewer than k groups with a finite maximum).
     block_full = (count > per_block).repeat_interleave(c3.block_b)[:B]
-    overflow = ((counts > cap) | block_full).to(torch.int32)
+    overflow = ((counts > cap) | (counts < k) | block_full).to(torch.int32)
     fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 4)
     part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)
     _replace_flagged_kernel[(B,)](

@@ -301,7 +301,7 @@ def test_two_pass_matches_reference(monkeypatch, k, D):
     B, L, L_pad = 21, 2001, 2016
     w = make_head(L, L_pad, D, torch.float8_e4m3fn if D == 64 else torch.bfloat16, pad_value=8.0)
     w[[40, 900, 1999]] = w[7].clone()
-    w[[16 * t + 3 for t in range(60)]] = (torch.eye(D)[0] * 1.5).to(
+    w[[32 * t + 3 for t in range(60)]] = (torch.eye(D)[0] * 1.5).to(
         w.dtype
     )  # ties for row 18 only (low for random queries)
     x = torch.randn(B, D).to(torch.bfloat16)
