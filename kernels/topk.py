@@ -548,7 +548,7 @@ class TopkConfig:
     gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
     maxnreg: int | None = None  # screening: registers per thread at most (more programs per SM); None: no cap
     two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: B >= 256
-    # and k <= 16 where the maxima fit in 3/4 of max_partial_bytes
+    # and k <= 16 where the maxima and flags fit in 7/8 of max_partial_bytes
 
 
 def _next_pow2(n: int) -> int:
@@ -857,10 +857,12 @@ def _two_pass_tiles(cfg: TopkConfig, B: int, k: int, num_labels: int) -> int | N
     """Label tiles of the two-pass path, or None when it should not be used (see `_topk_two_pass`)."""
     block_l = cfg.block_l or 256
     tiles = triton.cdiv(num_labels, block_l)
-    fits = B * tiles * 4 <= cfg.max_partial_bytes * 3 // 4 and k <= tiles
+    # Extra memory: the tile maxima (4 bytes per row and tile) and the chosen-tile flags (1 byte), within 7/8 of the
+    # budget (the rest: candidate slots, the fallback's lists).
+    fits = B * triton.cdiv(tiles, 16) * 16 * 5 <= cfg.max_partial_bytes * 7 // 8 and k <= tiles
     if cfg.two_pass is not None:
         if cfg.two_pass and not fits:
-            raise ValueError(f"two_pass: {B} x {tiles} tile maxima exceed 3/4 of max_partial_bytes, or k > tiles")
+            raise ValueError(f"two_pass: {B} x {tiles} tile maxima exceed 7/8 of max_partial_bytes, or k > tiles")
         return tiles if cfg.two_pass else None
     # Default where measured faster (H200, 2.8M labels, CUDA graphs; BENCHMARKS.md): many queries, short lists.
     # B = 1024, k = 5 / 16: 5.17 / 5.86 ms vs 5.78 / 6.54 for the screened path; B = 256, k = 5: 1.46 vs 1.68.
@@ -935,7 +937,7 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     # job lists: no host synchronisation), each expanded to its `sub` second-pass tiles.
     q3 = triton.cdiv(B, c3.block_b)
     chosen = torch.zeros((q3 * c3.block_b, tiles), dtype=torch.bool, device=dev)
-    chosen[:B] = maxes[:, :tiles] >= kth[:, None]
+    torch.ge(maxes[:, :tiles], kth[:, None], out=chosen[:B])  # in place: no second B x tiles buffer
     chosen = chosen.view(q3, c3.block_b, tiles).any(dim=1)
     per_block = min(tiles, 2 * c3.block_b * k)  # k per row, twice over for ties between tile maxima
     count = chosen.sum(dim=1)
