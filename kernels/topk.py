@@ -422,14 +422,60 @@ def _tile_max_kernel(
 
 
 @triton.jit
-def _kth_largest_kernel(val_ptr, out_ptr, n, k, stride_vb, KP: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: the k-th largest of its n values (-inf if fewer; torch.topk took ~170 us over 1024 x 11K values)."""
+def _kth_largest_kernel(val_ptr, out_ptr, key_ptr, n, k, stride_vb, KP: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: the k-th largest of its n values (-inf if fewer; torch.topk took ~170 us over 1024 x 11K values),
+    and the screening threshold key that passes exactly the scores >= it: the key of the next float below it, or
+    KEY_EMPTY (take every label) where it is not finite from below (-inf, NaN)."""
     b = tl.program_id(0).to(tl.int64)
     best = tl.full((KP,), float("-inf"), tl.float32)
     for start in range(0, n, BLOCK):
         pos = start + tl.arange(0, BLOCK)
         best = _fold_block(best, tl.load(val_ptr + b * stride_vb + pos, mask=pos < n, other=float("-inf")), KP, BLOCK)
-    tl.store(out_ptr + b, tl.sum(tl.where(tl.arange(0, KP) == k - 1, best, 0.0)))
+    kth = tl.sum(tl.where(tl.arange(0, KP) == k - 1, best, 0.0))
+    tl.store(out_ptr + b, kth)
+    bits = kth.to(tl.int32, bitcast=True)
+    below_bits = tl.where(kth > 0, bits - 1, tl.where(kth < 0, bits + 1, -2147483647))  # 0: -(smallest subnormal)
+    key = _score_keys(below_bits.to(tl.float32, bitcast=True), tl.zeros((), dtype=tl.int64))
+    tl.store(key_ptr + b, tl.where((kth == float("-inf")) | (kth != kth), _KEY_EMPTY, key))
+
+
+@triton.jit
+def _chosen_tiles_kernel(
+    max_ptr, kth_ptr, chosen_ptr, B, tiles, stride_mb, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr
+):  # fmt: skip
+    """chosen[q, t] = 1 where some row of query block q has its maximum in tile t at or above its threshold."""
+    qb = tl.program_id(0)
+    t = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    kth = tl.load(kth_ptr + rows, mask=row_ok, other=float("inf"))
+    m = tl.load(
+        max_ptr + rows[:, None].to(tl.int64) * stride_mb + t[None, :],
+        mask=row_ok[:, None] & (t[None, :] < tiles), other=float("-inf"),
+    )  # fmt: skip
+    hit = tl.max(((m >= kth[:, None]) & row_ok[:, None]).to(tl.int8), axis=0)
+    tl.store(chosen_ptr + qb.to(tl.int64) * tiles + t, hit, mask=t < tiles)
+
+
+@triton.jit
+def _job_list_kernel(
+    chosen_ptr, jobs_ptr, full_ptr, B, tiles, per_block, stride_jq,
+    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """One query block: its chosen tiles in ascending order, each as its SUB second-pass tiles, in its job list (the
+    list is -1 beforehand); its rows are flagged in full_ptr when more tiles were chosen than per_block."""
+    qb = tl.program_id(0)
+    count = tl.zeros((), dtype=tl.int32)
+    for t0 in range(0, tiles, CHUNK):
+        t = t0 + tl.arange(0, CHUNK)
+        hit = tl.load(chosen_ptr + qb.to(tl.int64) * tiles + t, mask=t < tiles, other=0).to(tl.int32)
+        pos = count + tl.cumsum(hit, axis=0) - 1
+        ok = (hit > 0) & (pos < per_block)
+        for s in tl.static_range(SUB):
+            tl.store(jobs_ptr + qb.to(tl.int64) * stride_jq + pos * SUB + s, t * SUB + s, mask=ok)
+        count += tl.sum(hit, axis=0)
+    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+    tl.store(full_ptr + rows, tl.zeros((BLOCK_B,), tl.int32) + (count > per_block).to(tl.int32), mask=rows < B)
 
 
 @triton.jit
@@ -548,7 +594,7 @@ class TopkConfig:
     gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
     maxnreg: int | None = None  # screening: registers per thread at most (more programs per SM); None: no cap
     two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: B >= 256
-    # and k <= 16 where the maxima and flags fit in 7/8 of max_partial_bytes
+    # and k <= 16 where the maxima fit in 3/4 of max_partial_bytes
 
 
 def _next_pow2(n: int) -> int:
@@ -857,12 +903,12 @@ def _two_pass_tiles(cfg: TopkConfig, B: int, k: int, num_labels: int) -> int | N
     """Label tiles of the two-pass path, or None when it should not be used (see `_topk_two_pass`)."""
     block_l = cfg.block_l or 256
     tiles = triton.cdiv(num_labels, block_l)
-    # Extra memory: the tile maxima (4 bytes per row and tile) and the chosen-tile flags (1 byte), within 7/8 of the
-    # budget (the rest: candidate slots, the fallback's lists).
-    fits = B * triton.cdiv(tiles, 16) * 16 * 5 <= cfg.max_partial_bytes * 7 // 8 and k <= tiles
+    # Extra memory: the tile maxima (4 bytes per row and tile) within 3/4 of the budget (the rest: chosen-tile flags
+    # per query block, candidate slots, the fallback's lists).
+    fits = B * triton.cdiv(tiles, 16) * 16 * 4 <= cfg.max_partial_bytes * 3 // 4 and k <= tiles
     if cfg.two_pass is not None:
         if cfg.two_pass and not fits:
-            raise ValueError(f"two_pass: {B} x {tiles} tile maxima exceed 7/8 of max_partial_bytes, or k > tiles")
+            raise ValueError(f"two_pass: {B} x {tiles} tile maxima exceed 3/4 of max_partial_bytes, or k > tiles")
         return tiles if cfg.two_pass else None
     # Default where measured faster (H200, 2.8M labels, CUDA graphs; BENCHMARKS.md): many queries, short lists.
     # B = 1024, k = 5 / 16: 5.17 / 5.86 ms vs 5.78 / 6.54 for the screened path; B = 256, k = 5: 1.46 vs 1.68.
@@ -929,27 +975,27 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     kp = max(16, _next_pow2(k))
     groups = maxes.view(B, -1, group).amax(dim=2)
     kth = torch.empty(B, dtype=torch.float32, device=dev)
+    thr = torch.empty((B, 1), dtype=torch.int64, device=dev)  # the screening epilogue's threshold, as a key
     _kth_largest_kernel[(B,)](
-        groups, kth, groups.shape[1], k, groups.stride(0), KP=kp, BLOCK=max(kp, min(1024, _next_pow2(groups.shape[1]))),
-        num_warps=4,
+        groups, kth, thr, groups.shape[1], k, groups.stride(0),
+        KP=kp, BLOCK=max(kp, min(1024, _next_pow2(groups.shape[1]))), num_warps=4,
     )  # fmt: skip
     # Per second-pass query block: the first-pass tiles some row chose, in ascending order, then -1 (fixed-length
-    # job lists: no host synchronisation), each expanded to its `sub` second-pass tiles.
+    # job lists: no host synchronisation), each expanded to its `sub` second-pass tiles. Two launches (they were ~12
+    # torch calls, ~0.5 ms of host time).
     q3 = triton.cdiv(B, c3.block_b)
-    chosen = torch.zeros((q3 * c3.block_b, tiles), dtype=torch.bool, device=dev)
-    torch.ge(maxes[:, :tiles], kth[:, None], out=chosen[:B])  # in place: no second B x tiles buffer
-    chosen = chosen.view(q3, c3.block_b, tiles).any(dim=1)
+    chosen = torch.empty((q3, tiles), dtype=torch.int8, device=dev)
+    chunk = 256
+    _chosen_tiles_kernel[(q3, triton.cdiv(tiles, chunk))](
+        maxes, kth, chosen, B, tiles, maxes.stride(0), BLOCK_B=c3.block_b, CHUNK=chunk, num_warps=4
+    )
     per_block = min(tiles, 2 * c3.block_b * k)  # k per row, twice over for ties between tile maxima
-    count = chosen.sum(dim=1)
-    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :per_block]
-    picked = torch.arange(per_block, device=dev)[None, :] < count[:, None]
-    jobs = (order[:, :, None] * sub + torch.arange(sub, device=dev)).view(q3, -1)
-    jobs = torch.where(picked.repeat_interleave(sub, dim=1), jobs, -1).to(torch.int32).contiguous()
-    # The screening epilogue appends scores strictly above its threshold: the float just below kth; no finite kth
-    # (fewer than k finite scores): take every label.
-    below = torch.nextafter(kth, torch.full_like(kth, float("-inf")))
-    thr = scores_to_keys(below, torch.zeros_like(kth, dtype=torch.int64))
-    thr = torch.where(kth == float("-inf"), torch.full_like(thr, KEY_EMPTY), thr)[:, None].contiguous()
+    jobs = torch.full((q3, per_block * sub), -1, dtype=torch.int32, device=dev)
+    block_full = torch.empty(B, dtype=torch.int32, device=dev)
+    _job_list_kernel[(q3,)](
+        chosen, jobs, block_full, B, tiles, per_block, jobs.stride(0),
+        BLOCK_B=c3.block_b, CHUNK=1024, SUB=sub, num_warps=4,
+    )  # fmt: skip
     cap = max(64, _next_pow2(8 * k))
     cand_score = torch.empty((B, cap), dtype=torch.float32, device=dev)
     cand_id = torch.empty((B, cap), dtype=torch.int32, device=dev)
@@ -968,8 +1014,7 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     )  # fmt: skip
     # Rows to recompute: candidates past the slots, a query block with more chosen tiles than job slots, or fewer
     # than k candidates (an all-NaN tile row, or fewer than k groups with a finite maximum).
-    block_full = (count > per_block).repeat_interleave(c3.block_b)[:B]
-    overflow = ((counts > cap) | (counts < k) | block_full).to(torch.int32)
+    overflow = ((counts > cap) | (counts < k) | (block_full > 0)).to(torch.int32)
     fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 4)
     part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)
     _replace_flagged_kernel[(B,)](
