@@ -177,10 +177,20 @@ PREVIOUS = {"tma": False, "screen_first": 4096}
 def variants(B: int, k: int) -> list[TopkConfig]:
     """The default first, then the running top-k kernel alone, then the screened path as it was before the sweeps."""
     growth = 4.0 if B >= 256 else None
-    return [TopkConfig(), TopkConfig(screen=False), TopkConfig(screen=True, screen_growth=growth, **PREVIOUS)]
+    return [
+        TopkConfig(),
+        TopkConfig(screen=False, two_pass=False),
+        TopkConfig(screen=True, two_pass=False, screen_growth=growth, **PREVIOUS),
+    ]
 
 
-GRAPH_VARIANTS = {"graph": None, "graph previous": TopkConfig(screen=True, **PREVIOUS)}
+# Replayed per shape: the default; the screened path alone (the default before the two-pass path); the screened path
+# before the sweeps.
+GRAPH_VARIANTS = {
+    "graph": None,
+    "graph screened": TopkConfig(screen=True, two_pass=False),
+    "graph previous": TopkConfig(screen=True, two_pass=False, **PREVIOUS),
+}
 
 
 def _device_us(event) -> float:
