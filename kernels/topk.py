@@ -1,7 +1,9 @@
-"""Exact top-k labels of x @ W^T without materializing the B x L score matrix: two Triton paths (the screened path:
-GEMM tiles that keep only labels beating the row's current k-th best, over label ranges of growing size; and a
-running top-k kernel, its fallback and the choice for small eager batches), a CUDA-graph wrapper, a chunked torch
-path, a merge for label-sharded heads, and the plain full-logits reference.
+"""Exact top-k labels of x @ W^T without materializing the B x L score matrix: three Triton paths (the screened
+path: GEMM tiles that keep only labels beating the row's current k-th best, over label ranges of growing size; the
+two-pass path for many queries with short lists: tile maxima first, then the screening kernel over only the tiles
+that may hold a top-k label; and a running top-k kernel, the others' fallback and the choice for small eager
+batches), a CUDA-graph wrapper, a chunked torch path, a merge for label-sharded heads, and the plain full-logits
+reference.
 
 Score definition (shared by every path): score[b, l] = inv_scale[b] * sum_d xq[b, d] * W[l, d], accumulated in fp32
 (except that Hopper's fp8 MMA accumulates with fewer mantissa bits: ~0.2% score error measured at D = 768, so paths
