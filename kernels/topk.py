@@ -284,6 +284,29 @@ def _score_tile_desc(
 
 
 @triton.jit
+def _job_scores(
+    x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, row0, lab0, D, stride_xb, stride_wl,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_DESC: tl.constexpr,
+):  # fmt: skip
+    """Scores of one (query block, label tile) job: through tensor descriptors (x, w) with USE_DESC, else pointers."""
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
+    if USE_DESC:
+        s = _score_tile_desc(
+            x, w, inv_scale, row0, lab0, D, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, UPCAST
+        )  # fmt: skip
+    else:
+        s = _score_tile(
+            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+        )  # fmt: skip
+    return s
+
+
+@triton.jit
 def _screen_epilogue(
     s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
     stride_eb, stride_bb, stride_cb, HAS_EXCL: tl.constexpr, GATE: tl.constexpr,
@@ -364,20 +387,10 @@ def _screen_kernel(
     row_ok = rows < B
     labs = first_label + tile * BLOCK_L + tl.arange(0, BLOCK_L)
     lab_ok = labs < end_label
-    if HAS_SCALE:
-        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
-    if USE_DESC:
-        s = _score_tile_desc(
-            x, w, inv_scale, qb * BLOCK_B, first_label + tile * BLOCK_L, D,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, UPCAST,
-        )  # fmt: skip
-    else:
-        s = _score_tile(
-            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
-        )  # fmt: skip
+    s = _job_scores(
+        x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, qb * BLOCK_B, first_label + tile * BLOCK_L, D,
+        stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, USE_DESC,
+    )  # fmt: skip
     _screen_epilogue(
         s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
         stride_eb, stride_bb, stride_cb, HAS_EXCL, GATE,
@@ -400,19 +413,10 @@ def _tile_max_kernel(
     row_ok = rows < B
     labs = tile * BLOCK_L + tl.arange(0, BLOCK_L)
     lab_ok = labs < num_labels
-    if HAS_SCALE:
-        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
-    if USE_DESC:
-        s = _score_tile_desc(
-            x, w, inv_scale, qb * BLOCK_B, tile * BLOCK_L, D, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, UPCAST
-        )
-    else:
-        s = _score_tile(
-            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
-        )  # fmt: skip
+    s = _job_scores(
+        x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, qb * BLOCK_B, tile * BLOCK_L, D,
+        stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, USE_DESC,
+    )  # fmt: skip
     # Masks only where needed (they cost GEMM time): exclusions, the last tile's padding labels. Rows past B are not
     # stored. A NaN score is skipped by the max unless the whole row of the tile is NaN; then the row's candidates
     # fall short and the caller recomputes it.
