@@ -323,6 +323,18 @@ def test_two_pass_matches_reference(monkeypatch, k, D):
     assert flags[0].tolist() == [0] * 16 + ([1] * 5 if 2 * 16 * k < 63 else [0, 1, 0, 0, 0])
 
 
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+def test_two_pass_with_fp8_dots():
+    """Quantized queries (per-row scales far from 1 and past 448) through both passes: the scale enters the tile
+    maxima and the second pass's scores alike."""
+    B, L, L_pad, D, k = 3, 333, 336, 64, 4
+    x = torch.randn(B, D) * torch.tensor([1e-3, 1.0, 900.0])[:, None]
+    w = make_head(L, L_pad, D, torch.float8_e4m3fn)
+    got = topk_scores(x, w, k, L, impl="triton", fp8_dot=True, config=TWO_PASS)
+    want = reference_topk(x, w, k, L, fp8_dot=True)
+    check(got, want, L, atol=1e-4 * want[0].abs().max().item())
+
+
 def test_two_pass_needs_room_for_its_tile_maxima():
     x, w = torch.randn(4, 32), torch.randn(4096, 32).to(torch.bfloat16)
     with pytest.raises(ValueError, match="two_pass"):
