@@ -599,8 +599,8 @@ class TopkConfig:
     merge_block: int | None = None  # candidates folded at a time by the merge (power of two); None: min(512, cap)
     gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
     maxnreg: int | None = None  # screening: registers per thread at most (more programs per SM); None: no cap
-    two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: B >= 256
-    # and k <= 16 where the maxima fit in 3/4 of max_partial_bytes
+    two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: B >= 256,
+    # k <= 16, >= 64 k label tiles, where the maxima fit in 3/4 of max_partial_bytes
 
 
 def _next_pow2(n: int) -> int:
@@ -918,8 +918,9 @@ def _two_pass_tiles(cfg: TopkConfig, B: int, k: int, num_labels: int) -> int | N
         return tiles if cfg.two_pass else None
     # Default where measured faster (H200, 2.8M labels, CUDA graphs; BENCHMARKS.md): many queries, short lists.
     # B = 1024, k = 5 / 16: 5.17 / 5.86 ms vs 5.78 / 6.54 for the screened path; B = 256, k = 5: 1.46 vs 1.68.
-    # (k = 100: 14.3 vs 8.6 ms: most tiles are chosen by some row of a query block.)
-    return tiles if fits and B >= 256 and k <= 16 else None
+    # (k = 100: 14.3 vs 8.6 ms: most tiles are chosen by some row of a query block.) Heads of 64 k tiles or more:
+    # measured on 2.8M labels only, and the first pass's GEMM must dwarf the selection.
+    return tiles if fits and B >= 256 and k <= 16 and tiles >= 64 * k else None
 
 
 def _resolve_two_pass_config(cfg: TopkConfig, D: int, weight_bytes: int) -> TopkConfig:
@@ -958,7 +959,9 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     dev = xq.device
     has_excl = exclude is not None
     excl_args = (exclude.shape[1], exclude.stride(0)) if has_excl else (0, 0)
-    group = 16  # tiles per group: the threshold is taken over group maxima
+    # Tiles per group: the threshold is taken over group maxima (16x fewer values to select from), where there are
+    # groups enough for k (else over the tiles themselves).
+    group = 16 if tiles >= 64 * k else 1
     maxes = torch.empty((B, triton.cdiv(tiles, group) * group), dtype=torch.float32, device=dev)
     maxes[:, tiles:] = float("-inf")
     excl = exclude if has_excl else maxes

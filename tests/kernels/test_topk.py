@@ -290,15 +290,15 @@ TWO_PASS = TopkConfig(two_pass=True, block_b=32, block_l=32)  # second pass: 16 
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("D", [64, 77], ids=["D64-descriptors", "D77-pointers"])
 def test_two_pass_matches_reference(monkeypatch, k, D):
-    """Tile maxima, then only the chosen tiles: 63 first-pass tiles of 32 labels (L odd, the last tile partly
-    padding), each two second-pass tiles; B = 21 in two 16-row blocks of the second pass; exclusions. The first block
-    answers from its chosen tiles (a row of duplicated best labels: ties across tiles, broken by the lower id). The
-    second holds a zero row (every score 0: every tile ties, every label a candidate) and a row whose best label
-    recurs in 60 tiles; with fewer job slots than tiles (k = 1) its job list overflows: the running kernel answers
-    all its rows."""
+    """Tile maxima, then only the chosen tiles: 66 first-pass tiles of 32 labels (L odd, the last tile partly
+    padding; k = 1: the threshold over groups of 16 tiles, k = 4: over the tiles), each two second-pass tiles; B = 21
+    in two 16-row blocks of the second pass; exclusions. The first block answers from its chosen tiles (a row of
+    duplicated best labels: ties across tiles, broken by the lower id). The second holds a zero row (every score 0:
+    every tile ties, every label a candidate) and a row whose best label recurs in 60 tiles; with fewer job slots
+    than tiles (k = 1) its job list overflows: the running kernel answers all its rows."""
     import kernels.topk as topk_module
 
-    B, L, L_pad = 21, 2001, 2016
+    B, L, L_pad = 21, 2101, 2112
     w = make_head(L, L_pad, D, torch.float8_e4m3fn if D == 64 else torch.bfloat16, pad_value=8.0)
     w[[40, 900, 1999]] = w[7].clone()
     w[[32 * t + 3 for t in range(60)]] = (torch.eye(D)[0] * 1.5).to(
@@ -320,19 +320,27 @@ def test_two_pass_matches_reference(monkeypatch, k, D):
     assert got[1][17].tolist() == [i for i in range(k + 3) if i not in excl[17].tolist()][:k]  # score 0: lowest ids
     # 2 x 16 x k job slots per block: with fewer than its tiles the second block overflows; with all of them only the
     # zero row does (its candidates: every label)
-    assert flags[0].tolist() == [0] * 16 + ([1] * 5 if 2 * 16 * k < 63 else [0, 1, 0, 0, 0])
+    assert flags[0].tolist() == [0] * 16 + ([1] * 5 if 2 * 16 * k < 66 else [0, 1, 0, 0, 0])
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
-def test_two_pass_with_fp8_dots():
+def test_two_pass_with_fp8_dots(monkeypatch):
     """Quantized queries (per-row scales far from 1 and past 448) through both passes: the scale enters the tile
-    maxima and the second pass's scores alike."""
+    maxima and the second pass's scores alike, so every row answers from its chosen tiles (none falls back)."""
+    import kernels.topk as topk_module
+
     B, L, L_pad, D, k = 3, 333, 336, 64, 4
     x = torch.randn(B, D) * torch.tensor([1e-3, 1.0, 900.0])[:, None]
     w = make_head(L, L_pad, D, torch.float8_e4m3fn)
+    flags = []
+    running = topk_module._running_parts
+    monkeypatch.setattr(
+        topk_module, "_running_parts", lambda *a, flag, **kw: flags.append(flag) or running(*a, flag=flag, **kw)
+    )
     got = topk_scores(x, w, k, L, impl="triton", fp8_dot=True, config=TWO_PASS)
     want = reference_topk(x, w, k, L, fp8_dot=True)
     check(got, want, L, atol=1e-4 * want[0].abs().max().item())
+    assert flags[0].tolist() == [0] * B
 
 
 def test_two_pass_needs_room_for_its_tile_maxima():
