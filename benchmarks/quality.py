@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --out quality.json                  # all datasets and precisions, 2 threads
     python benchmarks/quality.py --datasets debian-tags --precisions fp8
+    python benchmarks/quality.py --datasets debian-tags --precisions fp8+kahan --by-label-count   # where misses are
 
 Reads ../shared/data/<dataset> (LF JSON lines; DebianDeps with its filter files, i.e. "filtered"), trains with
 `training.train.train` (the default recipe plus the per-dataset overrides below), evaluates on tst.json and prints a
@@ -22,9 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from training.train import TrainConfig, train  # noqa: E402
+from training import data as xd  # noqa: E402
+from training.train import (  # noqa: E402
+    TrainConfig,
+    encoder_inputs,
+    featurize,
+    load_data,
+    model_from_checkpoint,
+    train,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 RECIPES = {
@@ -63,6 +73,48 @@ def run(dataset: str, precision: str, args) -> dict:
     }
 
 
+LABEL_COUNT_GROUPS = ((1, 1), (2, 2), (3, 4), (5, 10**9))
+
+
+@torch.no_grad()
+def by_label_count(run_dir: str | Path) -> dict:
+    """Where a run's top-1 misses are: P@1 of the test points by their number of true labels, each group's share of
+    points and of misses, and the labels most often ranked first wrongly. Filter pairs are removed as in evaluation."""
+    model, cfg, _ = model_from_checkpoint(run_dir)
+    _, test = load_data(cfg)
+    test = xd.permute_labels(test, model.label_order.cpu().numpy())
+    feats = featurize(model, test)
+    filt = test.filter_matrix() if len(test.filters) else None
+    top1 = []
+    for start in range(0, test.num_rows, 1024):
+        rows = np.arange(start, min(start + 1024, test.num_rows))
+        x = model.embed(*encoder_inputs(model, test, feats, rows))
+        excl = None
+        if filt is not None:
+            f = filt[rows].tocoo()
+            excl = torch.from_numpy(np.stack([f.row, f.col], 1).astype(np.int64))
+        top1.append(model.head.topk(x, 1, exclude=excl)[1][:, 0].cpu())
+    top1 = torch.cat(top1).numpy().copy()  # writable: scipy indexing wants it
+    y = test.labels.tocsr()
+    n_true = np.diff(y.indptr)
+    hit = np.asarray(y[np.arange(test.num_rows), top1]).ravel() != 0
+    misses = max(1, int((~hit).sum()))
+    groups = []
+    for lo, hi in LABEL_COUNT_GROUPS:
+        m = (n_true >= lo) & (n_true <= hi)
+        if m.any():
+            groups.append({
+                "labels": f"{lo}" if lo == hi else f"{lo}+" if hi >= 10**9 else f"{lo}-{hi}",
+                "points_pct": round(100 * m.mean(), 1),
+                "P@1": round(100 * hit[m].mean(), 2),
+                "misses_pct": round(100 * (m & ~hit).sum() / misses, 1),
+            })  # fmt: skip
+    names = test.label_uids or [str(i) for i in range(test.num_labels)]
+    wrong = np.bincount(top1[~hit], minlength=test.num_labels)
+    worst = [{"label": names[i], "times": int(wrong[i])} for i in np.argsort(-wrong)[:10] if wrong[i]]
+    return {"P@1": round(100 * hit.mean(), 2), "groups": groups, "most_often_wrong_first": worst}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA))
@@ -74,6 +126,7 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default="runs/quality")
     p.add_argument("--out", default="quality.json")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--by-label-count", action="store_true", help="also: P@1 by the test points' number of labels")
     args = p.parse_args(argv)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -86,6 +139,8 @@ def main(argv=None) -> None:
     for dataset in args.datasets.split(","):
         for precision in args.precisions.split(","):
             rows.append({**run(dataset, precision, args), **meta})
+            if args.by_label_count:
+                rows[-1]["by_label_count"] = by_label_count(Path(args.runs) / f"{dataset}-{precision}")
             print(json.dumps(rows[-1]))
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else []
@@ -97,6 +152,13 @@ def main(argv=None) -> None:
             f"| {r['dataset']} | {r['precision']} | {r['P@1']:.2f} | {r['P@3']:.2f} | {r['P@5']:.2f} | "
             f"{r['nDCG@5']:.2f} | {r['PSP@5']:.2f} | {r['train_s']:.0f} |"
         )
+    for r in rows:
+        if "by_label_count" in r:
+            print(f"\n{r['dataset']} {r['precision']}: P@1 by the test points' number of labels")
+            print("| labels | share of points % | P@1 | share of misses % |\n|---|---:|---:|---:|")
+            for g in r["by_label_count"]["groups"]:
+                print(f"| {g['labels']} | {g['points_pct']} | {g['P@1']} | {g['misses_pct']} |")
+            print("most often ranked first wrongly:", r["by_label_count"]["most_often_wrong_first"])
 
 
 if __name__ == "__main__":
