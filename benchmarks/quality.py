@@ -29,10 +29,10 @@ import torch  # noqa: E402
 from training import data as xd  # noqa: E402
 from training.train import (  # noqa: E402
     TrainConfig,
-    encoder_inputs,
     featurize,
     load_data,
     model_from_checkpoint,
+    ranked_batches,
     train,
 )
 
@@ -76,25 +76,13 @@ def run(dataset: str, precision: str, args) -> dict:
 LABEL_COUNT_GROUPS = ((1, 1), (2, 2), (3, 4), (5, 10**9))
 
 
-@torch.no_grad()
 def by_label_count(run_dir: str | Path) -> dict:
     """Where a run's top-1 misses are: P@1 of the test points by their number of true labels, each group's share of
     points and of misses, and the labels most often ranked first wrongly. Filter pairs are removed as in evaluation."""
     model, cfg, _ = model_from_checkpoint(run_dir)
     _, test = load_data(cfg)
     test = xd.permute_labels(test, model.label_order.cpu().numpy())
-    feats = featurize(model, test)
-    filt = test.filter_matrix() if len(test.filters) else None
-    top1 = []
-    for start in range(0, test.num_rows, 1024):
-        rows = np.arange(start, min(start + 1024, test.num_rows))
-        x = model.embed(*encoder_inputs(model, test, feats, rows))
-        excl = None
-        if filt is not None:
-            f = filt[rows].tocoo()
-            excl = torch.from_numpy(np.stack([f.row, f.col], 1).astype(np.int64))
-        top1.append(model.head.topk(x, 1, exclude=excl)[1][:, 0].cpu())
-    top1 = torch.cat(top1).numpy().copy()  # writable: scipy indexing wants it
+    top1 = np.concatenate([ids[:, 0].numpy() for _, ids in ranked_batches(model, test, featurize(model, test), 1)])
     y = test.labels.tocsr()
     n_true = np.diff(y.indptr)
     hit = np.asarray(y[np.arange(test.num_rows), top1]).ravel() != 0

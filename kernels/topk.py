@@ -50,6 +50,7 @@ WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
 QUERY_DTYPES = (torch.bfloat16, torch.float32)
 MAX_LABELS = 2**32 - 2
 DEFAULT_MAX_PARTIAL_BYTES = 64 * 2**20
+TWO_PASS_BLOCK_L = 256  # labels per first-pass tile of the two-pass path (one tile maximum per row each)
 
 
 def _interpreting() -> bool:
@@ -894,12 +895,21 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             num_warps=cfg.merge_warps or 8,
         )  # fmt: skip
     overflow = (counts > cap).any(dim=0).to(torch.int32)
-    fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 2)
-    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)
+    budget = cfg.max_partial_bytes // 2
+    return _recompute_flagged(best, overflow, xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, budget)
+
+
+def _recompute_flagged(best, flag, xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, partial_bytes: int):
+    """best (B, k) keys with the rows flagged (B,) int32 replaced by the running kernel's exact answer. The kernel is
+    launched every call but computes only query blocks holding a flagged row (no host synchronisation)."""
+    B = best.shape[0]
+    kp = max(16, _next_pow2(k))
+    fallback = TopkConfig(splits=16, max_partial_bytes=partial_bytes)
+    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=flag)
     # The flagged rows' best lists become the top-k of their partial lists; the others are left alone (no torch.topk
     # over every row: at B = 1, k = 100 it took 22 us of GPU time, 44-45 at B = 2-64).
     _replace_flagged_kernel[(B,)](
-        best, part, overflow, k, part.shape[1] * k, best.stride(0), part.stride(0),
+        best, part, flag, k, part.shape[1] * k, best.stride(0), part.stride(0),
         KP=kp, BLOCK=max(kp, min(512, _next_pow2(part.shape[1] * k))), num_warps=4,
     )  # fmt: skip
     return best
@@ -907,8 +917,7 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
 
 def _two_pass_tiles(cfg: TopkConfig, B: int, k: int, num_labels: int) -> int | None:
     """Label tiles of the two-pass path, or None when it should not be used (see `_topk_two_pass`)."""
-    block_l = cfg.block_l or 256
-    tiles = triton.cdiv(num_labels, block_l)
+    tiles = triton.cdiv(num_labels, cfg.block_l or TWO_PASS_BLOCK_L)
     # Extra memory: the tile maxima (4 bytes per row and tile) within 3/4 of the budget (the rest: chosen-tile flags
     # per query block, candidate slots, the fallback's lists).
     fits = B * triton.cdiv(tiles, 16) * 16 * 4 <= cfg.max_partial_bytes * 3 // 4 and k <= tiles
@@ -927,7 +936,7 @@ def _resolve_two_pass_config(cfg: TopkConfig, D: int, weight_bytes: int) -> Topk
     """Launch options of the first pass (large tiles: a plain GEMM with a light epilogue)."""
     return TopkConfig(
         block_b=cfg.block_b or 128,
-        block_l=cfg.block_l or 256,
+        block_l=cfg.block_l or TWO_PASS_BLOCK_L,
         block_d=cfg.block_d or max(16, min(128 // weight_bytes, _next_pow2(D))),
         num_warps=cfg.num_warps or 8,
         num_stages=cfg.num_stages or 3,
@@ -1024,13 +1033,8 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     # Rows to recompute: candidates past the slots, a query block with more chosen tiles than job slots, or fewer
     # than k candidates (an all-NaN tile row, or fewer than k groups with a finite maximum).
     overflow = ((counts > cap) | (counts < k) | (block_full > 0)).to(torch.int32)
-    fallback = TopkConfig(splits=16, max_partial_bytes=cfg.max_partial_bytes // 4)
-    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=overflow)
-    _replace_flagged_kernel[(B,)](
-        best, part, overflow, k, part.shape[1] * k, best.stride(0), part.stride(0),
-        KP=kp, BLOCK=max(kp, min(512, _next_pow2(part.shape[1] * k))), num_warps=4,
-    )  # fmt: skip
-    return best
+    budget = cfg.max_partial_bytes // 4
+    return _recompute_flagged(best, overflow, xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, budget)
 
 
 def _topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig) -> torch.Tensor:

@@ -45,7 +45,7 @@ def training_curve(history: list[dict], path: str | Path) -> Path:
 def precision_by_decile(model, test_ds, test_feats, train_counts: np.ndarray, path: str | Path, k: int = 5) -> Path:
     """Share of the top-k hits that fall in each decile of labels sorted by training frequency (rarest decile first),
     next to the share of the true test labels in that decile."""
-    from training.train import encoder_inputs
+    from training.train import ranked_batches
 
     plt = _pyplot()
     num_labels = len(train_counts)
@@ -53,15 +53,8 @@ def precision_by_decile(model, test_ds, test_feats, train_counts: np.ndarray, pa
     decile = np.empty(num_labels, dtype=np.int64)
     decile[order] = np.arange(num_labels) * 10 // num_labels
     hits = np.zeros(10)
-    filt = test_ds.filter_matrix() if len(test_ds.filters) else None
-    for start in range(0, test_ds.num_rows, 1024):
-        rows = np.arange(start, min(start + 1024, test_ds.num_rows))
-        x = model.embed(*encoder_inputs(model, test_ds, test_feats, rows))
-        excl = None
-        if filt is not None:
-            f = filt[rows].tocoo()
-            excl = torch.from_numpy(np.stack([f.row, f.col], 1).astype(np.int64))
-        ids = model.head.topk(x, k, exclude=excl)[1].cpu().numpy()
+    for rows, ids in ranked_batches(model, test_ds, test_feats, k):
+        ids = ids.numpy()
         true = test_ds.labels[rows]
         for r in range(len(rows)):
             t = true.indices[true.indptr[r] : true.indptr[r + 1]]

@@ -249,6 +249,24 @@ def featurize(model: XMCModel, ds: xd.XMCDataset):
     return ds.features
 
 
+def filter_pairs(filtered: sp.coo_matrix | None) -> torch.Tensor | None:
+    """A batch's filter pairs (COO over its rows) as the (P, 2) (row, label) tensor `XMCHead.topk` excludes."""
+    if filtered is None:
+        return None
+    return torch.from_numpy(np.stack([filtered.row, filtered.col], 1).astype(np.int64))
+
+
+@torch.no_grad()
+def ranked_batches(model: XMCModel, ds: xd.XMCDataset, feats, k: int, batch: int = 1024):
+    """Yield (rows, top-k label ids (B, k) on the CPU) over a split, its filter pairs removed as in evaluation."""
+    filt = ds.filter_matrix() if len(ds.filters) else None
+    for start in range(0, ds.num_rows, batch):
+        rows = np.arange(start, min(start + batch, ds.num_rows))
+        x = model.embed(*encoder_inputs(model, ds, feats, rows))
+        excl = filter_pairs(filt[rows].tocoo()) if filt is not None else None
+        yield rows, model.head.topk(x, k, exclude=excl)[1].cpu()
+
+
 # rank(x, filtered) -> (B, 5) label ids: x the batch's embeddings, filtered its (row, label) filter pairs (COO)
 RankFn = Callable[[torch.Tensor, sp.coo_matrix | None], torch.Tensor]
 
@@ -269,10 +287,7 @@ def evaluate_model(
     `rank` replaces the head's own top-5 (a label-sharded head merges its shards' lists)."""
 
     def own_top5(x: torch.Tensor, filtered: sp.coo_matrix | None) -> torch.Tensor:
-        excl = None
-        if filtered is not None:
-            excl = torch.from_numpy(np.stack([filtered.row, filtered.col], 1).astype(np.int64))
-        return model.head.topk(x, 5, exclude=excl, master_bias=master_bias)[1]
+        return model.head.topk(x, 5, exclude=filter_pairs(filtered), master_bias=master_bias)[1]
 
     rank = rank or own_top5
     model.eval()

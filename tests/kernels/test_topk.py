@@ -343,11 +343,11 @@ def test_two_pass_with_fp8_dots(monkeypatch):
     assert flags[0].tolist() == [0] * B
 
 
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
 def test_two_pass_needs_room_for_its_tile_maxima():
     x, w = torch.randn(4, 32), torch.randn(4096, 32).to(torch.bfloat16)
     with pytest.raises(ValueError, match="two_pass"):
-        topk_scores(x, w, 5, 4096, impl="torch" if not INTERPRET else "triton",
-                    config=TopkConfig(two_pass=True, block_l=16, max_partial_bytes=1024))  # fmt: skip
+        topk_scores(x, w, 5, 4096, impl="triton", config=TopkConfig(two_pass=True, block_l=16, max_partial_bytes=1024))
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
