@@ -365,25 +365,18 @@ def _append_hits(
 def _screen_kernel(
     x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
     B, first_label, end_label, D, num_qblocks, E, cap, kth,
-    stride_xb, stride_wl, stride_eb, stride_bb, stride_cb, jobs_ptr, jobs_per_qblock,
+    stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr, GATE: tl.constexpr, JOBS: tl.constexpr,
+    USE_DESC: tl.constexpr, GATE: tl.constexpr,
 ):  # fmt: skip
     """One (query block, label tile) job per program, scored and screened (`_screen_epilogue`). x and w are
-    pointers, or tensor descriptors with USE_DESC. With JOBS, program p scores query block p // jobs_per_qblock and
-    the label tile jobs_ptr[p] (none where it is negative).
+    pointers, or tensor descriptors with USE_DESC.
     (H200, B = 1024, k = 5, against 7.3 / 5.9 ms: a persistent grid was slower, with one nested loop per job 9.9 ms,
     with Triton's warp specialisation 8.2-14.9, with one flat loop over (job, D chunk) 6.9-16.8 with the row gate.)"""
     job = tl.program_id(0)
-    if JOBS:
-        qb = job // jobs_per_qblock
-        tile = tl.load(jobs_ptr + job)
-        if tile < 0:
-            return
-    else:
-        qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
-        tile = job // num_qblocks
+    qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
+    tile = job // num_qblocks
     rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     labs = first_label + tile * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -400,15 +393,37 @@ def _screen_kernel(
 
 @triton.jit
 def _tile_max_kernel(
-    x, w, inv_scale_ptr, excl_ptr, max_ptr, B, num_labels, D, num_qblocks, E, stride_xb, stride_wl, stride_eb,
+    x, w, inv_scale_ptr, excl_ptr, max_ptr, B, num_labels, D, num_qblocks, num_jobs, E, stride_xb, stride_wl,
+    stride_eb, stride_mb, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    USE_DESC: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """The two-pass path's first pass: each query row's largest score in each label tile (excluded and padding
+    labels count as -inf), scored exactly as `_screen_kernel` scores the same tile. One (query block, tile) job per
+    program, or with PERSISTENT one program per SM looping over the jobs (the loads of the next job overlap the
+    epilogue of this one)."""
+    if PERSISTENT:
+        for job in tl.range(tl.program_id(0), num_jobs, tl.num_programs(0), flatten=True):
+            _tile_max_job(
+                x, w, inv_scale_ptr, excl_ptr, max_ptr, job, B, num_labels, D, num_qblocks, E, stride_xb, stride_wl,
+                stride_eb, stride_mb, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
+            )  # fmt: skip
+    else:
+        _tile_max_job(
+            x, w, inv_scale_ptr, excl_ptr, max_ptr, tl.program_id(0), B, num_labels, D, num_qblocks, E, stride_xb,
+            stride_wl, stride_eb, stride_mb, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST,
+            USE_DESC,
+        )  # fmt: skip
+
+
+@triton.jit
+def _tile_max_job(
+    x, w, inv_scale_ptr, excl_ptr, max_ptr, job, B, num_labels, D, num_qblocks, E, stride_xb, stride_wl, stride_eb,
     stride_mb, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
     USE_DESC: tl.constexpr,
 ):  # fmt: skip
-    """The two-pass path's first pass: each query row's largest score in each label tile (excluded and padding
-    labels count as -inf), scored exactly as `_screen_kernel` scores the same tile."""
-    job = tl.program_id(0)
-    qb = job % num_qblocks
+    qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
     tile = job // num_qblocks
     rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -429,17 +444,31 @@ def _tile_max_kernel(
 
 
 @triton.jit
-def _kth_largest_kernel(val_ptr, out_ptr, key_ptr, n, k, stride_vb, KP: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: the k-th largest of its n values (-inf if fewer; torch.topk took ~170 us over 1024 x 11K values),
-    and the screening threshold key that passes exactly the scores >= it: the key of the next float below it, or
-    KEY_EMPTY (take every label) where it is not finite from below (-inf, NaN)."""
+def _kth_largest_kernel(
+    max_ptr, out_ptr, key_ptr, tiles, k, row_cap, stride_mb,
+    GROUP: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row: the k-th largest maximum of its groups of GROUP tile maxima (-inf if fewer; the row holds a multiple of
+    GROUP values, -inf past `tiles`; torch.topk took ~170 us over 1024 x 11K values, a torch max over the groups
+    ~95 us), and the screening threshold key that passes exactly the scores >= it: the key of the next float below
+    it, or KEY_EMPTY (take every label) where it is not finite from below (-inf, NaN). out_ptr gets the threshold the
+    tiles are chosen by: the k-th largest, or +inf (no tile) where more than row_cap of the row's tile maxima reach it
+    (ties; such a row gets no candidate and is recomputed)."""
     b = tl.program_id(0).to(tl.int64)
     best = tl.full((KP,), float("-inf"), tl.float32)
-    for start in range(0, n, BLOCK):
-        pos = start + tl.arange(0, BLOCK)
-        best = _fold_block(best, tl.load(val_ptr + b * stride_vb + pos, mask=pos < n, other=float("-inf")), KP, BLOCK)
+    groups = tl.cdiv(tiles, GROUP)
+    for start in range(0, groups, BLOCK):
+        g = start + tl.arange(0, BLOCK)
+        offs = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        m = tl.load(max_ptr + b * stride_mb + offs, mask=g[:, None] < groups, other=float("-inf"))
+        best = _fold_block(best, tl.max(m, axis=1), KP, BLOCK)
     kth = tl.sum(tl.where(tl.arange(0, KP) == k - 1, best, 0.0))
-    tl.store(out_ptr + b, kth)
+    chosen = tl.zeros((), dtype=tl.int32)
+    for start in range(0, tiles, BLOCK * GROUP):
+        pos = start + tl.arange(0, BLOCK * GROUP)
+        m = tl.load(max_ptr + b * stride_mb + pos, mask=pos < tiles, other=float("-inf"))
+        chosen += tl.sum(((m >= kth) & (pos < tiles)).to(tl.int32), axis=0)
+    tl.store(out_ptr + b, tl.where(chosen > row_cap, float("inf"), kth))
     bits = kth.to(tl.int32, bitcast=True)
     below_bits = tl.where(kth > 0, bits - 1, tl.where(kth < 0, bits + 1, -2147483647))  # 0: -(smallest subnormal)
     key = _score_keys(below_bits.to(tl.float32, bitcast=True), tl.zeros((), dtype=tl.int64))
@@ -447,42 +476,98 @@ def _kth_largest_kernel(val_ptr, out_ptr, key_ptr, n, k, stride_vb, KP: tl.const
 
 
 @triton.jit
-def _chosen_tiles_kernel(
-    max_ptr, kth_ptr, chosen_ptr, B, tiles, stride_mb, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr
+def _tile_rows_kernel(
+    max_ptr, kth_ptr, count_ptr, start_ptr, rows_out_ptr, B, tiles, stride_mb,
+    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):  # fmt: skip
-    """chosen[q, t] = 1 where some row of query block q has its maximum in tile t at or above its threshold."""
-    qb = tl.program_id(0)
-    t = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
-    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+    """The (row, tile) pairs where a row's tile maximum reaches its threshold, by tile. Without FILL: count_ptr[t] +=
+    the rows of this block that chose tile t. With FILL (count_ptr zeroed): their ids are written to rows_out_ptr from
+    start_ptr[t] on, after those that other blocks placed first (one atomic per tile hands out the range)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    t = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
     kth = tl.load(kth_ptr + rows, mask=row_ok, other=float("inf"))
     m = tl.load(
         max_ptr + rows[:, None].to(tl.int64) * stride_mb + t[None, :],
         mask=row_ok[:, None] & (t[None, :] < tiles), other=float("-inf"),
     )  # fmt: skip
-    hit = tl.max(((m >= kth[:, None]) & row_ok[:, None]).to(tl.int8), axis=0)
-    tl.store(chosen_ptr + qb.to(tl.int64) * tiles + t, hit, mask=t < tiles)
+    hit = ((m >= kth[:, None]) & row_ok[:, None]).to(tl.int32)
+    n = tl.sum(hit, axis=0)
+    base = tl.atomic_add(count_ptr + t, n, mask=(t < tiles) & (n > 0), sem="relaxed")
+    if FILL:
+        start = tl.load(start_ptr + t, mask=t < tiles, other=0)
+        pos = (start + base)[None, :] + tl.cumsum(hit, axis=0) - 1
+        tl.store(rows_out_ptr + pos, rows[:, None] + 0 * pos, mask=hit > 0)
 
 
 @triton.jit
-def _job_list_kernel(
-    chosen_ptr, jobs_ptr, full_ptr, B, tiles, per_block, stride_jq,
-    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+def _tile_jobs_kernel(
+    count_ptr, start_ptr, job_tile_ptr, job_first_ptr, job_rows_ptr, tiles, rows_per_job, CHUNK: tl.constexpr
 ):  # fmt: skip
-    """One query block: its chosen tiles in ascending order, each as its SUB second-pass tiles, in its job list (the
-    list is -1 beforehand); its rows are flagged in full_ptr when more tiles were chosen than per_block."""
-    qb = tl.program_id(0)
-    count = tl.zeros((), dtype=tl.int32)
+    """One program: where each tile's rows start in the pair list (an exclusive prefix sum of the counts), and the
+    second pass's jobs, rows_per_job rows of one tile each, in tile order: job_tile (-1 past the last job, set by the
+    caller), the job's first pair and its number of rows."""
+    pairs = tl.zeros((), dtype=tl.int32)
+    jobs = tl.zeros((), dtype=tl.int32)
     for t0 in range(0, tiles, CHUNK):
         t = t0 + tl.arange(0, CHUNK)
-        hit = tl.load(chosen_ptr + qb.to(tl.int64) * tiles + t, mask=t < tiles, other=0).to(tl.int32)
-        pos = count + tl.cumsum(hit, axis=0) - 1
-        ok = (hit > 0) & (pos < per_block)
-        for s in tl.static_range(SUB):
-            tl.store(jobs_ptr + qb.to(tl.int64) * stride_jq + pos * SUB + s, t * SUB + s, mask=ok)
-        count += tl.sum(hit, axis=0)
-    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
-    tl.store(full_ptr + rows, tl.zeros((BLOCK_B,), tl.int32) + (count > per_block).to(tl.int32), mask=rows < B)
+        c = tl.load(count_ptr + t, mask=t < tiles, other=0)
+        nj = (c + rows_per_job - 1) // rows_per_job
+        first = pairs + tl.cumsum(c, axis=0) - c
+        job0 = jobs + tl.cumsum(nj, axis=0) - nj
+        tl.store(start_ptr + t, first, mask=t < tiles)
+        for r in range(0, tl.max(nj, axis=0)):
+            ok = r < nj
+            tl.store(job_tile_ptr + job0 + r, t, mask=ok)
+            tl.store(job_first_ptr + job0 + r, first + r * rows_per_job, mask=ok)
+            tl.store(job_rows_ptr + job0 + r, tl.minimum(c - r * rows_per_job, rows_per_job), mask=ok)
+        pairs += tl.sum(c, axis=0)
+        jobs += tl.sum(nj, axis=0)
+
+
+@triton.jit
+def _tile_rows_screen_kernel(
+    x, w, inv_scale_ptr, thr_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+    job_tile_ptr, job_first_ptr, job_rows_ptr, pair_rows_ptr, num_labels, D, E, cap,
+    stride_xb, stride_wl, stride_eb, stride_cb, SUB: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    W_DESC: tl.constexpr, GATE: tl.constexpr,
+):  # fmt: skip
+    """The two-pass path's second pass: program p scores part p % SUB (BLOCK_L labels) of the first-pass tile of job
+    p // SUB against the job's rows (gathered: the rows that chose the tile), and appends the labels at or above each
+    row's threshold as candidates (`_screen_epilogue`). w is a tensor descriptor with W_DESC, else a pointer."""
+    job = tl.program_id(0) // SUB
+    tile = tl.load(job_tile_ptr + job)
+    if tile < 0:
+        return
+    slot = tl.arange(0, BLOCK_B)
+    row_ok = slot < tl.load(job_rows_ptr + job)
+    rows = tl.load(pair_rows_ptr + tl.load(job_first_ptr + job) + slot, mask=row_ok, other=0)
+    lab0 = (tile * SUB + tl.program_id(0) % SUB) * BLOCK_L
+    labs = lab0 + tl.arange(0, BLOCK_L)
+    lab_ok = labs < num_labels
+    if HAS_SCALE:
+        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
+    if W_DESC:  # the query rows by pointers (gathered), the label tile through TMA; D chunked as everywhere else
+        s = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            xt = tl.load(x + rows[:, None].to(tl.int64) * stride_xb + ds[None, :], mask=row_ok[:, None], other=0.0)
+            s = _accumulate(s, xt, tl.trans(w.load([lab0, d0])), FP8_DOT, UPCAST)
+        if HAS_SCALE:
+            s = s * inv_scale[:, None]
+    else:
+        s = _score_tile(
+            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+        )  # fmt: skip
+    _screen_epilogue(
+        s, rows, row_ok, labs, lab_ok, thr_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, 0,
+        stride_eb, 1, stride_cb, HAS_EXCL, GATE,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -600,8 +685,9 @@ class TopkConfig:
     merge_block: int | None = None  # candidates folded at a time by the merge (power of two); None: min(512, cap)
     gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
     maxnreg: int | None = None  # screening: registers per thread at most (more programs per SM); None: no cap
+    persistent: bool | None = None  # two-pass first pass: one program per SM looping over the tiles; None: on
     two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: B >= 256,
-    # k <= 16, >= 64 k label tiles, where the maxima fit in 3/4 of max_partial_bytes
+    # >= 64 k label tiles, where the maxima and candidate slots fit in 7/8 of max_partial_bytes
 
 
 def _next_pow2(n: int) -> int:
@@ -883,8 +969,7 @@ def _topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
             x_arg, w_arg, inv_scale, best, excl, cand_score, cand_id, counts[i],
             B, lo, hi, D, qblocks, excl.shape[1] if has_excl else 0, cap, k - 1,
             xq.stride(0), weights.stride(0), excl.stride(0) if has_excl else 0, best.stride(0), cand_score.stride(0),
-            counts, 1,
-            USE_DESC=use_desc, GATE=c.gate, JOBS=False, **_tile_meta(c, D, fp8_dot, has_excl),
+            USE_DESC=use_desc, GATE=c.gate, **_tile_meta(c, D, fp8_dot, has_excl),
         )  # fmt: skip
         _merge_kernel[(B,)](
             best, cand_score, cand_id, counts[i], k, cap, best.stride(0), cand_score.stride(0),
@@ -904,7 +989,7 @@ def _recompute_flagged(best, flag, xq, inv_scale, weights, k, num_labels, exclud
     launched every call but computes only query blocks holding a flagged row (no host synchronisation)."""
     B = best.shape[0]
     kp = max(16, _next_pow2(k))
-    fallback = TopkConfig(splits=16, max_partial_bytes=partial_bytes)
+    fallback = TopkConfig(splits=max(1, min(16, partial_bytes // (8 * B * k))))  # partial lists within the bytes
     part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, fallback, flag=flag)
     # The flagged rows' best lists become the top-k of their partial lists; the others are left alone (no torch.topk
     # over every row: at B = 1, k = 100 it took 22 us of GPU time, 44-45 at B = 2-64).
@@ -918,18 +1003,26 @@ def _recompute_flagged(best, flag, xq, inv_scale, weights, k, num_labels, exclud
 def _two_pass_tiles(cfg: TopkConfig, B: int, k: int, num_labels: int) -> int | None:
     """Label tiles of the two-pass path, or None when it should not be used (see `_topk_two_pass`)."""
     tiles = triton.cdiv(num_labels, cfg.block_l or TWO_PASS_BLOCK_L)
-    # Extra memory: the tile maxima (4 bytes per row and tile) within 3/4 of the budget (the rest: chosen-tile flags
-    # per query block, candidate slots, the fallback's lists).
-    fits = B * triton.cdiv(tiles, 16) * 16 * 4 <= cfg.max_partial_bytes * 3 // 4 and k <= tiles
+    # Extra memory: the tile maxima (4 bytes per row and tile) and the candidate slots (8 bytes each) within 7/8 of
+    # the budget; the rest for the pair lists and the fallback's partial lists.
+    need = B * triton.cdiv(tiles, 16) * 16 * 4 + B * _two_pass_cap(k) * 8
+    fits = need <= cfg.max_partial_bytes * 7 // 8 and k <= tiles
     if cfg.two_pass is not None:
         if cfg.two_pass and not fits:
-            raise ValueError(f"two_pass: {B} x {tiles} tile maxima exceed 3/4 of max_partial_bytes, or k > tiles")
+            raise ValueError(
+                f"two_pass: {B} x {tiles} tile maxima and the candidate slots exceed 7/8 of max_partial_bytes, "
+                "or k > tiles"
+            )
         return tiles if cfg.two_pass else None
-    # Default where measured faster (H200, 2.8M labels, CUDA graphs; BENCHMARKS.md): many queries, short lists.
-    # B = 1024, k = 5 / 16: 5.17 / 5.86 ms vs 5.78 / 6.54 for the screened path; B = 256, k = 5: 1.46 vs 1.68.
-    # (k = 100: 14.3 vs 8.6 ms: most tiles are chosen by some row of a query block.) Heads of 64 k tiles or more:
-    # measured on 2.8M labels only, and the first pass's GEMM must dwarf the selection.
-    return tiles if fits and B >= 256 and k <= 16 and tiles >= 64 * k else None
+    # Default where measured faster (H200, 2.8M labels, CUDA graphs; BENCHMARKS.md): many queries. B = 1024, k = 5 /
+    # 100: 3.64 / 4.19 ms vs 5.45 / 8.15 for the screened path; B = 256: 1.00 / 1.46 vs 1.55 / 2.33. Heads of 64 k
+    # tiles or more: measured on 2.8M labels only, and the first pass's GEMM must dwarf the selection.
+    return tiles if fits and B >= 256 and tiles >= 64 * k else None
+
+
+def _two_pass_cap(k: int) -> int:
+    """Candidate slots per row of the two-pass path: its threshold passes about k labels (ties aside)."""
+    return max(64, _next_pow2(4 * k))
 
 
 def _resolve_two_pass_config(cfg: TopkConfig, D: int, weight_bytes: int) -> TopkConfig:
@@ -945,26 +1038,27 @@ def _resolve_two_pass_config(cfg: TopkConfig, D: int, weight_bytes: int) -> Topk
 
 
 def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg: TopkConfig, tiles: int):
-    """Exact top-k in two passes over the head, for many queries with short lists.
+    """Exact top-k in two passes over the head, for many queries.
 
     First pass: a plain GEMM whose epilogue keeps each row's largest score per label tile (B x tiles floats; no
     branch, no atomics, so large tiles run near GEMM speed). The k-th largest of a row's tile maxima is a score that k
     distinct labels reach, so the row's k-th best score is at least that threshold, and each of its top-k labels lies
-    in a tile whose maximum reaches it. Second pass: the screening kernel, on half-size query blocks and label tiles
-    (its tuned shape), scores only the tiles that some row of its query block chose, and appends the labels at or
-    above the row's threshold as candidates; one merge per row. Both passes chunk D alike, which is what fixes a score
-    (module docstring): the tile shapes do not change it (H200, 2.8M labels: the same ids as the screened path on
-    every row). A row whose query block chose more tiles than planned for, or whose candidates overflow, is recomputed
-    by the running top-k kernel, as in `_topk_screened`.
+    in a tile whose maximum reaches it: the row chooses those tiles (about k). Second pass, by tile: each chosen tile
+    is read once and scored against the rows that chose it, gathered in jobs of up to 64 rows (the weights of a tile
+    chosen by 9 rows are read once, not once per 64-row query block), and the labels at or above a row's threshold
+    are its candidates; one merge per row. Both passes chunk D alike, which is what fixes a score (module docstring):
+    the tile shapes do not change it (H200, 2.8M labels: the same ids as the screened path on every row). A row whose
+    tile maxima tie past 2k + 16 tiles, or whose candidates overflow or fall short of k, is recomputed by the running
+    top-k kernel, as in `_topk_screened`. No host synchronisation: every buffer has a size known in advance.
     """
     B, D = xq.shape
     c1 = _resolve_two_pass_config(cfg, D, weights.element_size())
     half = TopkConfig(block_b=max(16, c1.block_b // 2), block_l=max(16, c1.block_l // 2), block_d=c1.block_d)
-    c3 = _resolve_screen_config(
+    c2 = _resolve_screen_config(
         TopkConfig(**{**vars(half), "tma": cfg.tma, "gate": cfg.gate, "maxnreg": cfg.maxnreg}),
         B, D, weights.element_size(), k,
     )  # fmt: skip
-    sub = c1.block_l // c3.block_l  # second-pass tiles per first-pass tile
+    sub = c1.block_l // c2.block_l  # second-pass programs per first-pass tile
     dev = xq.device
     has_excl = exclude is not None
     excl_args = (exclude.shape[1], exclude.stride(0)) if has_excl else (0, 0)
@@ -974,66 +1068,73 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     maxes = torch.empty((B, triton.cdiv(tiles, group) * group), dtype=torch.float32, device=dev)
     maxes[:, tiles:] = float("-inf")
     excl = exclude if has_excl else maxes
+    descriptors = bool(cfg.tma) and _descriptors_fit(xq, weights)
 
-    def operands(c: TopkConfig):
-        if bool(c.tma) and _descriptors_fit(xq, weights):
-            x_desc = TensorDescriptor.from_tensor(xq, [c.block_b, c.block_d])
-            return True, x_desc, TensorDescriptor.from_tensor(weights, [c.block_l, c.block_d])
-        return False, xq, weights
-
-    use_desc, x_arg, w_arg = operands(c1)
     q1 = triton.cdiv(B, c1.block_b)
-    _tile_max_kernel[(q1 * tiles,)](
-        x_arg, w_arg, inv_scale, excl, maxes, B, num_labels, D, q1, excl_args[0],
+    x_arg, w_arg = xq, weights
+    if descriptors:
+        x_arg = TensorDescriptor.from_tensor(xq, [c1.block_b, c1.block_d])
+        w_arg = TensorDescriptor.from_tensor(weights, [c1.block_l, c1.block_d])
+    # Persistent by default: H200, B = 1024, k = 5 / 100, CUDA graphs: 3.64 / 4.19 ms vs 4.85 / 5.20 with one program
+    # per job (first pass 3.53 / 3.36 ms vs 4.54 / 4.41); B = 256: 1.00 / 1.46 vs 1.26 / 1.74.
+    persistent = cfg.persistent is not False
+    if not persistent:
+        programs = q1 * tiles
+    else:  # one program per SM (3 under the interpreter: each loops over several jobs)
+        programs = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 3
+    _tile_max_kernel[(min(programs, q1 * tiles),)](
+        x_arg, w_arg, inv_scale, excl, maxes, B, num_labels, D, q1, q1 * tiles, excl_args[0],
         xq.stride(0), weights.stride(0), excl_args[1], maxes.stride(0),
-        USE_DESC=use_desc, **_tile_meta(c1, D, fp8_dot, has_excl),
+        USE_DESC=descriptors, PERSISTENT=persistent, **_tile_meta(c1, D, fp8_dot, has_excl),
     )  # fmt: skip
     # The threshold: the k-th largest maximum of groups of tiles. k groups reach it, so k distinct labels do: the row's
     # k-th best score is at least that (a little below the k-th tile maximum at most; 16x less to select from).
     kp = max(16, _next_pow2(k))
-    groups = maxes.view(B, -1, group).amax(dim=2)
     kth = torch.empty(B, dtype=torch.float32, device=dev)
     thr = torch.empty((B, 1), dtype=torch.int64, device=dev)  # the screening epilogue's threshold, as a key
+    row_cap = 2 * k + 16  # chosen tiles per row at most (about k without ties)
+    block = max(kp, min(4096 // group, _next_pow2(triton.cdiv(tiles, group))))
     _kth_largest_kernel[(B,)](
-        groups, kth, thr, groups.shape[1], k, groups.stride(0),
-        KP=kp, BLOCK=max(kp, min(1024, _next_pow2(groups.shape[1]))), num_warps=4,
-    )  # fmt: skip
-    # Per second-pass query block: the first-pass tiles some row chose, in ascending order, then -1 (fixed-length
-    # job lists: no host synchronisation), each expanded to its `sub` second-pass tiles. Two launches (they were ~12
-    # torch calls, ~0.5 ms of host time).
-    q3 = triton.cdiv(B, c3.block_b)
-    chosen = torch.empty((q3, tiles), dtype=torch.int8, device=dev)
-    chunk = 256
-    _chosen_tiles_kernel[(q3, triton.cdiv(tiles, chunk))](
-        maxes, kth, chosen, B, tiles, maxes.stride(0), BLOCK_B=c3.block_b, CHUNK=chunk, num_warps=4
+        maxes, kth, thr, tiles, k, row_cap, maxes.stride(0), GROUP=group, KP=kp, BLOCK=block, num_warps=4
     )
-    per_block = min(tiles, 2 * c3.block_b * k)  # k per row, twice over for ties between tile maxima
-    jobs = torch.full((q3, per_block * sub), -1, dtype=torch.int32, device=dev)
-    block_full = torch.empty(B, dtype=torch.int32, device=dev)
-    _job_list_kernel[(q3,)](
-        chosen, jobs, block_full, B, tiles, per_block, jobs.stride(0),
-        BLOCK_B=c3.block_b, CHUNK=1024, SUB=sub, num_warps=4,
-    )  # fmt: skip
-    cap = max(64, _next_pow2(8 * k))
+    # The chosen (row, tile) pairs by tile, and the jobs over them: counts, offsets, then the rows themselves.
+    counters = torch.zeros(2 * tiles + B, dtype=torch.int32, device=dev)
+    tile_count, fill, counts = counters[:tiles], counters[tiles : 2 * tiles], counters[2 * tiles :]
+    start = torch.empty(tiles, dtype=torch.int32, device=dev)
+    pair_rows = torch.empty(B * row_cap, dtype=torch.int32, device=dev)
+    rows_per_job = c2.block_b
+    max_jobs = triton.cdiv(B * row_cap, rows_per_job) + tiles  # sum over tiles of ceil(rows / rows_per_job)
+    job_tile = torch.full((max_jobs,), -1, dtype=torch.int32, device=dev)
+    job_first = torch.empty(max_jobs, dtype=torch.int32, device=dev)
+    job_rows = torch.empty(max_jobs, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(B, 64), triton.cdiv(tiles, 256))
+    _tile_rows_kernel[grid](
+        maxes, kth, tile_count, start, pair_rows, B, tiles, maxes.stride(0), BLOCK_B=64, CHUNK=256, FILL=False
+    )
+    _tile_jobs_kernel[(1,)](
+        tile_count, start, job_tile, job_first, job_rows, tiles, rows_per_job, CHUNK=4096, num_warps=8
+    )
+    _tile_rows_kernel[grid](
+        maxes, kth, fill, start, pair_rows, B, tiles, maxes.stride(0), BLOCK_B=64, CHUNK=256, FILL=True
+    )
+    cap = _two_pass_cap(k)
     cand_score = torch.empty((B, cap), dtype=torch.float32, device=dev)
     cand_id = torch.empty((B, cap), dtype=torch.int32, device=dev)
-    counts = torch.zeros(B, dtype=torch.int32, device=dev)
-    use_desc, x_arg, w_arg = operands(c3)
-    _screen_kernel[(jobs.numel(),)](
-        x_arg, w_arg, inv_scale, thr, excl, cand_score, cand_id, counts,
-        B, 0, num_labels, D, q3, excl_args[0], cap, 0,
-        xq.stride(0), weights.stride(0), excl_args[1], thr.stride(0), cand_score.stride(0),
-        jobs, jobs.shape[1], USE_DESC=use_desc, GATE=c3.gate, JOBS=True, **_tile_meta(c3, D, fp8_dot, has_excl),
+    w_arg = TensorDescriptor.from_tensor(weights, [c2.block_l, c2.block_d]) if descriptors else weights
+    _tile_rows_screen_kernel[(max_jobs * sub,)](
+        xq, w_arg, inv_scale, thr, excl, cand_score, cand_id, counts, job_tile, job_first, job_rows, pair_rows,
+        num_labels, D, excl_args[0], cap, xq.stride(0), weights.stride(0), excl_args[1], cand_score.stride(0),
+        SUB=sub, W_DESC=descriptors, GATE=c2.gate, **_tile_meta(c2, D, fp8_dot, has_excl),
     )  # fmt: skip
     best = torch.full((B, k), KEY_EMPTY, dtype=torch.int64, device=dev)
     _merge_kernel[(B,)](
         best, cand_score, cand_id, counts, k, cap, best.stride(0), cand_score.stride(0),
         KP=kp, BLOCK=max(kp, min(512, cap)), num_warps=cfg.merge_warps or 8,
     )  # fmt: skip
-    # Rows to recompute: candidates past the slots, a query block with more chosen tiles than job slots, or fewer
-    # than k candidates (an all-NaN tile row, or fewer than k groups with a finite maximum).
-    overflow = ((counts > cap) | (counts < k) | (block_full > 0)).to(torch.int32)
-    budget = cfg.max_partial_bytes // 4
+    # Rows to recompute: candidates past the slots or fewer than k (tiles tied past the row cap, an all-NaN tile row,
+    # or fewer than k groups with a finite maximum).
+    overflow = ((counts > cap) | (counts < k)).to(torch.int32)
+    budget = cfg.max_partial_bytes // 8
     return _recompute_flagged(best, overflow, xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, budget)
 
 

@@ -291,11 +291,10 @@ TWO_PASS = TopkConfig(two_pass=True, block_b=32, block_l=32)  # second pass: 16 
 @pytest.mark.parametrize("D", [64, 77], ids=["D64-descriptors", "D77-pointers"])
 def test_two_pass_matches_reference(monkeypatch, k, D):
     """Tile maxima, then only the chosen tiles: 66 first-pass tiles of 32 labels (L odd, the last tile partly
-    padding; k = 1: the threshold over groups of 16 tiles, k = 4: over the tiles), each two second-pass tiles; B = 21
-    in two 16-row blocks of the second pass; exclusions. The first block answers from its chosen tiles (a row of
-    duplicated best labels: ties across tiles, broken by the lower id). The second holds a zero row (every score 0:
-    every tile ties, every label a candidate) and a row whose best label recurs in 60 tiles; with fewer job slots
-    than tiles (k = 1) its job list overflows: the running kernel answers all its rows."""
+    padding; k = 1: the threshold over groups of 16 tiles, k = 4: over the tiles), each two second-pass parts; B = 21,
+    exclusions. Most rows answer from their chosen tiles (a row of duplicated best labels: ties across tiles, broken
+    by the lower id). A zero row (every score 0: every tile ties) and a row whose best label recurs in 60 tiles choose
+    more than 2k + 16 tiles: the running kernel answers them, and only them."""
     import kernels.topk as topk_module
 
     B, L, L_pad = 21, 2101, 2112
@@ -318,9 +317,30 @@ def test_two_pass_matches_reference(monkeypatch, k, D):
     got = topk_scores(x, w, k, L, excl, impl="triton", config=TWO_PASS)
     check(got, reference_topk(x, w, k, L, exclude=excl), L, exclude=excl)
     assert got[1][17].tolist() == [i for i in range(k + 3) if i not in excl[17].tolist()][:k]  # score 0: lowest ids
-    # 2 x 16 x k job slots per block: with fewer than its tiles the second block overflows; with all of them only the
-    # zero row does (its candidates: every label)
-    assert flags[0].tolist() == [0] * 16 + ([1] * 5 if 2 * 16 * k < 66 else [0, 1, 0, 0, 0])
+    assert flags[0].tolist() == [0] * 17 + [1, 1] + [0, 0]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("persistent", [None, False], ids=["persistent-first-pass", "one-program-per-job"])
+def test_two_pass_tiles_shared_by_many_rows(monkeypatch, persistent):
+    """40 similar queries choose the same few tiles: each such tile is scored in three jobs of at most 16 rows (the
+    second pass's rows per job under TWO_PASS), and every row still answers from its chosen tiles. The first pass
+    runs persistent (3 programs under the interpreter, each looping over jobs) or as one program per job."""
+    import kernels.topk as topk_module
+
+    B, L, L_pad, D, k = 40, 1500, 1504, 64, 3
+    w = make_head(L, L_pad, D, torch.float8_e4m3fn)
+    x = (torch.randn(1, D) + 0.05 * torch.randn(B, D)).to(torch.bfloat16)
+    flags = []
+    running = topk_module._running_parts
+    monkeypatch.setattr(
+        topk_module, "_running_parts", lambda *a, flag, **kw: flags.append(flag) or running(*a, flag=flag, **kw)
+    )
+    got = topk_scores(x, w, k, L, impl="triton", config=TopkConfig(**{**vars(TWO_PASS), "persistent": persistent}))
+    want = reference_topk(x, w, k, L)
+    check(got, want, L)
+    assert flags[0].tolist() == [0] * B
+    assert len(set(want[1][:, 0].tolist())) < 5  # the queries do share their best labels
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
