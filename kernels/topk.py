@@ -1,7 +1,7 @@
 """Exact top-k labels of x @ W^T without materializing the B x L score matrix: three Triton paths (the screened
 path: GEMM tiles that keep only labels beating the row's current k-th best, over label ranges of growing size; the
-two-pass path for many queries with short lists: tile maxima first, then the screening kernel over only the tiles
-that may hold a top-k label; and a running top-k kernel, the others' fallback and the choice for small eager
+two-pass path for many queries: tile maxima first, then only the tiles that may hold a top-k label, each read once
+for the rows that chose it; and a running top-k kernel, the others' fallback and the choice for small eager
 batches), a CUDA-graph wrapper, a chunked torch path, a merge for label-sharded heads, and the plain full-logits
 reference.
 
