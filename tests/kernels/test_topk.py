@@ -363,6 +363,24 @@ def test_two_pass_with_fp8_dots(monkeypatch):
     assert flags[0].tolist() == [0] * B
 
 
+def test_two_pass_choice_follows_batch_head_and_memory():
+    """Auto: the two-pass path from B = 256, on heads of at least 64 k tiles, where the tile maxima and candidate slots
+    fit in 7/8 of the budget."""
+    from kernels.topk import _two_pass_tiles
+
+    L = 2_812_281
+    tiles = -(-L // 256)
+    assert _two_pass_tiles(TopkConfig(), 1024, 5, L) == tiles
+    assert _two_pass_tiles(TopkConfig(), 1024, 100, L) == tiles  # 45.0 MB of maxima + 4.2 MB of slots
+    assert _two_pass_tiles(TopkConfig(), 255, 5, L) is None  # few queries: the screened path
+    assert _two_pass_tiles(TopkConfig(), 1024, 200, L) is None  # fewer than 64 k tiles
+    assert _two_pass_tiles(TopkConfig(), 2048, 5, L) is None  # 90 MB of maxima
+    assert _two_pass_tiles(TopkConfig(max_partial_bytes=2**27), 2048, 5, L) == tiles
+    assert _two_pass_tiles(TopkConfig(two_pass=False), 1024, 5, L) is None
+    with pytest.raises(ValueError, match="two_pass"):
+        _two_pass_tiles(TopkConfig(two_pass=True), 2048, 5, L)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
 def test_two_pass_needs_room_for_its_tile_maxima():
     x, w = torch.randn(4, 32), torch.randn(4096, 32).to(torch.bfloat16)
