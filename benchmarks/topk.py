@@ -355,7 +355,7 @@ def agree(device, small: bool) -> list[dict]:
         run = topk_scores(x, w8, k, L, excl, impl=impl, config=TopkConfig(screen=False, two_pass=False))
         scr = topk_scores(x, w8, k, L, excl, impl=impl, config=TopkConfig(screen=True, two_pass=False))
         paths = {"running": run, "screened": scr}
-        if B >= 256:  # where the two-pass path is the default
+        if B >= 128:  # where the two-pass path is the default
             paths["two_pass"] = topk_scores(x, w8, k, L, excl, impl=impl, config=TopkConfig(two_pass=True))
         xq, inv = prepare_queries(x, w8.dtype, fp8)
         exact = (xq.float() @ w8[:L].float().T) * inv[:, None]

@@ -686,7 +686,7 @@ class TopkConfig:
     gate: bool | None = None  # screening: test each row's maximum before the full tile; None: on
     maxnreg: int | None = None  # screening: registers per thread at most (more programs per SM); None: no cap
     persistent: bool | None = None  # two-pass first pass: one program per SM looping over the tiles; None: on
-    two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: B >= 256,
+    two_pass: bool | None = None  # tile maxima first, then only the tiles that may hold a top-k label; None: B >= 128,
     # >= 64 k label tiles, where the maxima and candidate slots fit in 7/8 of max_partial_bytes
 
 
@@ -1014,10 +1014,12 @@ def _two_pass_tiles(cfg: TopkConfig, B: int, k: int, num_labels: int) -> int | N
                 "or k > tiles"
             )
         return tiles if cfg.two_pass else None
-    # Default where measured faster (H200, 2.8M labels, CUDA graphs; BENCHMARKS.md): many queries. B = 1024, k = 5 /
-    # 100: 3.64 / 4.19 ms vs 5.45 / 8.15 for the screened path; B = 256: 1.00 / 1.46 vs 1.55 / 2.33. Heads of 64 k
-    # tiles or more: measured on 2.8M labels only, and the first pass's GEMM must dwarf the selection.
-    return tiles if fits and B >= 256 and tiles >= 64 * k else None
+    # Default where measured faster (H200, 2.8M labels; BENCHMARKS.md): from B = 128. CUDA graphs, k = 5 / 100:
+    # B = 1024 3.64 / 4.19 ms vs 5.45 / 8.15 for the screened path, B = 256 1.00 / 1.46 vs 1.55 / 2.33, B = 128 0.71 /
+    # 1.09 vs 1.02 / 1.52 (eager 1.27 / 1.43 vs 1.25 / 1.53); B = 96 is faster as a graph but slower eager at k = 5
+    # (1.30 vs 1.07 ms: host-bound launches), B = 64 slower (graphs 0.77 / 1.02 vs 0.63 / 0.91). Heads of 64 k tiles
+    # or more: measured on 2.8M labels only, and the first pass's GEMM must dwarf the selection.
+    return tiles if fits and B >= 128 and tiles >= 64 * k else None
 
 
 def _two_pass_cap(k: int) -> int:

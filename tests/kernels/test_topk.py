@@ -364,7 +364,7 @@ def test_two_pass_with_fp8_dots(monkeypatch):
 
 
 def test_two_pass_choice_follows_batch_head_and_memory():
-    """Auto: the two-pass path from B = 256, on heads of at least 64 k tiles, where the tile maxima and candidate slots
+    """Auto: the two-pass path from B = 128, on heads of at least 64 k tiles, where the tile maxima and candidate slots
     fit in 7/8 of the budget."""
     from kernels.topk import _two_pass_tiles
 
@@ -372,7 +372,8 @@ def test_two_pass_choice_follows_batch_head_and_memory():
     tiles = -(-L // 256)
     assert _two_pass_tiles(TopkConfig(), 1024, 5, L) == tiles
     assert _two_pass_tiles(TopkConfig(), 1024, 100, L) == tiles  # 45.0 MB of maxima + 4.2 MB of slots
-    assert _two_pass_tiles(TopkConfig(), 255, 5, L) is None  # few queries: the screened path
+    assert _two_pass_tiles(TopkConfig(), 128, 5, L) == tiles
+    assert _two_pass_tiles(TopkConfig(), 127, 5, L) is None  # fewer queries: the screened path
     assert _two_pass_tiles(TopkConfig(), 1024, 200, L) is None  # fewer than 64 k tiles
     assert _two_pass_tiles(TopkConfig(), 2048, 5, L) is None  # 90 MB of maxima
     assert _two_pass_tiles(TopkConfig(max_partial_bytes=2**27), 2048, 5, L) == tiles
