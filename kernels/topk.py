@@ -555,7 +555,11 @@ def _tile_rows_screen_kernel(
         s = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
-            xt = tl.load(x + rows[:, None].to(tl.int64) * stride_xb + ds[None, :], mask=row_ok[:, None], other=0.0)
+            x_ptrs = x + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
+            if EVEN_D:
+                xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            else:  # a ragged last chunk: the row ends at D (past the last row, the tensor does)
+                xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
             s = _accumulate(s, xt, tl.trans(w.load([lab0, d0])), FP8_DOT, UPCAST)
         if HAS_SCALE:
             s = s * inv_scale[:, None]

@@ -288,7 +288,7 @@ TWO_PASS = TopkConfig(two_pass=True, block_b=32, block_l=32)  # second pass: 16 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton path needs TRITON_INTERPRET=1 on CPU")
 @pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("D", [64, 77], ids=["D64-descriptors", "D77-pointers"])
+@pytest.mark.parametrize("D", [64, 80, 77], ids=["D64-descriptors", "D80-descriptors-ragged-chunk", "D77-pointers"])
 def test_two_pass_matches_reference(monkeypatch, k, D):
     """Tile maxima, then only the chosen tiles: 66 first-pass tiles of 32 labels (L odd, the last tile partly
     padding; k = 1: the threshold over groups of 16 tiles, k = 4: over the tiles), each two second-pass parts; B = 21,
@@ -298,7 +298,7 @@ def test_two_pass_matches_reference(monkeypatch, k, D):
     import kernels.topk as topk_module
 
     B, L, L_pad = 21, 2101, 2112
-    w = make_head(L, L_pad, D, torch.float8_e4m3fn if D == 64 else torch.bfloat16, pad_value=8.0)
+    w = make_head(L, L_pad, D, torch.bfloat16 if D == 77 else torch.float8_e4m3fn, pad_value=8.0)
     w[[40, 900, 1999]] = w[7].clone()
     w[[32 * t + 3 for t in range(60)]] = (torch.eye(D)[0] * 1.5).to(
         w.dtype
