@@ -100,37 +100,29 @@ def _accumulate(acc, xt, wt, FP8_DOT: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _score_tile(
-    x_ptr,
-    w_ptr,
-    inv_scale,
-    rows,
-    row_ok,
-    labs,
-    lab_ok,
-    D,
-    stride_xb,
-    stride_wl,
-    BLOCK_B: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    FP8_DOT: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
+    x_ptr, w, inv_scale, rows, row_ok, labs, lab_ok, lab0, D, stride_xb, stride_wl,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, W_DESC: tl.constexpr,
+):  # fmt: skip
     """fp32 scores of a (query block, label tile): the one place scores are computed, so every kernel ranks the same
-    numbers."""
+    numbers. The query rows (any rows: gathered ones too) by pointers; the labels lab0.. by pointers, or through a
+    tensor descriptor w with W_DESC (TMA on Hopper; labels and D columns past the head's end read as zeros)."""
     acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
-        w_ptrs = w_ptr + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
         if EVEN_D:
             xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
-        else:
+        else:  # a ragged last chunk: the row ends at D (past the last row, the tensor does)
             xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
-            wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
+        if W_DESC:
+            wt = tl.trans(w.load([lab0, d0]))
+        else:
+            w_ptrs = w + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
+            if EVEN_D:
+                wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
+            else:
+                wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
         acc = _accumulate(acc, xt, wt, FP8_DOT, UPCAST)
     if HAS_SCALE:
         acc = acc * inv_scale[:, None]
@@ -185,8 +177,8 @@ def _running_topk(
         labs = start + tl.arange(0, BLOCK_L)
         lab_ok = labs < hi
         s = _score_tile(
-            x_ptr, w_ptr, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+            x_ptr, w_ptr, inv_scale, rows, row_ok, labs, lab_ok, start, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, False,
         )  # fmt: skip
         key = _score_keys(s, labs[None, :])
         valid = _valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
@@ -289,8 +281,10 @@ def _job_scores(
     x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, row0, lab0, D, stride_xb, stride_wl,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, USE_DESC: tl.constexpr,
+    W_DESC: tl.constexpr,
 ):  # fmt: skip
-    """Scores of one (query block, label tile) job: through tensor descriptors (x, w) with USE_DESC, else pointers."""
+    """Scores of one (query block, label tile) job: x and w both tensor descriptors with USE_DESC (the query block
+    rows row0..), else x by pointers (`rows`, which may be gathered) and w a descriptor with W_DESC or pointers."""
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
     else:
@@ -301,8 +295,8 @@ def _job_scores(
         )  # fmt: skip
     else:
         s = _score_tile(
-            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
+            x, w, inv_scale, rows, row_ok, labs, lab_ok, lab0, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, W_DESC,
         )  # fmt: skip
     return s
 
@@ -383,7 +377,7 @@ def _screen_kernel(
     lab_ok = labs < end_label
     s = _job_scores(
         x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, qb * BLOCK_B, first_label + tile * BLOCK_L, D,
-        stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, USE_DESC,
+        stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, USE_DESC, False,
     )  # fmt: skip
     _screen_epilogue(
         s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
@@ -396,51 +390,31 @@ def _tile_max_kernel(
     x, w, inv_scale_ptr, excl_ptr, max_ptr, B, num_labels, D, num_qblocks, num_jobs, E, stride_xb, stride_wl,
     stride_eb, stride_mb, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr, PERSISTENT: tl.constexpr,
-):  # fmt: skip
-    """The two-pass path's first pass: each query row's largest score in each label tile (excluded and padding
-    labels count as -inf), scored exactly as `_screen_kernel` scores the same tile. One (query block, tile) job per
-    program, or with PERSISTENT one program per SM looping over the jobs (the loads of the next job overlap the
-    epilogue of this one)."""
-    if PERSISTENT:
-        for job in tl.range(tl.program_id(0), num_jobs, tl.num_programs(0), flatten=True):
-            _tile_max_job(
-                x, w, inv_scale_ptr, excl_ptr, max_ptr, job, B, num_labels, D, num_qblocks, E, stride_xb, stride_wl,
-                stride_eb, stride_mb, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, USE_DESC,
-            )  # fmt: skip
-    else:
-        _tile_max_job(
-            x, w, inv_scale_ptr, excl_ptr, max_ptr, tl.program_id(0), B, num_labels, D, num_qblocks, E, stride_xb,
-            stride_wl, stride_eb, stride_mb, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST,
-            USE_DESC,
-        )  # fmt: skip
-
-
-@triton.jit
-def _tile_max_job(
-    x, w, inv_scale_ptr, excl_ptr, max_ptr, job, B, num_labels, D, num_qblocks, E, stride_xb, stride_wl, stride_eb,
-    stride_mb, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOT: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
     USE_DESC: tl.constexpr,
 ):  # fmt: skip
-    qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
-    tile = job // num_qblocks
-    rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    labs = tile * BLOCK_L + tl.arange(0, BLOCK_L)
-    lab_ok = labs < num_labels
-    s = _job_scores(
-        x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, qb * BLOCK_B, tile * BLOCK_L, D,
-        stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, USE_DESC,
-    )  # fmt: skip
-    # Masks only where needed (they cost GEMM time): exclusions, the last tile's padding labels. Rows past B are not
-    # stored. A NaN score is skipped by the max unless the whole row of the tile is NaN; then the row's candidates
-    # fall short and the caller recomputes it.
-    if HAS_EXCL:
-        s = tl.where(_valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL), s, float("-inf"))
-    elif (tile + 1) * BLOCK_L > num_labels:
-        s = tl.where(lab_ok[None, :], s, float("-inf"))
-    tl.store(max_ptr + rows.to(tl.int64) * stride_mb + tile, tl.max(s, axis=1), mask=row_ok)
+    """The two-pass path's first pass: each query row's largest score in each label tile (excluded and padding
+    labels count as -inf), scored exactly as `_screen_kernel` scores the same tile. Program p takes the (query block,
+    tile) jobs p, p + programs, ...: one job each on a grid of num_jobs, or persistent on a grid of one program per SM
+    (the loads of the next job overlap the epilogue of this one)."""
+    for job in tl.range(tl.program_id(0), num_jobs, tl.num_programs(0), flatten=True):
+        qb = job % num_qblocks  # consecutive jobs share a label tile: its weights come from HBM once, then from L2
+        tile = job // num_qblocks
+        rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        labs = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        lab_ok = labs < num_labels
+        s = _job_scores(
+            x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, qb * BLOCK_B, tile * BLOCK_L, D,
+            stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, USE_DESC, False,
+        )  # fmt: skip
+        # Masks only where needed (they cost GEMM time): exclusions, the last tile's padding labels. Rows past B are
+        # not stored. A NaN score is skipped by the max unless the whole row of the tile is NaN; then the row's
+        # candidates fall short and the caller recomputes it.
+        if HAS_EXCL:
+            s = tl.where(_valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL), s, float("-inf"))
+        elif (tile + 1) * BLOCK_L > num_labels:
+            s = tl.where(lab_ok[None, :], s, float("-inf"))
+        tl.store(max_ptr + rows.to(tl.int64) * stride_mb + tile, tl.max(s, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -547,27 +521,10 @@ def _tile_rows_screen_kernel(
     lab0 = (tile * SUB + tl.program_id(0) % SUB) * BLOCK_L
     labs = lab0 + tl.arange(0, BLOCK_L)
     lab_ok = labs < num_labels
-    if HAS_SCALE:
-        inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        inv_scale = tl.full((BLOCK_B,), 1.0, tl.float32)
-    if W_DESC:  # the query rows by pointers (gathered), the label tile through TMA; D chunked as everywhere else
-        s = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            x_ptrs = x + rows[:, None].to(tl.int64) * stride_xb + ds[None, :]
-            if EVEN_D:
-                xt = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            else:  # a ragged last chunk: the row ends at D (past the last row, the tensor does)
-                xt = tl.load(x_ptrs, mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
-            s = _accumulate(s, xt, tl.trans(w.load([lab0, d0])), FP8_DOT, UPCAST)
-        if HAS_SCALE:
-            s = s * inv_scale[:, None]
-    else:
-        s = _score_tile(
-            x, w, inv_scale, rows, row_ok, labs, lab_ok, D, stride_xb, stride_wl,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST,
-        )  # fmt: skip
+    s = _job_scores(
+        x, w, inv_scale_ptr, rows, row_ok, labs, lab_ok, 0, lab0, D, stride_xb, stride_wl,
+        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOT, HAS_SCALE, EVEN_D, UPCAST, False, W_DESC,
+    )  # fmt: skip
     _screen_epilogue(
         s, rows, row_ok, labs, lab_ok, thr_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, 0,
         stride_eb, 1, stride_cb, HAS_EXCL, GATE,
@@ -1091,7 +1048,7 @@ def _topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dot, cfg:
     _tile_max_kernel[(min(programs, q1 * tiles),)](
         x_arg, w_arg, inv_scale, excl, maxes, B, num_labels, D, q1, q1 * tiles, excl_args[0],
         xq.stride(0), weights.stride(0), excl_args[1], maxes.stride(0),
-        USE_DESC=descriptors, PERSISTENT=persistent, **_tile_meta(c1, D, fp8_dot, has_excl),
+        USE_DESC=descriptors, **_tile_meta(c1, D, fp8_dot, has_excl),
     )  # fmt: skip
     # The threshold: the k-th largest maximum of groups of tiles. k groups reach it, so k distinct labels do: the row's
     # k-th best score is at least that (a little below the k-th tile maximum at most; 16x less to select from).
