@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training import data as xd  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.train import (  # noqa: E402
-    TrainConfig,
     featurize,
     load_data,
     model_from_checkpoint,

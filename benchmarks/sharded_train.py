@@ -64,14 +64,15 @@ def synthetic_bow(directory: Path, labels: int, rows: int, test_rows: int, featu
 
 
 def _single(cfg_json: str, result_path: str) -> None:
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.train import train
 
     result = train(TrainConfig(**json.loads(cfg_json)))
     Path(result_path).write_text(json.dumps(result))
 
 
 def _worker(cfg_json: str, result_path: str) -> None:
-    from training.train import TrainConfig
+    from training.config import TrainConfig
     from training.worker import run_distributed
 
     result = run_distributed(TrainConfig(**json.loads(cfg_json)))

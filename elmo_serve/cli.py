@@ -46,7 +46,8 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from training.train import load_config, train
+    from training.config import load_config
+    from training.train import train
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     cfg = load_config(args.config, overrides)
@@ -78,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_for_eval(path: Path):
     if (path / "manifest.json").is_file():
         from training.artifact import load_artifact
-        from training.train import TrainConfig
+        from training.config import TrainConfig
 
         art = load_artifact(path)
         cfg = TrainConfig(
@@ -124,7 +125,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from training.artifact import load_artifact
-    from training.train import TrainConfig, train
+    from training.config import TrainConfig
+    from training.train import train
 
     cfg = TrainConfig(
         checkpoint_every=-1,  # the demo exports directly; a checkpoint of the 310K-row table is ~0.8 GB
@@ -214,8 +216,8 @@ def _cmd_head_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.config import TrainConfig
     from training.head_demo import DemoConfig
-    from training.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="elmo", description="ELMO Serve: low-precision extreme classification")
     sub = parser.add_subparsers(dest="command", required=True)

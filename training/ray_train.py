@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from training.train import TrainConfig
+from training.config import TrainConfig
 from training.worker import train_worker
 
 

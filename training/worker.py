@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from kernels.topk import MAX_LABELS, merge_topk
 from training import data as xd
+from training.config import TrainConfig
 from training.distributed import COMM, _all_gather_rows, shard_range, sharded_step
 from training.metrics import jain_propensity
 from training.model import XMCHead, XMCModel
 from training.train import (
-    TrainConfig,
     _finish,
     _rng_state,
     _set_rng_state,

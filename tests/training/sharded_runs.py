@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.train import TrainConfig
+from training.config import TrainConfig
 
 
 def _work(rank: int, world: int, init_file: str, kw: dict, results: str) -> None:

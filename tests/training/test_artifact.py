@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.artifact import FORMAT_VERSION, load_artifact, save_artifact
+from training.config import TrainConfig
 from training.data import make_synthetic, reindex_by_frequency
-from training.train import TrainConfig, build_model
+from training.train import build_model
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from lf_data import write_lf
 
-from training.train import TrainConfig, train
+from training.config import TrainConfig
+from training.train import train
 
 QUALITY = Path(__file__).parents[2] / "benchmarks" / "quality.py"
 

@@ -17,8 +17,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path):
     from ray import cloudpickle
 
     from training.artifact import load_artifact
+    from training.config import TrainConfig
     from training.ray_train import fit
-    from training.train import TrainConfig
 
     data = write_lf(tmp_path / "lf", num_labels=203, num_train=1500, num_test=300, seed=3)
     kw = dict(

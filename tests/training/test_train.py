@@ -8,9 +8,10 @@ import pytest
 import torch
 from lf_data import write_lf
 
+from training.config import TrainConfig, load_config
 from training.data import read_lf
 from training.metrics import evaluate
-from training.train import TrainConfig, load_config, lr_factor, model_from_checkpoint, train
+from training.train import lr_factor, model_from_checkpoint, train
 
 
 def test_config_file_and_overrides(tmp_path):

@@ -7,7 +7,8 @@ from lf_data import write_lf
 from sharded_runs import run_sharded, sharded_head_weights
 
 from training.artifact import load_artifact
-from training.train import TrainConfig, train
+from training.config import TrainConfig
+from training.train import train
 from training.worker import shard_head
 
 LABELS = 203  # 13 blocks of 16: shards of 112 and 91 labels
