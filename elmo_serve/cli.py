@@ -27,15 +27,56 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, defaults: bool = True) -> None:
-    """--field-name for each field; booleans take an optional value (`--resume` or `--resume false`)."""
-    for field in dataclasses.fields(cls):
-        flag = f"--{field.name.replace('_', '-')}"
-        default = field.default if defaults else argparse.SUPPRESS
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, dest=field.name)
-        else:
-            parser.add_argument(flag, type=type(field.default), default=default, dest=field.name)
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends in "(default: X)" wherever a flag has a default to show and its help does not name one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.required or "(default" in text:
+            return text
+        if any(action.default is v for v in _NO_DEFAULT):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+# no default to show: switches off unless given, suppressed ones, and None (whose help says what it means)
+_NO_DEFAULT = (None, False, argparse.SUPPRESS)
+
+
+_METAVARS = {int: "N", float: "X", str: "STR"}
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, defaults: bool = True) -> None:
+    """--field-name for each field of a config dataclass, in the groups of its comments, with its comment as help
+    and its default shown; booleans take an optional value (`--resume` or `--resume false`). defaults=False leaves
+    flags not given out of the namespace (so a config file's values stand); the help still shows the default."""
+    from training.config import field_choices, field_groups, field_help
+
+    helps, choices = field_help(cls), field_choices(cls)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    for group, names in field_groups(cls):
+        target = parser.add_argument_group(group) if group else parser
+        for name in names:
+            field = by_name[name]
+            kwargs = {
+                "dest": name,
+                "default": field.default if defaults else argparse.SUPPRESS,
+                "help": f"{helps[name]} (default: {_show(field.default)})".replace("%", "%%"),
+            }
+            if isinstance(field.default, bool):
+                kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+            else:
+                kind = type(field.default)
+                kwargs.update(
+                    type=kind, choices=choices.get(name), metavar=None if name in choices else _METAVARS[kind]
+                )
+            target.add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -90,14 +131,14 @@ def _load_for_eval(path: Path):
             }
         )
         return art.model, cfg
-    from training.train import model_from_checkpoint
+    from training.checkpoint import model_from_checkpoint
 
     model, cfg, _ = model_from_checkpoint(path)
     return model, cfg
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from training.train import evaluate_on
+    from training.evaluation import evaluate_on
 
     model, cfg = _load_for_eval(Path(args.path))
     if args.data is not None:
@@ -114,7 +155,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from training.artifact import load_artifact
-    from training.train import export_run
+    from training.checkpoint import export_run
 
     path = export_run(args.run, args.artifact, args.data)
     art = load_artifact(path)
@@ -216,17 +257,23 @@ def _cmd_head_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.config import TrainConfig
+    from training.config import TrainConfig, field_choices, field_help
     from training.head_demo import DemoConfig
 
+    train_help = field_help(TrainConfig)
     parser = argparse.ArgumentParser(prog="elmo", description="ELMO Serve: low-precision extreme classification")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train, evaluate and export the embedded default dataset")
     demo.add_argument("--out", default=DEMO_RUN, help="run directory (checkpoint, metrics, plots)")
     demo.add_argument("--export", default=DEMO_ARTIFACT, help="artifact directory")
-    demo.add_argument("--precision", default="fp8+kahan", choices=["fp32", "bf16", "fp8", "fp8+kahan"])
-    demo.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    demo.add_argument(
+        "--precision",
+        default=TrainConfig.precision,
+        choices=field_choices(TrainConfig)["precision"],
+        help=train_help["precision"],
+    )
+    demo.add_argument("--epochs", type=int, default=TrainConfig.epochs, help=train_help["epochs"])
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.add_argument("--no-serve", action="store_true", help="stop after export (no Ray Serve, no HTTP queries)")
     demo.add_argument("--port", type=int, default=8000, help="port of the demo service on 127.0.0.1")
@@ -235,18 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_commands(sub)
     add_retrain_command(sub)
 
-    tr = sub.add_parser("train", help="train a model (config file and --key value flags)")
-    tr.add_argument("--config", default=None, help="a JSON or TOML file of TrainConfig keys")
+    tr = sub.add_parser(
+        "train",
+        help="train a model (config file and --key value flags)",
+        description="Train a model. Values: TrainConfig's defaults <- --config FILE <- the flags given.",
+    )
+    tr.add_argument(
+        "--config", default=None, metavar="FILE", help="a JSON or TOML file of TrainConfig keys (default: none)"
+    )
     _add_dataclass_flags(tr, TrainConfig, defaults=False)
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run directory or an artifact on a dataset split")
     ev.add_argument("path", help="run directory (checkpoint.pt) or artifact directory")
     ev.add_argument("--data", default=None, help="dataset directory (default: the one it was trained on)")
-    ev.add_argument("--format", default=None, choices=["lf", "bow"])
-    ev.add_argument("--split", default="tst", choices=["tst", "trn"])
-    ev.add_argument("--test-rows", type=int, default=0, dest="test_rows")
-    ev.add_argument("--json", default=None, help="also write the metrics here")
+    ev.add_argument(
+        "--format",
+        default=None,
+        choices=field_choices(TrainConfig)["format"],
+        help="the data's format (default: the one it was trained with)",
+    )
+    ev.add_argument("--split", default="tst", choices=["tst", "trn"], help="the test or the training split")
+    ev.add_argument("--test-rows", type=int, default=0, dest="test_rows", help=train_help["test_rows"])
+    ev.add_argument("--json", default=None, help="also write the metrics here (default: print only)")
     ev.set_defaults(func=_cmd_eval)
 
     ex = sub.add_parser("export", help="write the artifact of a run directory")
@@ -258,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     hd = sub.add_parser("head-demo", help="train the BF16/FP8 head alone on a planted problem, vs fp32")
     _add_dataclass_flags(hd, DemoConfig)
     hd.set_defaults(func=_cmd_head_demo)
+
+    for command in (parser, *sub.choices.values()):
+        command.formatter_class = _DefaultsFormatter
     return parser
 
 

@@ -95,7 +95,11 @@ def query_command(text: str, k: int = 10, url: str = DEFAULT_URL, similar: bool 
         print(f"elmo query: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # connection refused, timeouts
-        print(f"elmo query: cannot reach {url}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"elmo query: cannot reach {url}: {type(e).__name__}: {e} (is `elmo serve` running? give its port with "
+            "--port, or --url)",
+            file=sys.stderr,
+        )
         return 1
     labels = out["results"] if similar else out["results"][0]
     head = f"items related to {text!r}" if similar else f"top {k} labels of {text!r}"
@@ -117,18 +121,39 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def query_url(url: str | None = None, port: int | None = None) -> str:
+    """The URL `elmo query` asks: url, else port on 127.0.0.1, else $ELMO_URL, else $ELMO_PORT (as `elmo serve`
+    reads it) on 127.0.0.1, else the default."""
+    if url:
+        return url
+    if port is None and os.environ.get("ELMO_URL"):
+        return os.environ["ELMO_URL"]
+    port = port if port is not None else os.environ.get("ELMO_PORT")
+    return f"http://127.0.0.1:{port}" if port is not None else DEFAULT_URL
+
+
 def _query(args: argparse.Namespace) -> int:
-    return query_command(args.text, args.k, args.url, args.similar, args.mode)
+    return query_command(args.text, args.k, query_url(args.url, args.port), args.similar, args.mode)
 
 
 def add_serve_commands(subparsers) -> None:
     """Register `serve` and `query` on the `elmo` parser's subparsers (each sets `func`, returning an exit code)."""
     p = subparsers.add_parser("serve", help="serve an artifact over HTTP with Ray Serve on this machine")
     p.add_argument("artifact", help="artifact directory (from `elmo export`)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=int(os.environ.get("ELMO_PORT", 8000)))
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "faiss"])
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP port binds to (0.0.0.0: every interface)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("ELMO_PORT", 8000)),
+        help="HTTP port (default: $ELMO_PORT, else 8000)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "triton", "torch", "faiss"],
+        help="scoring backend; auto: the Triton top-k kernels on a GPU, the chunked torch path on CPU",
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests the scorer answers in one batch")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.02, help="cap of the wait while the scorer is busy")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs given to the local Ray (default: all)")
     p.add_argument(
@@ -137,9 +162,16 @@ def add_serve_commands(subparsers) -> None:
     p.set_defaults(func=_serve)
 
     q = subparsers.add_parser("query", help="ask a running `elmo serve` for the top-k labels of a text")
-    q.add_argument("text")
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--url", default=os.environ.get("ELMO_URL", DEFAULT_URL))
+    q.add_argument("text", help="the text to tag (with --similar: an item uid)")
+    q.add_argument("-k", type=int, default=10, help="labels (or items) to return")
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--url", default=None, help="the service's URL (default: $ELMO_URL, else 127.0.0.1 at --port)")
+    where.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="the port `elmo serve` was given, on 127.0.0.1 (default: $ELMO_PORT, else 8000)",
+    )
     q.add_argument("--similar", action="store_true", help="TEXT is an item uid: print related items")
     q.add_argument("--mode", default="text", choices=["text", "embedding"], help="with --similar")
     q.set_defaults(func=_query)

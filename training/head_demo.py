@@ -27,9 +27,9 @@ class DemoConfig:
     steps: int = 300  # SGD steps per variant
     noise: float = 1.0  # input noise relative to the prototype
     offset: float = 0.25  # every weight starts here: fixes the grid step without changing the argmax
-    lr: float = 0.003
+    lr: float = 0.003  # SGD learning rate of every variant
     impl: str = "auto"  # "triton" runs the Triton kernels (GPU, or CPU under TRITON_INTERPRET=1)
-    seed: int = 0
+    seed: int = 0  # prototypes, initial weights and the rounding stream
 
 
 def planted_batch(cfg: DemoConfig, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,15 @@
 """The `elmo` console script: every command runs."""
 
+import argparse
+import dataclasses
 import json
+import socket
 
 import pytest
 
-from elmo_serve.cli import main
+from elmo_serve.cli import build_parser, main
+from elmo_serve.commands import query_url
+from training.config import TrainConfig, field_groups, field_help
 from training.data import make_synthetic
 
 
@@ -80,3 +85,91 @@ def test_demo_falls_back_to_a_planted_problem(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "P@1" in out and (tmp_path / "art" / "labels.jsonl").is_file()
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_flag_of_every_command_has_help_and_shows_its_default():
+    commands = _commands()
+    assert {"demo", "train", "eval", "export", "serve", "query", "retrain", "head-demo"} <= set(commands)
+    for name, command in commands.items():
+        for action in command._actions:
+            where = f"elmo {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{where} has no help"
+            if isinstance(action, argparse._HelpAction) or not action.option_strings or action.required:
+                continue
+            if action.default is None or action.default is argparse.SUPPRESS:
+                # no value to print: the help says what happens when the flag is not given
+                assert "(default" in action.help, f"{where}: the help must say what its default is"
+            shown = command.formatter_class(prog="elmo")._get_help_string(action)
+            if action.default is not False:  # switches (store_true) are off unless given
+                assert "(default" in shown, f"{where} does not show its default"
+
+
+def test_train_help_and_defaults_come_from_the_config_comments(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    helps = field_help(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        shown = str(field.default).lower() if isinstance(field.default, bool) else str(field.default) or '""'
+        assert f"{helps[field.name]} (default: {shown})" in out, field.name
+    assert "--batch-size N" in out and "training rows per step" in out and "(default: 256)" in out
+    headings = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headings[-6:] == [group for group, _ in field_groups(TrainConfig)]
+    assert "--precision {fp32,bf16,fp8,fp8+kahan}" in out
+
+
+def test_train_help_does_not_override_a_config_file(tmp_path):
+    (tmp_path / "c.toml").write_text("epochs = 7\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.toml"), "--dim", "8"])
+    assert not hasattr(args, "epochs") and args.dim == 8  # flags not given stay out: the file's epochs stand
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "elmo train: error: batch_size (--batch-size) must be >= 1; got 0"),
+        (["--epochs", "0"], "elmo train: error: epochs (--epochs) must be >= 1; got 0"),
+        (["--warmup", "-0.1"], "elmo train: error: warmup (--warmup) must be a fraction in [0, 1]; got -0.1"),
+    ],
+)
+def test_bad_train_values_are_one_line_errors(flags, message, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_enum_flags_name_the_allowed_values(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--precision", "fp16"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --precision: invalid choice: 'fp16'" in err and "fp8+kahan" in err
+    (tmp_path / "c.toml").write_text('device = "gpu"\n')
+    assert main(["train", "--config", str(tmp_path / "c.toml")]) == 2
+    assert "device (--device) must be one of auto, cpu, cuda; got 'gpu'" in capsys.readouterr().err
+
+
+def test_query_asks_the_port_serve_was_given(monkeypatch, capsys):
+    monkeypatch.delenv("ELMO_URL", raising=False)
+    monkeypatch.delenv("ELMO_PORT", raising=False)
+    assert query_url() == "http://127.0.0.1:8000"
+    assert query_url(port=8123) == "http://127.0.0.1:8123"
+    assert query_url(url="http://host:9000") == "http://host:9000"
+    monkeypatch.setenv("ELMO_PORT", "8124")  # as `elmo serve` reads it
+    assert query_url() == "http://127.0.0.1:8124" and query_url(port=8125) == "http://127.0.0.1:8125"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["query", "some text", "--port", str(port)]) == 1
+    assert f"cannot reach http://127.0.0.1:{port}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["query", "x", "--port", "1", "--url", "http://a"])
