@@ -279,7 +279,9 @@ def frequency_order(labels: sp.csr_matrix) -> np.ndarray:
 def permute_labels(ds: XMCDataset, order: np.ndarray) -> XMCDataset:
     """Renumber labels so that new label j is old label order[j]: label columns, titles, uids and filters move."""
     order = np.asarray(order, dtype=np.int64)
-    if order.shape != (ds.num_labels,) or not np.array_equal(np.sort(order), np.arange(ds.num_labels)):
+    if order.shape != (ds.num_labels,):  # a model trained on other data
+        raise ValueError(f"the model has {order.size:,} labels, the data {ds.num_labels:,}")
+    if not np.array_equal(np.sort(order), np.arange(ds.num_labels)):
         raise ValueError(f"order is not a permutation of the {ds.num_labels} labels")
     new_of_old = np.empty_like(order)
     new_of_old[order] = np.arange(len(order))

@@ -68,6 +68,11 @@ def test_train_eval_export(tmp_path, capsys):
     from_artifact = json.loads((tmp_path / "a.json").read_text())
     assert from_artifact["P@1"] == pytest.approx(from_run["P@1"], abs=2.0)
     assert json.loads((run / "metrics.json").read_text())["metrics"]["P@1"] == pytest.approx(from_run["P@1"])
+    capsys.readouterr()
+
+    other = _write_lf(tmp_path / "other", num_labels=30)
+    assert main(["eval", str(art), "--data", str(other)]) == 2
+    assert "error: the model has 40 labels, the data 30" in capsys.readouterr().err
 
 
 def test_bad_artifact_is_a_clean_error(tmp_path, capsys):
