@@ -42,3 +42,13 @@ def has_fp8_tensor_cores(device: torch.device | str) -> bool:
 def round_up(n: int, multiple: int = LABEL_ALIGN) -> int:
     """The smallest multiple of `multiple` >= n (label counts pad to LABEL_ALIGN rows)."""
     return -(-n // multiple) * multiple
+
+
+# (mantissa bits, smallest normal exponent, largest finite value) of the 8-bit formats the kernels round to.
+FP8_FORMATS = {
+    FP8_E4M3: (3, -6, FP8_E4M3_MAX),
+    FP8_E5M2: (2, -14, 57344.0),
+}
+
+# fp8 dots scale G = sigmoid(z) - y (|G| < 1) by this fixed power of two so that small gradients stay representable.
+GRAD_FP8_SCALE = 256.0

@@ -1,12 +1,13 @@
-"""Plain-torch references for the kernels: same rounding rules, same Philox stream, fp32 math.
+"""Plain-torch references for the kernels: same rounding rules, same random stream, fp32 math.
 
 They are exact enough that the Triton kernels can be compared element by element, and fast enough on CPU to be the
-fallback path (`impl="torch"`) of the functional API.
+fallback path (`impl="torch"`) of the functional API. They mirror the kernels; the constants both use live in
+`kernels.common`.
 
-Random stream (shared with the kernels): element (row, col) of a matrix with `cols` columns draws 16 bits from
-Philox-4x32-10 with key = seed and counter = (n, 0, 0, 0), n = row * ceil(cols / 8) + col // 8; of the four 32-bit
-words it returns, lane = col % 8 takes word lane // 2, low half for even lanes and high half for odd lanes. One
-Philox call therefore serves 8 consecutive elements of a row. This is exactly `tl.randint4x(seed, n)`.
+Random stream (shared with the kernels, `kernels.rounding.random_u16`): element (row, col) of a matrix whose rows
+are global row ids (label ids for the head, so that a label shard draws the bits of those rows of the whole head)
+draws the top 16 bits of mix32(h(row) ^ col * 0x9E3779B9), with h(row) = mix32(mix32(row ^ seed_lo) + seed_hi)
+and mix32 the lowbias32 mixer; all arithmetic on uint32, wrapping.
 """
 
 from __future__ import annotations
@@ -14,56 +15,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Philox-4x32 constants (Salmon et al. 2011), as in triton.language.random.
-_PHILOX_KEY_A = np.uint64(0x9E3779B9)
-_PHILOX_KEY_B = np.uint64(0xBB67AE85)
-_PHILOX_ROUND_A = np.uint64(0xD2511F53)
-_PHILOX_ROUND_B = np.uint64(0xCD9E8D57)
-_MASK32 = np.uint64(0xFFFFFFFF)
+from kernels.common import FP8_FORMATS, GRAD_FP8_SCALE
 
-# (mantissa bits, smallest normal exponent, largest finite value) of the 8-bit formats.
-FP8_FORMATS = {
-    torch.float8_e4m3fn: (3, -6, 448.0),
-    torch.float8_e5m2: (2, -14, 57344.0),
-}
-
-# fp8 dots scale G = sigmoid(z) - y (|G| < 1) by this fixed power of two so that small gradients stay representable.
-GRAD_FP8_SCALE = 256.0
+_M1, _M2, _GOLDEN = np.uint32(0x21F0AAAD), np.uint32(0x735A2D97), np.uint32(0x9E3779B9)
 
 
-def philox4x32(seed: int, counters: np.ndarray, rounds: int = 10) -> tuple[np.ndarray, ...]:
-    """Four uint32 words (as uint64 arrays) of Philox-4x32 for 64-bit counters (lo, hi, 0, 0) and a 64-bit seed."""
-    counters = np.asarray(counters, dtype=np.uint64)
-    c0 = counters & _MASK32
-    c1 = counters >> np.uint64(32)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0 = np.uint64(seed & 0xFFFFFFFF)
-    k1 = np.uint64((seed >> 32) & 0xFFFFFFFF)
-    for _ in range(rounds):
-        # A 32x32 product fits in uint64 exactly, so the high word is a plain shift.
-        prod_b = _PHILOX_ROUND_B * c2
-        prod_a = _PHILOX_ROUND_A * c0
-        c0, c1, c2, c3 = (
-            (prod_b >> np.uint64(32)) ^ c1 ^ k0,
-            prod_b & _MASK32,
-            (prod_a >> np.uint64(32)) ^ c3 ^ k1,
-            prod_a & _MASK32,
-        )
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
+def mix32(x: np.ndarray) -> np.ndarray:
+    """lowbias32 on uint32 arrays, as `kernels.rounding.mix32`."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * _M1
+    x = x ^ (x >> np.uint32(15))
+    x = x * _M2
+    return x ^ (x >> np.uint32(15))
 
 
 def random_u16(seed: int, rows: int, cols: int, row_offset: int = 0) -> torch.Tensor:
     """16 random bits per element of a (rows, cols) matrix whose first row is `row_offset` of the stream (int32)."""
-    groups = (cols + 7) // 8
-    n = (np.arange(row_offset, row_offset + rows, dtype=np.uint64)[:, None] * np.uint64(groups)) + np.arange(
-        groups, dtype=np.uint64
-    )[None, :]
-    words = np.stack(philox4x32(seed, n), axis=-1)  # (rows, groups, 4)
-    halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1)  # (rows, groups, 4, 2)
-    bits = halves.reshape(rows, groups * 8)[:, :cols]
+    with np.errstate(over="ignore"):
+        k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
+        r = np.arange(row_offset, row_offset + rows, dtype=np.uint64).astype(np.uint32)
+        h = mix32(mix32(r ^ k0) + k1)
+        c = np.arange(cols, dtype=np.uint32) * _GOLDEN
+        bits = mix32(h[:, None] ^ c[None, :]) >> np.uint32(16)
     return torch.from_numpy(bits.astype(np.int32))
 
 

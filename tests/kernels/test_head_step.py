@@ -7,6 +7,8 @@ import torch
 from kernel_checks import assert_same_bits
 
 from kernels import head_step as hs
+from kernels import head_step_fused as hsf
+from kernels import head_step_utils as hsu
 
 
 @dataclass
@@ -41,7 +43,7 @@ def _poison(monkeypatch):
     def empty(shape, dtype, device):
         return torch.full(shape, float("nan"), device=device).to(dtype)
 
-    monkeypatch.setattr(hs, "_empty", empty)
+    monkeypatch.setattr(hsu, "empty", empty)
 
 
 def _problem(case: Case):
@@ -59,27 +61,29 @@ def _problem(case: Case):
     return chunks, x, rows, cols, kahan, ex
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_reference(name, monkeypatch):
-    _poison(monkeypatch)
-    case = CASES[name]
-    chunks, x, rows, cols, kahan, ex = _problem(case)
-    cfg = hs.HeadStepConfig(
+def _config(case: Case, kernel: str = "fused") -> hs.HeadStepConfig:
+    return hs.HeadStepConfig(
         lr=0.3,
         weight_decay=0.01,
         seed=17,
         compute_loss=True,
         fp8_dots=case.fp8_dots,
         stochastic_rounding=case.stochastic,
+        kernel=kernel,
     )
-    out = {}
-    for impl in ("triton", "torch"):
-        w = [c.clone() for c in chunks]
-        k = kahan.clone() if kahan is not None else None
-        res = hs.head_step(w, x, rows, cols, cfg, num_labels=case.num_labels, kahan=k, impl=impl, **(ex or {}))
-        out[impl] = (w, res, k)
-    (wt, rt, kt), (wr, rr, kr) = out["triton"], out["torch"]
-    # Same rounding rule and Philox stream: bit-identical weights, save for a pre-rounding value that lands on a
+
+
+@pytest.mark.parametrize("kernel", hs.KERNELS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(name, kernel, monkeypatch):
+    _poison(monkeypatch)
+    case = CASES[name]
+    chunks, x, rows, cols, kahan, ex = _problem(case)
+    cfg = _config(case, kernel)
+    (wt, rt, kt), (wr, rr, kr) = (
+        _run(case, chunks, x, rows, cols, kahan, ex, cfg, impl) for impl in ("triton", "torch")
+    )
+    # Same rounding rule and random stream: bit-identical weights, save for a pre-rounding value that lands on a
     # rounding threshold differently because of fp32 summation order.
     for i, (a, b) in enumerate(zip(wt, wr, strict=True)):
         assert_same_bits(a, b, max_fraction=1e-4, what=f"{name} chunk {i}")
@@ -94,6 +98,65 @@ def test_kernel_matches_reference(name, monkeypatch):
     flat_old = torch.cat([w.float() for w in chunks])
     assert torch.equal(flat_new[case.num_labels :], flat_old[case.num_labels :])
     assert (flat_new[: case.num_labels] != flat_old[: case.num_labels]).float().mean() > 0.5
+
+
+def _run(case, chunks, x, rows, cols, kahan, ex, cfg, impl):
+    w = [c.clone() for c in chunks]
+    k = kahan.clone() if kahan is not None else None
+    res = hs.head_step(w, x, rows, cols, cfg, num_labels=case.num_labels, kahan=k, impl=impl, **(ex or {}))
+    return w, res, k
+
+
+# The persistent schedule's edge cases: (case, role A programs, role B label groups, super-chunk rows, D-tile).
+SCHEDULES = {
+    # 40 labels: one block in one super-chunk, fewer blocks than programs of either role; 3 D-tiles, the last ragged
+    "one-block": (Case(3, (48,), 40, 77, torch.bfloat16, kahan_rows=8), 3, 4, 64, 32),
+    # 1009 labels: a ragged last block and a ragged last super-chunk; more blocks than programs
+    "ragged": (Case(5, (1024,), 1009, 40, torch.float8_e4m3fn, exclude=6), 2, 3, 192, 64),
+    # super-chunks across three chunks, two of them smaller than a super-chunk, some groups idle in each launch
+    "chunks": (Case(4, (80, 16, 208), 290, 48, torch.float8_e4m3fn, fp8_dots=True, kahan_rows=100), 5, 7, 128, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_fused_schedule_edge_cases(name, monkeypatch):
+    _poison(monkeypatch)
+    case, num_a, groups, sc_rows, block_d = SCHEDULES[name]
+    elem = torch.empty(0, dtype=case.dtype).element_size()
+
+    def plan(batch, dim, fp8_dots, num_sms):
+        base = hsf.FusedPlan(
+            max(16, 1 << (batch - 1).bit_length()), 64, 64, 64, block_d, num_a, groups, sc_rows * dim * elem, 4, 1
+        )
+        assert hsf.super_chunk_rows(base, dim, elem) == sc_rows
+        return base
+
+    monkeypatch.setattr(hsf, "fused_plan", plan)
+    chunks, x, rows, cols, kahan, ex = _problem(case)
+    cfg = _config(case)
+    (wt, rt, kt), (wr, rr, kr) = (
+        _run(case, chunks, x, rows, cols, kahan, ex, cfg, impl) for impl in ("triton", "torch")
+    )
+    for i, (a, b) in enumerate(zip(wt, wr, strict=True)):
+        assert_same_bits(a, b, max_fraction=1e-4, what=f"{name} chunk {i}")
+    torch.testing.assert_close(rt.dx, rr.dx, rtol=1e-5, atol=1e-5)
+    assert rt.loss == pytest.approx(rr.loss, rel=1e-5)
+    if kahan is not None:
+        assert_same_bits(kt, kr, max_fraction=1e-4, what=f"{name} kahan")
+    flat_new, flat_old = torch.cat([w.float() for w in wt]), torch.cat([w.float() for w in chunks])
+    assert torch.equal(flat_new[case.num_labels :], flat_old[case.num_labels :]), "padding rows must never change"
+
+
+@pytest.mark.parametrize("kernel", hs.KERNELS)
+def test_dx_is_deterministic(kernel):
+    # dX partials are summed in a fixed order: two runs give the same bits (weights too).
+    case = Case(9, (256, 192), 420, 96, torch.float8_e4m3fn, fp8_dots=True, kahan_rows=30)
+    chunks, x, rows, cols, kahan, ex = _problem(case)
+    cfg = _config(case, kernel)
+    (w1, r1, k1), (w2, r2, k2) = (_run(case, chunks, x, rows, cols, kahan, ex, cfg, "triton") for _ in range(2))
+    assert torch.equal(r1.dx, r2.dx)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(w1, w2, strict=True))
+    assert torch.equal(k1, k2)
 
 
 def test_reference_step_is_sgd_on_bce():
@@ -162,6 +225,7 @@ def _valid():
         (lambda a: a.update(config=hs.HeadStepConfig(lr=0.1, seed=-3)), "seed"),
         (lambda a: a.update(x=torch.randn(300, 8), impl="triton"), "at most 256"),
         (lambda a: a.update(config=hs.HeadStepConfig(lr=0.1, fp8_dots=True)), "fp8_dots"),
+        (lambda a: a.update(config=hs.HeadStepConfig(lr=0.1, kernel="two")), "config.kernel"),
         (lambda a: a.update(exclude_rows=torch.tensor([0])), "go together"),
         (lambda a: a.update(exclude_rows=torch.tensor([0]), exclude_cols=torch.tensor([40])), "exclude_cols must lie"),
     ],

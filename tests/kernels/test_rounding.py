@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from kernel_checks import assert_same_bits
 
 from kernels import reference
+from kernels.common import FP8_FORMATS
 from kernels.rounding import stochastic_round
 
 DTYPES = [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -66,7 +68,7 @@ def test_unbiased(dtype, value):
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_saturates_and_keeps_nan(dtype):
-    top = reference.FP8_FORMATS[dtype][2]
+    top = FP8_FORMATS[dtype][2]
     x = torch.tensor([[1e9, -1e9, float("inf"), -float("inf"), top * 1.03, float("nan"), 0.0, 1.0]])
     y = stochastic_round(x, dtype, seed=5).float()
     assert y[0, :5].tolist() == [top, -top, top, -top, top]
@@ -91,6 +93,26 @@ def test_deterministic_per_seed_and_offset(dtype):
     assert_same_bits(stochastic_round(x[2:], dtype, seed=7, row_offset=2), a[2:], what="row offset")
 
 
+def test_random_bits_are_uniform_and_uncorrelated():
+    # The stream's own quality at a small size (kernels.rounding.random_u16 documents the larger run).
+    bits = reference.random_u16(3, 1024, 1024, row_offset=5).numpy().astype(np.int64)
+    n = bits.size
+    for field in (bits >> 8, bits & 255):  # high and low bytes: chi-square over 256 bins, 255 degrees of freedom
+        counts = np.bincount(field.ravel(), minlength=256)
+        chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum()
+        assert abs(chi2 - 255) < 6 * math.sqrt(2 * 255), chi2
+    centred = bits - 32767.5
+    other = reference.random_u16(4, 1024, 1024, row_offset=5).numpy() - 32767.5
+    pairs = {
+        "columns": (centred[:, :-1], centred[:, 1:]),
+        "rows": (centred[:-1], centred[1:]),
+        "seeds": (centred, other),
+    }
+    for what, (a, b) in pairs.items():
+        r = float((a * b).mean() / np.sqrt((a * a).mean() * (b * b).mean()))
+        assert abs(r) < 6 / math.sqrt(a.size), f"{what}: correlation {r:.2e}"
+
+
 def test_bad_arguments():
     x = torch.randn(4, 4)
     with pytest.raises(ValueError, match="targets"):
@@ -99,5 +121,7 @@ def test_bad_arguments():
         stochastic_round(x.double(), torch.bfloat16, seed=0)
     with pytest.raises(ValueError, match="seed"):
         stochastic_round(x, torch.bfloat16, seed=-1)
+    with pytest.raises(ValueError, match="row_offset"):
+        stochastic_round(x, torch.bfloat16, seed=0, row_offset=2**32 - 2)
     with pytest.raises(ValueError, match="out must be"):
         stochastic_round(x, torch.bfloat16, seed=0, out=torch.empty(3, 4, dtype=torch.bfloat16))
