@@ -101,6 +101,10 @@ class TrainConfig:
                 raise ValueError(f"{_name(key)} must be {rule}; got {getattr(self, key)!r}")
         if self.encoder == "hf" and not self.hf_path:
             raise ValueError(f"{_name('encoder')} hf needs {_name('hf_path')}: a local Hugging Face model directory")
+        if self.fp8_encoder and self.encoder != "hf":
+            raise ValueError(f"{_name('fp8_encoder')} applies to {_name('encoder')} hf, not {self.encoder}")
+        if self.use_gpu and self.workers == 0:
+            raise ValueError(f"{_name('use_gpu')} applies to Ray Train workers (--workers N); else: --device cuda")
         return self
 
     def _rules(self) -> list[tuple[str, bool, str]]:

@@ -78,6 +78,8 @@ def test_enums_come_from_the_annotations():
         ({"checkpoint_every": -2}, r"checkpoint_every \(--checkpoint-every\) must be >= -1"),
         ({"encoder": "hf"}, r"encoder \(--encoder\) hf needs hf_path \(--hf-path\)"),
         ({"out": ""}, r"out \(--out\) must be a directory"),
+        ({"fp8_encoder": True}, r"fp8_encoder \(--fp8-encoder\) applies to encoder \(--encoder\) hf, not hashed"),
+        ({"use_gpu": True}, r"use_gpu \(--use-gpu\) applies to Ray Train workers \(--workers N\)"),
     ],
 )
 def test_bad_values_are_named_with_what_is_allowed(overrides, message):
