@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from elmo_serve.scoring import Query, Scorer, ServingModel  # noqa: E402
+from elmo_serve.model import Query, ServingModel  # noqa: E402
+from elmo_serve.scoring import Scorer  # noqa: E402
 from kernels.topk import topk_scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
@@ -132,7 +133,7 @@ def run_direct(args) -> list[dict]:
             q = _quantiles(times)
             agree = {}
             if backend == "triton":  # the replayed graph against an eager call of the kernel, same queries
-                x = model.encode([t for qq in batch for t in qq.texts])
+                x = model.queries([t for qq in batch for t in qq.texts])
                 gs, gi = model.scorer.topk(x, args.k)
                 es, ei = topk_scores(x, model.scorer.weights, args.k, model.num_labels)
                 agree = {"ids_equal_eager": float((gi == ei.cpu()).float().mean()),

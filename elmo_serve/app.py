@@ -7,16 +7,19 @@
 What may change at run time comes through its `user_config` (`reconfigure`): the artifact path (hot swap: the new
 artifact is loaded and checked beside the old one, then replaces it; requests already accepted finish on the model
 they were validated against; a bad artifact is refused, the old model keeps serving and /v1/model reports why), the
-limits, the backend, and the batch size / wait. `Ingress` parses and validates bodies (pydantic), maps every client
-error to a 4xx (see `elmo_serve.schemas`), and exports Prometheus metrics on /metrics.
+limits, the backend, and the batch size / wait. `Ingress` parses and validates bodies (pydantic) once and hands the
+parsed request to the scorer, which checks it against the limits and the model and answers with a `ScorerReply` (the
+response, or the 4xx that refuses it); the ingress maps every client error to a 4xx (see `elmo_serve.schemas`) and
+exports Prometheus metrics on /metrics. The model itself (loading an artifact, the batched call) is
+`elmo_serve.model`.
 """
 
 import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from fastapi import FastAPI, Request
@@ -28,6 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from elmo_serve.model import Query, ServingModel, load_model
 from elmo_serve.schemas import (
     ErrorBody,
     Health,
@@ -36,12 +40,13 @@ from elmo_serve.schemas import (
     PredictRequest,
     PredictResponse,
     RequestError,
+    ScoredLabel,
+    ScorerReply,
     SimilarRequest,
     SimilarResponse,
     check_k,
     check_predict,
 )
-from elmo_serve.scoring import Query, ServingModel
 
 logger = logging.getLogger("ray.serve")
 _MAX_BODY_BYTES = [4 * 2**20]  # set by the Ingress replica of this process; read by the body-size guard
@@ -78,57 +83,12 @@ class ScorerConfig(BaseModel):
     batch_wait_timeout_s: float | None = Field(None, ge=0)
 
 
-def load_model(path: str | ServingModel | Callable[[], ServingModel], backend: str = "auto") -> ServingModel:
-    """Load and validate an artifact (`training.artifact.load_artifact`) and score a probe text with it.
+class Scored(NamedTuple):
+    """One request's answers (per text: label ids, scores) and the scorer batch that computed them."""
 
-    A ServingModel, or a function that builds one in the replica, is taken as it is (embedding the app in a Python
-    program, synthetic benchmarks, tests).
-    """
-    if isinstance(path, ServingModel):
-        return path
-    if callable(path):
-        return path()
-    model = serving_model(path, backend)
-    model.predict_batch([Query(texts=[model.item_text(0)], k=1)])  # the probe: encoder + head run end to end
-    return model
-
-
-def serving_model(path: str | Path, backend: str = "auto") -> ServingModel:
-    """The artifact at `path` as a ServingModel: its encoder (+ the head's input scaling and bias column) and head."""
-    import hashlib
-
-    import torch
-
-    from elmo_serve.scoring import Scorer
-    from training.artifact import load_artifact
-
-    scorer_device = "cuda" if backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
-    art = load_artifact(path, device=scorer_device)
-    m, manifest = art.model, art.manifest
-
-    @torch.inference_mode()
-    def encode(texts):
-        return m.head.head_input(m.embed(*m.encoder_inputs(list(texts)))).float()
-
-    digest = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:10]
-    version = str(manifest.get("version") or f"{Path(path).resolve().name}-{digest}")
-    info = {
-        "artifact": str(Path(path).resolve()),
-        "dim": manifest["dim"],
-        "head_dtype": manifest["head"]["dtype"],
-        "encoder": manifest["encoder"]["kind"],
-        "metrics": manifest.get("metrics", {}),
-        "manifest": {k: v for k, v in manifest.items() if k not in ("training", "metrics")},
-    }
-    return ServingModel(
-        version=version,
-        encode=encode,
-        scorer=Scorer(m.head.weight, art.num_labels, backend),
-        uids=[str(x.get("uid", x["id"])) for x in art.labels],
-        titles=[x["title"] for x in art.labels],
-        vector_dim=manifest["dim"],  # /v1/similar mode=embedding: the label vectors without the bias column
-        info=info,
-    )
+    answers: list[tuple[list[int], list[float]]]
+    batch: int  # requests in the batch
+    texts: int  # texts in the batch
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -196,7 +156,7 @@ class ModelScorer:
     # its batch gathers for as long as a batch has been taking (a running average), at most batch_wait_timeout_s.
     # Under load batches then grow with the load instead of queueing up small behind the running one.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _batched(self, items: list[tuple[ServingModel, Query]]) -> list[tuple]:
+    async def _batched(self, items: list[tuple[ServingModel, Query]]) -> list[Scored]:
         groups: dict[int, list[int]] = {}
         for i, (model, _) in enumerate(items):
             groups.setdefault(id(model), []).append(i)
@@ -210,7 +170,7 @@ class ModelScorer:
                 model = items[idx[0]][0]
                 res = await asyncio.to_thread(model.predict_batch, [items[i][1] for i in idx])
                 for i, r in zip(idx, res, strict=True):
-                    out[i] = (r, len(items), texts)
+                    out[i] = Scored(r, len(items), texts)
         finally:
             self._running -= 1
             self._batch_s += 0.2 * (time.perf_counter() - t0 - self._batch_s)
@@ -218,15 +178,14 @@ class ModelScorer:
                 self._batched.set_batch_wait_timeout_s(0.0)
         return out
 
-    async def _score(self, model: ServingModel, query: Query) -> tuple:
-        """(answers, requests in its batch, texts in its batch). A request that finds the scorer idle and nothing
-        else waiting is scored at once, without the batch queue's hand-offs; whatever arrives meanwhile waits in the
-        batch queue."""
+    async def _score(self, model: ServingModel, query: Query) -> Scored:
+        """A request that finds the scorer idle and nothing else waiting is scored at once, without the batch queue's
+        hand-offs; whatever arrives meanwhile waits in the batch queue."""
         if not self._running and not self._waiting:
             self._running += 1
             try:
                 # In a worker thread: the event loop must see the requests that arrive meanwhile (they batch).
-                return (await asyncio.to_thread(model.predict_batch, [query]))[0], 1, len(query.texts)
+                return Scored((await asyncio.to_thread(model.predict_batch, [query]))[0], 1, len(query.texts))
             finally:
                 self._running -= 1
         self._waiting += 1
@@ -235,61 +194,61 @@ class ModelScorer:
         finally:
             self._waiting -= 1
 
-    def _labels(self, model: ServingModel, ids: list[int], scores: list[float]) -> list[dict]:
+    def _labels(self, model: ServingModel, ids: list[int], scores: list[float]) -> list[ScoredLabel]:
         return [
-            {"label_id": i, "uid": model.uids[i], "title": model.titles[i], "score": s}
+            ScoredLabel(label_id=i, uid=model.uids[i], title=model.titles[i], score=s)
             for i, s in zip(ids, scores, strict=True)
         ]
 
-    async def predict(self, body: dict) -> dict:
+    async def predict(self, req: PredictRequest) -> ScorerReply:
+        """A request the ingress parsed: checked against the limits and the model it will be scored on, scored."""
         model = self.model
         try:
-            req = PredictRequest(**body)
             check_predict(req, self.limits, model.num_labels)
         except RequestError as e:
-            return {"status": e.status, "error": e.message}
-        res, batch, texts = await self._score(model, Query(req.texts, req.k, list(set(req.exclude or ()))))
-        results = [self._labels(model, ids, s) for ids, s in res]
-        return {"model_version": model.version, "results": results, "_batch": batch, "_texts": texts}
+            return ScorerReply.refused(e)
+        res = await self._score(model, Query(req.texts, req.k, list(set(req.exclude or ()))))
+        body = PredictResponse(model_version=model.version, results=[self._labels(model, *r) for r in res.answers])
+        return ScorerReply(body, batch=res.batch, texts=res.texts)
 
-    async def similar(self, body: dict) -> dict:
+    async def similar(self, req: SimilarRequest) -> ScorerReply:
         model = self.model
         try:
-            req = SimilarRequest(**body)
             item = model.id_of(req.uid) if req.uid is not None else req.id
             if item is None or not 0 <= item < model.num_labels:
                 key = f"uid {req.uid!r}" if req.uid is not None else f"id {req.id}"
                 raise RequestError(404, f"unknown item {key} (ids are 0..{model.num_labels - 1})")
             check_k(req.k, self.limits, model.num_labels, reserved=1)
         except RequestError as e:
-            return {"status": e.status, "error": e.message}
-        batch = texts = 0
+            return ScorerReply.refused(e)
         if req.mode == "text":
-            res, batch, texts = await self._score(model, Query([model.item_text(item)], req.k, [item]))
-            ids, scores = res[0]
+            res = await self._score(model, Query([model.item_text(item)], req.k, [item]))
+            (ids, scores), batch, texts = res.answers[0], res.batch, res.texts
         else:
             ids, scores = await asyncio.to_thread(model.similar_by_embedding, item, req.k)
-        return {
-            "model_version": model.version,
-            "item": self._labels(model, [item], [0.0])[0],
-            "results": self._labels(model, ids, scores),
-            "_batch": batch,
-            "_texts": texts,
-        }
+            batch = texts = 0
+        body = SimilarResponse(
+            model_version=model.version,
+            item=self._labels(model, [item], [0.0])[0],
+            results=self._labels(model, ids, scores),
+        )
+        return ScorerReply(body, batch=batch, texts=texts)
 
-    def info(self) -> dict:
+    def info(self) -> ModelInfo:
         m = self.model
         keys = ("num_labels", "dim", "head_dtype", "encoder", "metrics", "manifest")
-        return {
-            "model_version": m.version,
-            "artifact": m.info.get("artifact", ""),
-            **{k: m.info.get(k, {} if k in ("metrics", "manifest") else "") for k in keys},
-            "num_labels": m.num_labels,
-            "backend": m.scorer.backend,
-            "torch_threads": torch.get_num_threads(),
-            "limits": self.limits.model_dump(),
-            "last_swap_error": self.swap_error,
-        }
+        return ModelInfo(
+            **{
+                "model_version": m.version,
+                "artifact": m.info.get("artifact", ""),
+                **{k: m.info.get(k, {} if k in ("metrics", "manifest") else "") for k in keys},
+                "num_labels": m.num_labels,
+                "backend": m.scorer.backend,
+                "torch_threads": torch.get_num_threads(),
+                "limits": self.limits,
+                "last_swap_error": self.swap_error,
+            }
+        )
 
 
 app = FastAPI(
@@ -387,31 +346,30 @@ class Ingress:
             "elmo_batch_texts", "texts per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg
         )
 
-    async def _call(self, endpoint: str, method: str, body: BaseModel) -> JSONResponse:
+    async def _call(self, endpoint: str, body: PredictRequest | SimilarRequest) -> Response:
         t0 = time.perf_counter()
-        out = await getattr(self.scorer, method).remote(body.model_dump())
-        status = out.pop("status", 200)
-        if status != 200:
-            resp = _error(status, out["error"])
+        reply: ScorerReply = await getattr(self.scorer, endpoint).remote(body)  # the parsed request, as it is
+        if reply.body is None:
+            resp = _error(reply.status, reply.error)
         else:
-            batch, texts = out.pop("_batch"), out.pop("_texts")
-            if batch:
-                self.batch.observe(batch)
-                self.batch_texts.observe(texts)
-            resp = JSONResponse(out, headers={"x-model-version": out["model_version"], "x-batch-size": str(batch)})
-        self.requests.labels(endpoint, str(status)).inc()
+            if reply.batch:
+                self.batch.observe(reply.batch)
+                self.batch_texts.observe(reply.texts)
+            headers = {"x-model-version": reply.body.model_version, "x-batch-size": str(reply.batch)}
+            resp = Response(reply.body.model_dump_json(), media_type="application/json", headers=headers)
+        self.requests.labels(endpoint, str(reply.status)).inc()
         self.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return resp
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
     async def predict(self, body: PredictRequest):
         """Top-k labels (id, uid, title, score) of each text."""
-        return await self._call("predict", "predict", body)
+        return await self._call("predict", body)
 
     @app.post("/v1/similar", response_model=SimilarResponse, responses=_ERRORS)
     async def similar(self, body: SimilarRequest):
         """Items related to an item (by uid or id), the item itself excluded."""
-        return await self._call("similar", "similar", body)
+        return await self._call("similar", body)
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model(self):
@@ -419,8 +377,8 @@ class Ingress:
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self):
-        info = await self.scorer.info.remote()
-        return {"status": "ok", "model_version": info["model_version"]}
+        info: ModelInfo = await self.scorer.info.remote()
+        return Health(model_version=info.model_version)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(self):

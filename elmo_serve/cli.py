@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_commands(sub)
     add_retrain_command(sub)
+    from elmo_serve.predict import add_predict_command
+
+    add_predict_command(sub)
 
     tr = sub.add_parser(
         "train",

@@ -12,6 +12,7 @@ Nothing a client sends produces a 5xx.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
@@ -105,6 +106,22 @@ class Health(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     detail: list | dict | str | None = None
+
+
+@dataclass(frozen=True)
+class ScorerReply:
+    """The scorer deployment's answer to one validated request, as it comes back through the Ray handle: the response
+    body, or the status and message of the client error that refused the request; and the scorer batch it was in."""
+
+    body: PredictResponse | SimilarResponse | None = None
+    status: int = 200  # the 4xx of a refused request
+    error: str = ""  # a refused request's message
+    batch: int = 0  # requests in the scorer batch that answered it (0: scored without one, /v1/similar embedding)
+    texts: int = 0  # texts in that batch
+
+    @classmethod
+    def refused(cls, e: RequestError) -> ScorerReply:
+        return cls(status=e.status, error=e.message)
 
 
 def check_predict(req: PredictRequest, limits: Limits, num_labels: int) -> None:

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,13 @@ class Artifact:
     @property
     def num_labels(self) -> int:
         return self.manifest["num_labels"]
+
+    @torch.inference_mode()
+    def queries(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> (B, in_dim) fp32 head queries, on the head's device: the encoder's output with the head's input
+        scaling and bias column (`XMCHead.head_input`), so that scores = queries @ weight^T."""
+        m = self.model
+        return m.head.head_input(m.embed(*m.encoder_inputs(list(texts)))).float()
 
 
 def _export_weight(head: XMCHead, order: np.ndarray) -> tuple[torch.Tensor, str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from elmo_serve.scoring import Scorer, ServingModel
+from elmo_serve.model import ServingModel
+from elmo_serve.scoring import Scorer
 from training.encoders import HashedBagEncoder, HashedNgramFeaturizer, bag_inputs
 
 TITLES = [

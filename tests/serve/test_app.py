@@ -8,7 +8,7 @@ import httpx
 import pytest
 from conftest import toy_model
 
-from elmo_serve.scoring import Query
+from elmo_serve.model import Query
 from kernels.topk import reference_topk
 
 LIMITS = {"max_texts": 64, "max_text_chars": 2000, "max_k": 50, "max_exclude": 100}
@@ -44,7 +44,7 @@ def test_http_answers_equal_offline_prediction(client):
     body = r.json()
     assert body["model_version"] == "toy-v1" and r.headers["x-model-version"] == "toy-v1"
     offline = model.predict_batch([Query(texts, 7, [0, 5])])[0]
-    ref_s, ref_i = reference_topk(model.encode(texts), model.scorer.weights, 7, model.num_labels, [[0, 5]] * 4)
+    ref_s, ref_i = reference_topk(model.queries(texts), model.scorer.weights, 7, model.num_labels, [[0, 5]] * 4)
     for got, (ids, scores), r_ids, r_s in zip(body["results"], offline, ref_i.tolist(), ref_s.tolist(), strict=True):
         assert [x["label_id"] for x in got] == ids == r_ids
         assert [x["score"] for x in got] == pytest.approx(scores, rel=1e-6)
@@ -290,11 +290,29 @@ def test_artifact_http_answers_equal_offline_prediction(swap_app, artifacts):
     assert r.json()["results"][0][0]["label_id"] == 5  # a label's own title finds it
 
 
+def test_batch_prediction_equals_http_answers(swap_app, tmp_path):
+    from elmo_serve.predict import predict_command
+
+    url, _ = swap_app
+    served = httpx.get(url + "/v1/model", timeout=30).json()["artifact"]
+    texts = ["python3 numpy arrays", "some words that mean nothing", "GNU C++ compiler", "qt quick module", "gcc"]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"uid": f"t{i}", "title": t}) + "\n" for i, t in enumerate(texts)))
+    assert predict_command(served, str(src), k=10, out=str(out), batch_size=2, device="cpu", progress=False) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    r = httpx.post(url + "/v1/predict", json={"texts": texts, "k": 10}, timeout=30)
+    assert r.status_code == 200 and len(rows) == len(texts)
+    for row, got in zip(rows, r.json()["results"], strict=True):
+        assert row["ids"] == [x["label_id"] for x in got]
+        assert row["uids"] == [x["uid"] for x in got] and row["titles"] == [x["title"] for x in got]
+        assert row["scores"] == pytest.approx([x["score"] for x in got], rel=1e-5, abs=1e-6)
+
+
 def test_hot_swap_refuses_a_corrupt_artifact_and_serves_the_new_one(swap_app, artifacts):
     import threading
     import time
 
-    from elmo_serve.app import serving_model
+    from elmo_serve.model import serving_model
 
     url, deploy = swap_app
     v1, v2 = (serving_model(artifacts[v], "torch").version for v in ("v1", "v2"))

@@ -1,0 +1,164 @@
+"""The served model: an artifact (or any encoder + head) as a Serve replica and `elmo predict` hold it.
+
+`load_model(path)` reads and checks an artifact (`training.artifact.load_artifact`) and scores a probe text with it;
+`ServingModel.predict_batch` is the batched call path: the scorer deployment's `@serve.batch` method calls it, and so
+do `elmo predict` and the direct (Ray-less) benchmarks. Like `elmo_serve.scoring`, this module imports only torch,
+kernels and training at load time, so it runs on a machine without Ray, pydantic or faiss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from elmo_serve.scoring import Scorer, build_index
+
+
+@dataclass
+class Query:
+    """One request of a batch: its texts, k, and label ids to leave out of every text's answer."""
+
+    texts: list[str]
+    k: int
+    exclude: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ServingModel:
+    """What a replica serves: queries (texts -> head queries), scorer over the head, label table, version.
+
+    `queries(texts)` returns the (B, D) fp32 queries that the stored head rows multiply (the head's input scaling and
+    bias column included: `training.artifact.Artifact.queries`). Head row j is label id `row_ids[j]` (identity when
+    None). `label_vectors` (L, d) back the "embedding" mode of /v1/similar (faiss over normalized vectors); by default
+    the head rows' first `vector_dim` columns (all columns when None).
+    """
+
+    version: str
+    queries: Callable[[Sequence[str]], torch.Tensor]
+    scorer: Scorer
+    uids: list[str]
+    titles: list[str]
+    row_ids: torch.Tensor | None = None
+    label_vectors: torch.Tensor | None = None
+    vector_dim: int | None = None
+    info: dict = field(default_factory=dict)
+    _uid_index: dict[str, int] = field(default_factory=dict, repr=False)
+    _id_rows: torch.Tensor | None = field(default=None, repr=False)
+    _item_index: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        n = self.scorer.num_labels
+        if len(self.uids) != n or len(self.titles) != n:
+            raise ValueError(f"label table has {len(self.uids)} uids / {len(self.titles)} titles for {n} labels")
+        self._uid_index = {u: i for i, u in enumerate(self.uids)}
+        if self.row_ids is not None:
+            self.row_ids = torch.as_tensor(self.row_ids, dtype=torch.int64)
+            if sorted(self.row_ids.tolist()) != list(range(n)):
+                raise ValueError("row_ids must be a permutation of the label ids")
+            self._id_rows = torch.empty(n, dtype=torch.int64)
+            self._id_rows[self.row_ids] = torch.arange(n)
+
+    @property
+    def num_labels(self) -> int:
+        return self.scorer.num_labels
+
+    def id_of(self, uid: str) -> int | None:
+        return self._uid_index.get(uid)
+
+    def _to_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.row_ids is None else self.row_ids[rows]
+
+    def _to_rows(self, ids: Sequence[int]) -> list[int]:
+        return list(ids) if self._id_rows is None else self._id_rows[torch.as_tensor(ids, dtype=torch.int64)].tolist()
+
+    @torch.inference_mode()
+    def predict_batch(self, queries: Sequence[Query]) -> list[list[tuple[list[int], list[float]]]]:
+        """Per query, per text: (label ids, scores), best first. Encodes all texts at once, one top-k call."""
+        texts = [t for q in queries for t in q.texts]
+        if not texts:
+            return [[] for _ in queries]
+        owner = [j for j, q in enumerate(queries) for _ in q.texts]
+        excl = [self._to_rows(queries[j].exclude) for j in owner]
+        kmax = max(q.k for q in queries)
+        if kmax + max(len(set(e)) for e in excl) > self.num_labels:
+            # One call cannot give every row kmax labels: answer the queries one by one.
+            return [self.predict_batch([q])[0] for q in queries] if len(queries) > 1 else self._one_by_one(queries[0])
+        scores, rows = self.scorer.topk(self.queries(texts), kmax, excl)
+        ids = self._to_ids(rows)
+        out: list[list[tuple[list[int], list[float]]]] = [[] for _ in queries]
+        for b, j in enumerate(owner):
+            k = queries[j].k
+            out[j].append((ids[b, :k].tolist(), scores[b, :k].tolist()))
+        return out
+
+    def _one_by_one(self, q: Query):
+        x = self.queries(q.texts)
+        s, r = self.scorer.topk(x, q.k, [self._to_rows(q.exclude)] * len(q.texts))
+        ids = self._to_ids(r)
+        return [(ids[b].tolist(), s[b].tolist()) for b in range(len(q.texts))]
+
+    def item_text(self, label_id: int) -> str:
+        return self.titles[label_id] or self.uids[label_id]
+
+    @torch.inference_mode()
+    def similar_by_embedding(self, label_id: int, k: int) -> tuple[list[int], list[float]]:
+        """Nearest labels by cosine of their vectors (faiss flat index, built on first use), the item excluded."""
+        if self._item_index is None:
+            v = self.label_vectors
+            if v is None:
+                rows = self._id_rows if self._id_rows is not None else torch.arange(self.num_labels)
+                v = self.scorer.weights[rows.to(self.scorer.weights.device), : self.vector_dim]
+            v = torch.nn.functional.normalize(v.float().cpu(), dim=1)
+            self.label_vectors = v
+            self._item_index = build_index(v, "flat")
+        q = self.label_vectors[label_id : label_id + 1].contiguous().numpy()
+        scores, ids = self._item_index.search(q, min(k + 1, self.num_labels))
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and i != label_id]
+        return [i for i, _ in pairs[:k]], [s for _, s in pairs[:k]]
+
+
+def serving_model(path: str | Path, backend: str = "auto") -> ServingModel:
+    """The artifact at `path` as a ServingModel: its queries (`Artifact.queries`), head and label table."""
+    from training.artifact import load_artifact
+
+    scorer_device = "cuda" if backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
+    art = load_artifact(path, device=scorer_device)
+    manifest = art.manifest
+    digest = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:10]
+    version = str(manifest.get("version") or f"{Path(path).resolve().name}-{digest}")
+    info = {
+        "artifact": str(Path(path).resolve()),
+        "dim": manifest["dim"],
+        "head_dtype": manifest["head"]["dtype"],
+        "encoder": manifest["encoder"]["kind"],
+        "metrics": manifest.get("metrics", {}),
+        "manifest": {k: v for k, v in manifest.items() if k not in ("training", "metrics")},
+    }
+    return ServingModel(
+        version=version,
+        queries=art.queries,
+        scorer=Scorer(art.model.head.weight, art.num_labels, backend),
+        uids=[str(x.get("uid", x["id"])) for x in art.labels],
+        titles=[x["title"] for x in art.labels],
+        vector_dim=manifest["dim"],  # /v1/similar mode=embedding: the label vectors without the bias column
+        info=info,
+    )
+
+
+def load_model(path: str | Path | ServingModel | Callable[[], ServingModel], backend: str = "auto") -> ServingModel:
+    """Load and validate an artifact (`serving_model`) and score a probe text with it.
+
+    A ServingModel, or a function that builds one in the replica, is taken as it is (embedding the app in a Python
+    program, synthetic benchmarks, tests).
+    """
+    if isinstance(path, ServingModel):
+        return path
+    if callable(path):
+        return path()
+    model = serving_model(path, backend)
+    model.predict_batch([Query(texts=[model.item_text(0)], k=1)])  # the probe: encoder + head run end to end
+    return model
