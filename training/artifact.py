@@ -2,11 +2,13 @@
 
 A directory:
     manifest.json       format, format_version, created_at, num_labels, dim, head {dtype, rows, in_dim, bias,
-                        bias_input, scale, chunk_rows, label_align}, encoder {kind, config}, metrics,
-                        data_fingerprint, training (the TrainConfig)
+                        bias_input, scale, chunk_rows, label_align}, encoder {kind, config, featurizer, table_dtype},
+                        metrics, data_fingerprint, training (the TrainConfig)
     head.safetensors    "weight": (rows, in_dim) float8_e4m3fn or bfloat16, rows = num_labels padded to 16, row i is
                         label id i; "scale": () float32, the fixed power-of-two weight scale s
-    encoder/            kind "hashed": encoder.safetensors (the HashedBagEncoder state), featurizer.json and
+    encoder/            kind "hashed": encoder.safetensors (the HashedBagEncoder state; its embedding table in
+                        encoder.table_dtype, bfloat16 rounded to nearest, half the size of fp32; an artifact without
+                        table_dtype holds it in float32 and loads as it did), featurizer.json and
                         featurizer.safetensors (kept buckets, idf) when it reads raw text;
                         kind "hf": a Hugging Face model directory (config.json, weights, tokenizer)
     frozen/             only with encoder.frozen {dim, max_length} (a hashed encoder fused with frozen pretrained
@@ -48,6 +50,8 @@ from training.model import LABEL_ALIGN, HeadConfig, XMCHead, XMCModel, padded
 FORMAT = "elmo-artifact"
 FORMAT_VERSION = 1
 HEAD_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "bfloat16": torch.bfloat16}
+TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a hashed encoder's embedding table(s)
+TABLE_DTYPE = "bfloat16"  # written by save_artifact; the table is upcast to fp32 when loaded
 ENCODER_KINDS = ("hashed", "hf")
 
 
@@ -68,6 +72,11 @@ class Artifact:
         scaling and bias column (`XMCHead.head_input`), so that scores = queries @ weight^T."""
         m = self.model
         return m.head.head_input(m.embed(*m.encoder_inputs(list(texts)))).float()
+
+
+def _table_keys(encoder: torch.nn.Module) -> set[str]:
+    """State keys of the encoder's embedding tables (the EmbeddingBag weights: nearly all of a hashed encoder)."""
+    return {f"{n}.weight" for n, m in encoder.named_modules() if isinstance(m, torch.nn.EmbeddingBag)}
 
 
 def _export_weight(head: XMCHead, order: np.ndarray) -> tuple[torch.Tensor, str]:
@@ -111,7 +120,11 @@ def save_artifact(
     else:
         bag = encoder.bag if isinstance(encoder, FusedEncoder) else encoder
         kind, enc_config = "hashed", dict(vars(bag.config))
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        tables = _table_keys(encoder)
+        state = {
+            k: (v.to(TABLE_DTYPES[TABLE_DTYPE]) if k in tables else v).detach().cpu().contiguous()
+            for k, v in encoder.state_dict().items()
+        }
         save_file(state, tmp / "encoder" / "encoder.safetensors")
         if model.featurizer is not None:
             fs = model.featurizer.state_dict()
@@ -156,6 +169,7 @@ def save_artifact(
             "kind": kind,
             "config": enc_config,
             "featurizer": model.featurizer is not None,
+            **({"table_dtype": TABLE_DTYPE} if kind == "hashed" else {}),
             **({"frozen": frozen} if frozen else {}),
         },
         "metrics": metrics or {},
@@ -292,7 +306,13 @@ def _read_encoder(path: Path, manifest: dict):
             f"encoder state shape mismatch in {bad}: expected {[expected.get(k) for k in bad]}, "
             f"found {[got.get(k) for k in bad]}",
         )
-    encoder.load_state_dict(state)
+    table_dtype = enc.get("table_dtype", "float32")
+    if table_dtype not in TABLE_DTYPES:
+        raise _fail(path, f"encoder table_dtype {table_dtype!r} is not one of {sorted(TABLE_DTYPES)}")
+    for k in sorted(_table_keys(encoder)):
+        if state[k].dtype != TABLE_DTYPES[table_dtype]:
+            raise _fail(path, f"encoder table {k} is {state[k].dtype}, the manifest says {table_dtype}")
+    encoder.load_state_dict(state)  # copies into the fp32 parameters: a bf16 table is upcast exactly
     featurizer = None
     if enc.get("featurizer", False):
         fjson, fst = edir / "featurizer.json", edir / "featurizer.safetensors"

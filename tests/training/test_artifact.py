@@ -35,12 +35,58 @@ def test_round_trip_keeps_scores_and_labels(trained):
     titles = {int(order[j]): t for j, t in enumerate(train.label_titles)}
     assert all(art.labels[i]["title"] == titles[i] for i in range(50))
     texts = test.texts[:8]
-    x0 = model.embed(*model.encoder_inputs(texts))
+    x0 = _bf16_table(model).embed(*model.encoder_inputs(texts))  # the table is stored rounded to bf16
     x1 = art.model.embed(*art.model.encoder_inputs(texts))
     torch.testing.assert_close(x1, x0)
     s0 = model.head.scores(x0)  # columns in training (frequency) order
     s1 = art.model.head.scores(x1)  # columns in label-id order
     torch.testing.assert_close(s1[:, order], s0)
+
+
+def _bf16_table(model):
+    """A copy of `model` with its embedding table rounded to bf16 (round to nearest), as the artifact stores it."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.encoder.bag.weight.copy_(ref.encoder.bag.weight.to(torch.bfloat16).float())
+    return ref
+
+
+def test_table_is_stored_in_bf16_and_queries_are_the_head_inputs(trained):
+    model, _, test, path = trained
+    art = load_artifact(path)
+    state = load_file(path / "encoder" / "encoder.safetensors")
+    assert state["bag.weight"].dtype == torch.bfloat16 and art.manifest["encoder"]["table_dtype"] == "bfloat16"
+    assert state["norm.weight"].dtype == torch.float32  # only the table is rounded
+    assert art.model.encoder.bag.weight.dtype == torch.float32  # upcast when loaded
+    texts = test.texts[:5]
+    m = art.model
+    want = m.head.head_input(m.embed(*m.encoder_inputs(texts))).float()
+    got = art.queries(texts)
+    assert got.shape == (5, 17) and got.dtype == torch.float32  # dim 16 + the bias column
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_fp32_table_without_table_dtype_still_loads(trained, tmp_path):
+    model, _, test, path = trained
+    old = _copy(path, tmp_path)
+    spath = old / "encoder" / "encoder.safetensors"
+    state = load_file(spath)
+    state["bag.weight"] = model.encoder.bag.weight.detach().contiguous()  # fp32, as artifacts were written before
+    save_file(state, spath)
+    _edit_manifest(old, lambda m: m["encoder"].pop("table_dtype"))
+    art = load_artifact(old)
+    texts = test.texts[:8]
+    torch.testing.assert_close(
+        art.model.embed(*art.model.encoder_inputs(texts)), model.embed(*model.encoder_inputs(texts))
+    )
+    _edit_manifest(old, lambda m: m["encoder"].update(table_dtype="bfloat16"))
+    with pytest.raises(ValueError, match="bag.weight is torch.float32, the manifest says bfloat16"):
+        load_artifact(old)
+    _edit_manifest(old, lambda m: m["encoder"].update(table_dtype="int4"))
+    with pytest.raises(ValueError, match="table_dtype 'int4'"):
+        load_artifact(old)
 
 
 def _copy(path, tmp_path):
