@@ -59,7 +59,7 @@ def local_batch(batch: int, world: int, rank: int, labels: int, dim: int, step: 
     x = torch.randn(hi - lo, dim, device=device, generator=g).to(torch.bfloat16)
     rows = torch.arange(hi - lo, device=device).repeat_interleave(5)
     cols = (torch.rand(rows.numel(), device=device, generator=g) ** 4 * labels).long().clamp_max(labels - 1)
-    return x, rows, cols
+    return x, torch.stack([rows, cols], 1)
 
 
 def timed(fn, steps: int, warmup: int) -> float:
@@ -110,13 +110,13 @@ def step_config(labels: int, args, world: int, rank: int, device, with_topk: boo
     batches = [local_batch(args.batch, world, rank, labels, args.dim, i, device) for i in range(calls)]
     gathered = []
     for b in batches:
-        x_all, rows_all, cols_all, _ = gather_batch(*b)
-        mine = (cols_all >= start) & (cols_all < end)
-        gathered.append((x_all, rows_all[mine], cols_all[mine] - start))
+        x_all, pos_all, _ = gather_batch(*b)
+        mine = (pos_all[:, 1] >= start) & (pos_all[:, 1] < end)
+        gathered.append((x_all, pos_all[mine, 0], pos_all[mine, 1] - start))
 
     def sharded(i: int) -> None:
-        x, rows, cols = batches[i % calls]
-        sharded_head_step(chunks, start, end - start, x, rows, cols, HeadStepConfig(lr=0.01, seed=i), impl="triton")
+        x, pos = batches[i % calls]
+        sharded_head_step(chunks, start, end - start, x, pos, HeadStepConfig(lr=0.01, seed=i), impl="triton")
 
     def local(i: int) -> None:
         x_all, rows, cols = gathered[i % calls]

@@ -307,11 +307,21 @@ def reindex_by_frequency(train: XMCDataset, *others: XMCDataset) -> tuple[list[X
 
 @dataclass
 class Batch:
-    """rows: (B,) int64 dataset rows; positives / filtered: (P, 2) int64 (row-in-batch, label) pairs."""
+    """rows: (B,) int64 dataset rows; positives / filtered: (P, 2) int64 (row-in-batch, label) pairs: the targets,
+    and the split's filter pairs (a row's own label, excluded from training with `exclude_self`).
+
+    (P, 2) int64 is the one form of (row, label) pairs from here to the kernels (`XMCHead.step`, the sharded step);
+    only the kernel call splits it into rows and labels."""
 
     rows: torch.Tensor
     positives: torch.Tensor
     filtered: torch.Tensor
+
+
+def pairs_in_rows(pairs: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The (P, 2) (row, label) pairs whose row lies in [start, stop), rows counted from start (a slice of a batch)."""
+    keep = (pairs[:, 0] >= start) & (pairs[:, 0] < stop)
+    return pairs[keep] - pairs.new_tensor([start, 0])
 
 
 def _pairs(m: sp.csr_matrix) -> torch.Tensor:

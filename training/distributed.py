@@ -4,7 +4,8 @@ Each worker holds a contiguous shard of the labels. Per step the embeddings and 
 all-gathered, every worker runs the fused head step on its shard for the whole batch, and the partial input
 gradients are reduce-scattered back to the rows' owners. Shards start at multiples of 16 and pass their global start
 as `label_offset`, so the stochastic rounding draws the same random bits as on one worker: W workers and one worker
-produce the same weights (up to fp32 summation order in dX).
+produce the same weights (up to fp32 summation order in dX). (row, label) pairs travel as (P, 2) int64 tensors, the
+form `training.data.Batch` carries, and are split into rows and labels only at the kernel call.
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from kernels.head_step import LABEL_ALIGN, HeadStepConfig, HeadStepOutput, head_step
-from kernels.topk import MAX_LABELS, TopkConfig, capture_cuda_graph, keys_to_scores, scores_to_keys, topk_scores
-
-# the key of a (-inf, MAX_LABELS) entry: below every real label's key
-_PAD_KEY = int(scores_to_keys(torch.tensor([float("-inf")]), torch.tensor([MAX_LABELS]))[0])
+from kernels.common import LABEL_ALIGN, round_up
+from kernels.head_step import HeadStepConfig, HeadStepOutput, head_step
+from kernels.topk import KEY_EMPTY, TopkConfig, capture_cuda_graph, keys_to_scores, scores_to_keys
+from training.data import pairs_in_rows
+from training.model import chunked_topk
 
 
 def shard_range(num_labels: int, world_size: int, rank: int) -> tuple[int, int]:
     """[start, end) of the labels owned by `rank`: contiguous, starts aligned to 16, sizes as even as possible."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-    blocks = -(-num_labels // LABEL_ALIGN)
+    blocks = round_up(num_labels) // LABEL_ALIGN
     if blocks < world_size:
         raise ValueError(f"{num_labels} labels make {blocks} blocks of {LABEL_ALIGN}: too few for {world_size} workers")
     per, extra = divmod(blocks, world_size)
@@ -51,7 +52,8 @@ class CommCounter:
 COMM = CommCounter()
 
 
-def _all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+def all_gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's t (the same shape on every rank) stacked along dim 0 in rank order. Collective."""
     world = dist.get_world_size(group)
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous(), group=group)
@@ -61,7 +63,7 @@ def _all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
 
 def _exchange_counts(counts: list[int], device: torch.device, group) -> list[list[int]]:
     """Every rank's `counts` (same length on all ranks), in rank order: the one host synchronisation of a call."""
-    return _all_gather_rows(torch.tensor([counts], device=device), group).tolist()
+    return all_gather_rows(torch.tensor([counts], device=device), group).tolist()
 
 
 def _unpad(gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -72,7 +74,8 @@ def _unpad(gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([gathered[r * per_rank : r * per_rank + c] for r, c in enumerate(counts)])
 
 
-def _pad_rows(t: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:
+def _extend_to_rows(t: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:
+    """t with rows of `fill` appended up to `rows` rows (the equal blocks collectives want)."""
     if t.shape[0] == rows:
         return t
     return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), fill)])
@@ -93,56 +96,56 @@ class _GlobalBatch:
         self.sizes = [c[0] for c in self.counts]
         self.per_rank = max(self.sizes)
         self.rank, self.offset = rank, sum(self.sizes[:rank])
-        self.x_padded = _all_gather_rows(_pad_rows(x, self.per_rank), group)  # rank r: rows from r * per_rank
+        self.x_padded = all_gather_rows(_extend_to_rows(x, self.per_rank), group)  # rank r: rows from r * per_rank
         self.x_all = _unpad(self.x_padded, self.sizes)
 
-    def pairs(self, which: int, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ranks' (local row, label) pairs of kind `which` (its index in pair_counts) as (global row, label)."""
+    def pairs(self, which: int, pairs: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        """All ranks' (P, 2) (local row, label) pairs of kind `which` (its index in pair_counts), rows made rows of
+        x_all (or of x_padded with `padded`)."""
         counts = [c[1 + which] for c in self.counts]
-        pairs = torch.stack([rows.to(torch.int64) + self.offset, cols.to(torch.int64)], 1)
-        gathered = _all_gather_rows(_pad_rows(pairs, max(max(counts), 1), -1), self.group)
-        pairs_all = _unpad(gathered, counts)
-        return pairs_all[:, 0], pairs_all[:, 1]
+        offset = self.rank * self.per_rank if padded else self.offset
+        pairs = pairs.to(device=self.x_all.device, dtype=torch.int64)
+        pairs = pairs + pairs.new_tensor([offset, 0])
+        gathered = all_gather_rows(_extend_to_rows(pairs, max(max(counts), 1), -1), self.group)
+        return _unpad(gathered, counts)
 
     def reduce_scatter(self, dx_all: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of dx_all (rows of the global batch), this rank's rows only."""
         if len(set(self.sizes)) > 1:
             parts = [dx_all[s : s + n] for s, n in zip(_starts(self.sizes), self.sizes, strict=True)]
-            dx_all = torch.cat([_pad_rows(p, self.per_rank) for p in parts])
+            dx_all = torch.cat([_extend_to_rows(p, self.per_rank) for p in parts])
         mine = torch.empty((self.per_rank, dx_all.shape[1]), dtype=dx_all.dtype, device=dx_all.device)
         _reduce_scatter(mine, dx_all.contiguous(), group=self.group)
         COMM.add(mine, len(self.sizes))
         return mine[: self.sizes[self.rank]]
 
 
-def gather_batch(
-    x: torch.Tensor, pos_rows: torch.Tensor, pos_cols: torch.Tensor, group=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """All-gather the local batches: (x_global, rows_global, cols_global, every rank's batch size).
+def gather_batch(x: torch.Tensor, positives: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """All-gather the local batches: (x_global, positives_global (P, 2), every rank's batch size).
 
     The global batch is the ranks' rows in rank order (what one worker would see): rank r owns rows
     [sum(sizes[:r]), sum(sizes[:r + 1])). Uneven batches travel padded to the largest; one host synchronisation.
     """
-    batch = _GlobalBatch(x, [pos_rows.numel()], group)
-    rows, cols = batch.pairs(0, pos_rows, pos_cols)
-    return batch.x_all, rows, cols, batch.sizes
+    batch = _GlobalBatch(x, [len(positives)], group)
+    return batch.x_all, batch.pairs(0, positives), batch.sizes
 
 
 # torch 2.13 renamed reduce_scatter_tensor (still present, deprecated); the GPU machine has torch 2.11.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-# step_fn(x_global, pos_rows, pos_cols, exclude_rows, exclude_cols) -> (dx_global, loss or None), labels local to
-# the shard: the single-worker head step of whatever implementation (kernels, XMCHead.step).
-StepFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-    tuple[torch.Tensor, float | None],
-]
+# step_fn(x_global, positives, exclude) -> (dx_global, loss or None): (P, 2) (row, label) pairs, labels local to
+# the shard, exclude None when the step has none: the single-worker head step of any implementation (XMCHead.step).
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, float | None]]
+
+# topk_fn(x, k, exclude) -> (scores fp32 (B, k') descending, shard-local label ids (B, k'), -1 for an empty slot),
+# k' <= k: one shard's own top-k of queries x, exclude (P, 2) (row, shard-local label) pairs or None (XMCHead.topk).
+ShardTopkFn = Callable[[torch.Tensor, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _shard_pairs(rows: torch.Tensor, cols: torch.Tensor, start: int, labels: int):
+def _shard_pairs(pairs: torch.Tensor, start: int, labels: int) -> torch.Tensor:
     """The pairs whose label lies in [start, start + labels), labels made shard-local (one synchronisation)."""
-    keep = torch.nonzero((cols >= start) & (cols < start + labels)).squeeze(1)
-    return rows.index_select(0, keep), cols.index_select(0, keep) - start
+    keep = torch.nonzero((pairs[:, 1] >= start) & (pairs[:, 1] < start + labels)).squeeze(1)
+    return pairs.index_select(0, keep) - pairs.new_tensor([0, start])
 
 
 def sharded_step(
@@ -150,25 +153,20 @@ def sharded_step(
     shard_start: int,
     shard_labels: int,
     x: torch.Tensor,
-    pos_rows: torch.Tensor,
-    pos_cols: torch.Tensor,
+    positives: torch.Tensor,
     *,
-    exclude_rows: torch.Tensor | None = None,
-    exclude_cols: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
     group=None,
 ) -> HeadStepOutput:
     """One step of a label-sharded head; returns dX for this worker's own rows (and the global loss, if asked).
 
-    x, pos_rows, pos_cols: this worker's batch with global label ids; exclude_rows/exclude_cols: this worker's
-    (row, global label) pairs that get no gradient. Collective: every rank must call it.
+    x, positives: this worker's batch, (P, 2) (row, global label) pairs; exclude: this worker's (row, global label)
+    pairs that get no gradient (None on every rank, or a tensor on every rank). Collective: every rank calls it.
     """
-    excluding = exclude_rows is not None
-    batch = _GlobalBatch(x, [pos_rows.numel()] + ([exclude_rows.numel()] if excluding else []), group)
-    rows, cols = _shard_pairs(*batch.pairs(0, pos_rows, pos_cols), shard_start, shard_labels)
-    ex_rows = ex_cols = None
-    if excluding:
-        ex_rows, ex_cols = _shard_pairs(*batch.pairs(1, exclude_rows, exclude_cols), shard_start, shard_labels)
-    dx, loss = step_fn(batch.x_all, rows, cols, ex_rows, ex_cols)
+    batch = _GlobalBatch(x, [len(positives)] + ([len(exclude)] if exclude is not None else []), group)
+    pos = _shard_pairs(batch.pairs(0, positives), shard_start, shard_labels)
+    ex = None if exclude is None else _shard_pairs(batch.pairs(1, exclude), shard_start, shard_labels)
+    dx, loss = step_fn(batch.x_all, pos, ex)
     dx_local = batch.reduce_scatter(dx)
     if loss is not None:
         # Each shard's loss is its labels' summed BCE over the global batch divided by that batch's size.
@@ -183,26 +181,24 @@ def sharded_head_step(
     shard_start: int,
     shard_labels: int,
     x: torch.Tensor,
-    pos_rows: torch.Tensor,
-    pos_cols: torch.Tensor,
+    positives: torch.Tensor,
     config: HeadStepConfig,
     *,
     kahan: torch.Tensor | None = None,
     impl: str = "auto",
-    exclude_rows: torch.Tensor | None = None,
-    exclude_cols: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
     group=None,
 ) -> HeadStepOutput:
     """`sharded_step` of the fused kernels' step: shard holds this worker's chunks, covering global labels
     [shard_start, shard_start + shard_labels) (plus padding)."""
 
-    def step(x_all, rows, cols, ex_rows, ex_cols):
-        excluded = {} if ex_rows is None else {"exclude_rows": ex_rows, "exclude_cols": ex_cols}
+    def step(x_all: torch.Tensor, pos: torch.Tensor, ex: torch.Tensor | None) -> tuple[torch.Tensor, float | None]:
+        excluded = {} if ex is None else {"exclude_rows": ex[:, 0], "exclude_cols": ex[:, 1]}
         out = head_step(
             shard,
             x_all,
-            rows,
-            cols,
+            pos[:, 0],
+            pos[:, 1],
             config,
             num_labels=shard_labels,
             kahan=kahan,
@@ -212,51 +208,85 @@ def sharded_head_step(
         )
         return out.dx, out.loss
 
-    return sharded_step(
-        step,
-        shard_start,
-        shard_labels,
-        x,
-        pos_rows,
-        pos_cols,
-        exclude_rows=exclude_rows,
-        exclude_cols=exclude_cols,
-        group=group,
-    )
+    return sharded_step(step, shard_start, shard_labels, x, positives, exclude=exclude, group=group)
 
 
 def sharded_topk(
-    shard: list[torch.Tensor], shard_start: int, shard_labels: int, x: torch.Tensor, k: int, group=None
+    shard: list[torch.Tensor] | ShardTopkFn,
+    shard_start: int,
+    shard_labels: int,
+    x: torch.Tensor,
+    k: int,
+    group=None,
+    *,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k global label ids for this worker's queries x: every shard ranks the whole batch, each worker merges
-    the shards' lists of its own queries.
+    """Top-k (scores fp32, global label ids int64) for this worker's queries x: every shard ranks the whole batch,
+    each worker merges the shards' lists of its own queries.
 
-    Collective. k must not exceed the total label count; a shard with fewer than k labels pads its list with
-    (-inf, MAX_LABELS) entries, which sort after every real one. One host synchronisation (the batch sizes); for
-    few queries, where launches dominate, `CapturedShardedTopk` replays the same work as one CUDA graph.
+    shard: this worker's chunks (x: head queries, as `kernels.topk.topk_scores` takes them), or a function ranking
+    queries against the shard (`ShardTopkFn`, e.g. a shard head's `XMCHead.topk`; x: what it takes). exclude: this
+    worker's (row, global label) pairs never returned (None on every rank, or a tensor on every rank). Collective.
+    k must not exceed the total label count; a row left with fewer than k labels ends in (-inf, -1) entries. One
+    host synchronisation (the batch sizes); for few queries, where launches dominate, `CapturedShardedTopk` replays
+    the same work as one CUDA graph.
     """
-    batch = _GlobalBatch(x, [], group)
-    keys = _own_rows_topk(batch.x_padded, shard, shard_start, shard_labels, k, group)
-    return keys_to_scores(keys[: x.shape[0]])
+    keys = _sharded_topk_keys(shard, shard_start, shard_labels, x, k, group, exclude)
+    return _decode(keys)
 
 
-def _own_rows_topk(x_padded, shard, shard_start, shard_labels, k, group, config: TopkConfig | None = None):
+def sharded_topk_replicated(
+    shard: list[torch.Tensor] | ShardTopkFn,
+    shard_start: int,
+    shard_labels: int,
+    x: torch.Tensor,
+    k: int,
+    group=None,
+    *,
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sharded_topk` of one batch x that every rank holds alike (evaluation): rank r ranks its contiguous slice of
+    the rows, and every rank gets the lists of all of them back (one all-gather). exclude: (row, global label) pairs
+    of x's rows. Collective."""
+    world, rank = _world(group)
+    bounds = [x.shape[0] * r // world for r in range(world + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    mine = None if exclude is None else pairs_in_rows(exclude, lo, hi)
+    keys = _sharded_topk_keys(shard, shard_start, shard_labels, x[lo:hi], k, group, mine)
+    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    gathered = all_gather_rows(_extend_to_rows(keys, max(sizes), KEY_EMPTY), group)
+    return _decode(_unpad(gathered, sizes))
+
+
+def _sharded_topk_keys(shard, shard_start, shard_labels, x, k, group, exclude) -> torch.Tensor:
+    batch = _GlobalBatch(x, [] if exclude is None else [len(exclude)], group)
+    ex = None
+    if exclude is not None:
+        ex = _shard_pairs(batch.pairs(0, exclude, padded=True), shard_start, shard_labels)
+    return _own_rows_topk(batch.x_padded, shard, shard_start, shard_labels, k, group, exclude=ex)[: x.shape[0]]
+
+
+def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, ids) of merged keys; KEY_EMPTY slots become (-inf, -1)."""
+    scores, ids = keys_to_scores(keys)
+    empty = keys == KEY_EMPTY
+    return scores.masked_fill(empty, float("-inf")), ids.masked_fill(empty, -1)
+
+
+def _own_rows_topk(
+    x_padded, shard, shard_start, shard_labels, k, group, config: TopkConfig | None = None, exclude=None
+) -> torch.Tensor:
     """Merged top-k keys (per_rank, k) of this rank's rows, given every rank's queries padded to per_rank rows each
-    (rank r's at rows [r * per_rank, (r + 1) * per_rank)): the shard scores them all, rank r receives every shard's
-    lists of its own rows (one all-to-all) and merges them."""
+    (rank r's at rows [r * per_rank, (r + 1) * per_rank)): the shard ranks them all (exclude: (row of x_padded,
+    shard-local label) pairs), rank r receives every shard's lists of its own rows (one all-to-all) and merges them."""
     world, _ = _world(group)
     per_rank = x_padded.shape[0] // world
-    keys, start = [], 0
-    for w in shard:
-        n = max(0, min(w.shape[0], shard_labels - start))
-        if n:
-            s, i = topk_scores(x_padded, w, min(k, n), n, config=config)
-            keys.append(scores_to_keys(s, i + (shard_start + start)))
-        start += w.shape[0]
-    keys = torch.cat(keys, 1) if keys else x_padded.new_empty((x_padded.shape[0], 0), dtype=torch.int64)
-    if keys.shape[1] > k:
-        keys = torch.topk(keys, k, dim=1).values
-    keys = torch.cat([keys, keys.new_full((keys.shape[0], k - keys.shape[1]), _PAD_KEY)], 1)
+    if callable(shard):
+        s, i = shard(x_padded, k, exclude)
+    else:
+        s, i = chunked_topk(x_padded, shard, min(k, shard_labels), shard_labels, exclude, config=config)
+    keys = scores_to_keys(s, i + shard_start).masked_fill_(i < 0, KEY_EMPTY)
+    keys = torch.cat([keys, keys.new_full((keys.shape[0], k - keys.shape[1]), KEY_EMPTY)], 1)
     mine = torch.empty_like(keys)
     dist.all_to_all_single(mine, keys, group=group)
     COMM.add(mine[:per_rank], world)
@@ -293,7 +323,7 @@ class CapturedShardedTopk:
         config = TopkConfig(screen=True)  # the screened path: few launches' worth of work, replayed
 
         def run() -> torch.Tensor:
-            x_padded = _all_gather_rows(self._x, group)
+            x_padded = all_gather_rows(self._x, group)
             return _own_rows_topk(x_padded, shard, shard_start, shard_labels, k, group, config)
 
         with torch.inference_mode():
@@ -308,4 +338,4 @@ class CapturedShardedTopk:
         self._x[:n].copy_(x)
         self._x[n:].zero_()
         self._graph.replay()
-        return keys_to_scores(self._keys[:n])
+        return _decode(self._keys[:n])

@@ -9,10 +9,10 @@ x @ W^T + b in true units: what the artifact stores and serving computes.
 The bias's master copy is a separate (L_pad,) fp32 vector `bias` (true units), for every precision (so the recipe
 is the same across heads); the column is its mirror in the storage dtype. An e4m3 column alone resolves a bias near
 -10 only to about +-0.6 logits, and stochastic rounding of its small updates added noise that cost ~0.4 P@1:
-- CPU / torch path: the training logits use the fp32 master; its SGD update (the one the column would get: lr c^2
-  times the batch-summed gradient in true units) is applied in fp32, then the column is set to the master rounded
-  to nearest. Evaluation (`scores`) uses the column, i.e. measures what is exported and served;
-  `scores(x, master_bias=True)` uses the master instead.
+- CPU / torch path (`kernels.head_step_cpu`, `MasterBias`): the training logits use the fp32 master; its SGD
+  update (the one the column would get: lr c^2 times the batch-summed gradient in true units) is applied in fp32,
+  then the column is set to the master rounded to nearest. Evaluation (`topk`) uses the column, i.e. measures what
+  is exported and served; `topk(x, k, master_bias=True)` uses the master instead.
 - CUDA kernels (bf16 / fp8): `kernels.head_step` has no bias input, and a separate bias gradient (the logits'
   column sums) is not affordable at millions of labels outside the fused kernel, so there the kernels train the
   column as before (stochastic rounding) and the master is re-read from the column after each step.
@@ -21,27 +21,33 @@ is the same across heads); the column is its mirror in the storage dtype. An e4m
 Training is plain SGD on the summed BCE over all labels (the kernels' convention: lr multiplies the gradient summed
 over the batch rows), with the weight gradient fused into the update and rounded stochastically for bf16 / fp8:
 - CUDA: `kernels.head_step.head_step` (Triton), B <= 256 rows per call (larger batches go as several calls);
-- CPU: the same mathematics chunk by chunk in torch with bf16 GEMMs and torch's RNG for the rounding bits (the
-  kernels' plain-torch reference draws Philox bits in numpy, ~2 s a step at 42K labels; this path is ~10x faster);
-- fp32: plain torch SGD, the comparison row (fp32 weights, the same GEMM precision).
-Excluded pairs (a row's own label, from the training filter file) get zero gradient on the torch paths.
+- CPU: `kernels.head_step_cpu.head_step_cpu`, the same mathematics chunk by chunk in torch with bf16 GEMMs and
+  torch's RNG for the rounding bits (~10x faster on CPU than the kernels' Philox reference);
+- fp32: plain torch SGD through the same function, the comparison row (fp32 weights, the same GEMM precision).
+Positives and excluded pairs (a row's own label, from the training filter file: no gradient) are (P, 2) int64
+(row, label) tensors, the form `training.data.Batch` carries. Ranking (`topk`) goes through
+`kernels.topk.topk_scores` a chunk at a time: no B x L score matrix.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from kernels import reference
-from kernels.head_step import LABEL_ALIGN, HeadStepConfig, head_step
+from kernels.common import FP8_E4M3, FP8_E4M3_MAX, LABEL_ALIGN, round_up
+from kernels.head_step import MAX_BATCH, HeadStepConfig, head_step
+from kernels.head_step_cpu import MasterBias, head_step_cpu
+from kernels.topk import KEY_EMPTY, keys_to_scores, scores_to_keys, topk_scores
+from training.data import pairs_in_rows
 
 PRECISIONS = ("fp32", "bf16", "fp8", "fp8+kahan")
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-E4M3_MAX = 448.0
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8_E4M3}
+STEP_IMPLS = ("auto", "kernels", "cpu")
 
 
 @dataclass
@@ -59,7 +65,8 @@ class HeadConfig:
 
 
 def padded(n: int) -> int:
-    return -(-n // LABEL_ALIGN) * LABEL_ALIGN
+    """Rows of a head over n labels: n rounded up to LABEL_ALIGN."""
+    return round_up(n, LABEL_ALIGN)
 
 
 def chunk_rows(num_labels: int, dim: int, batch: int, budget_mb: float) -> int:
@@ -76,13 +83,46 @@ def power_of_two_scale(rms: float, target: float = 1.0) -> float:
     return 2.0 ** round(math.log2(target / rms))
 
 
-def stochastic_round(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """fp32 x -> dtype (bf16 / e4m3) with unbiased stochastic rounding, the kernels' rounding rule with 16 random
-    bits per element drawn from `gen` (torch's RNG: much faster on CPU than the Philox stream of the reference)."""
-    if dtype not in (torch.bfloat16, torch.float8_e4m3fn):
-        return x.to(dtype)
-    rand16 = torch.randint(0, 1 << 16, x.shape, generator=gen, dtype=torch.int32, device=x.device)
-    return reference.round_to(x, dtype, rand16).to(dtype)
+def chunked_topk(
+    x: torch.Tensor,
+    chunks: Iterable[torch.Tensor],
+    k: int,
+    num_labels: int,
+    exclude: torch.Tensor | None = None,
+    *,
+    config=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (scores fp32 (B, k) descending, label ids int64 (B, k)) of queries x (B, D) against a head held as row
+    chunks in label order, through `kernels.topk.topk_scores` one chunk at a time (the kernels' scores and tie rule).
+
+    exclude: (P, 2) int64 (row, label) pairs never returned. A row left with fewer than k labels ends in (-inf, -1)
+    entries (empty slots). config: the kernels' TopkConfig.
+    """
+    best = x.new_empty((x.shape[0], 0), dtype=torch.int64)
+    exclude = None if exclude is None else exclude.to(x.device)
+    start = 0
+    for w in chunks:
+        n = max(0, min(w.shape[0], num_labels - start))
+        if n == 0:
+            break
+        ex, extra = None, 0
+        if exclude is not None and len(exclude):
+            ex = exclude[(exclude[:, 1] >= start) & (exclude[:, 1] < start + n)]
+            extra = int(torch.bincount(ex[:, 0]).max()) if len(ex) else 0
+        # k + (the row's exclusions in this chunk) candidates hold the row's best k allowed ones
+        s, i = topk_scores(x, w, min(k + extra, n), n, config=config)
+        keys = scores_to_keys(s, i + start)
+        if extra:
+            code = torch.arange(x.shape[0], device=x.device)[:, None] * num_labels + i + start
+            keys.masked_fill_(torch.isin(code, ex[:, 0] * num_labels + ex[:, 1]), KEY_EMPTY)
+        best = torch.cat([best, keys], 1)
+        best = best.topk(min(k, best.shape[1]), dim=1).values
+        start += w.shape[0]
+    if best.shape[1] < k:
+        best = torch.cat([best, best.new_full((best.shape[0], k - best.shape[1]), KEY_EMPTY)], 1)
+    scores, ids = keys_to_scores(best)
+    empty = best == KEY_EMPTY
+    return scores.masked_fill(empty, -math.inf), ids.masked_fill(empty, -1)
 
 
 class XMCHead(nn.Module):
@@ -144,7 +184,7 @@ class XMCHead(nn.Module):
             self.scale.fill_(power_of_two_scale(float(w.pow(2).mean().sqrt())))
         full = torch.zeros(self.weight.shape)
         full[: cfg.num_labels] = w * self.scale
-        self.weight.copy_(full.clamp(-E4M3_MAX, E4M3_MAX) if self.weight.dtype == torch.float8_e4m3fn else full)
+        self.weight.copy_(full.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX) if self.weight.dtype == FP8_E4M3 else full)
         self.kahan.zero_()
         if cfg.bias:
             self.bias.zero_()
@@ -155,10 +195,9 @@ class XMCHead(nn.Module):
         """True-unit value of one stored unit of the bias column: bias_input / s."""
         return self.config.bias_input / float(self.scale)
 
-    def _column_of(self, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """fp32 true-unit biases -> the stored column, rounded to nearest (saturating for e4m3)."""
-        col = bias / self._bias_unit
-        return (col.clamp(-E4M3_MAX, E4M3_MAX) if dtype == torch.float8_e4m3fn else col).to(dtype)
+    def _master_bias(self) -> MasterBias | None:
+        """The fp32 master of the bias column, as the CPU step updates it (in place)."""
+        return MasterBias(self.bias, self._bias_unit) if self.config.bias else None
 
     @torch.no_grad()
     def _bias_from_column(self) -> None:
@@ -182,7 +221,8 @@ class XMCHead(nn.Module):
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor, master_bias: bool = False) -> torch.Tensor:
-        """(B, L) fp32 scores, a label chunk at a time (evaluation; serving uses the top-k kernel).
+        """(B, L) fp32 scores (bf16 GEMMs on CPU), a label chunk at a time: for tests and small diagnostics
+        (evaluation ranks through `topk`, which never holds B x L scores).
 
         With the stored bias column (what is exported and served), or with master_bias the fp32 master bias."""
         xin = self.head_input(x).to(torch.bfloat16 if x.device.type == "cpu" else torch.float32)
@@ -198,56 +238,93 @@ class XMCHead(nn.Module):
     def topk(
         self, x: torch.Tensor, k: int, exclude: torch.Tensor | None = None, master_bias: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, label ids) per row; exclude: (P, 2) (row, label) pairs removed before ranking."""
-        s = self.scores(x, master_bias=master_bias)
-        if exclude is not None and len(exclude):
-            s[exclude[:, 0], exclude[:, 1]] = -torch.inf
-        return s.topk(min(k, self.num_labels), dim=1)
+        """Top-min(k, L) (scores fp32, label ids int64) per row of embeddings x (B, D), scored as served
+        (`kernels.topk.topk_scores` on the stored weights), a chunk at a time; with master_bias the fp32 master bias
+        replaces the column. exclude: (P, 2) int64 (row, label) pairs never returned; a row left with too few labels
+        ends in (-inf, -1) entries."""
+        xin = self.head_input(x)
+        chunks: Iterable[torch.Tensor] = self.chunks()
+        if master_bias and self.config.bias:
+            if self.weight.dtype != torch.float32:  # the queries as topk_scores rounds them for the stored weights
+                xin = xin.to(torch.bfloat16).float()
+            chunks = self._master_chunks()
+        return chunked_topk(xin, chunks, min(k, self.num_labels), self.num_labels, exclude)
+
+    def _master_chunks(self) -> Iterator[torch.Tensor]:
+        """fp32 copies of the chunks, one at a time, with the master bias in the column (in stored units)."""
+        start = 0
+        for w in self.chunks():
+            c = w.float()
+            c[:, -1] = self.bias[start : start + len(w)] / self._bias_unit
+            yield c
+            start += len(w)
 
     @torch.no_grad()
     def step(
         self,
         x: torch.Tensor,
-        pos_rows: torch.Tensor,
-        pos_cols: torch.Tensor,
+        positives: torch.Tensor,
         *,
         lr: float,
         weight_decay: float = 0.0,
         seed: int = 0,
         compute_loss: bool = False,
         exclude: torch.Tensor | None = None,
+        impl: str = "auto",
     ) -> tuple[torch.Tensor, float | None]:
         """One SGD step on the summed BCE; returns (dL/dx (B, D) fp32, mean-over-rows loss or None).
 
-        lr and weight_decay are in true units; the scale s is applied here (stored lr = lr s^2, stored wd = wd).
+        positives / exclude: (P, 2) int64 (row, label) pairs on the device of x: the targets, and the pairs that get
+        no gradient. lr and weight_decay are in true units; the scale s is applied here (stored lr = lr s^2, stored
+        wd = wd). impl: "kernels" (`kernels.head_step`: Triton on CUDA, its reference elsewhere; bf16 / fp8 heads),
+        "cpu" (`kernels.head_step_cpu`, with the fp32 master bias), "auto" (kernels for bf16 / fp8 heads on CUDA).
         """
+        if impl not in STEP_IMPLS:
+            raise ValueError(f"impl must be one of {STEP_IMPLS}, got {impl!r}")
+        if impl == "auto":
+            impl = "kernels" if self.weight.is_cuda and self.config.precision != "fp32" else "cpu"
+        if impl == "kernels" and self.config.precision == "fp32":
+            raise ValueError("the kernels train bf16 / fp8 heads; an fp32 head steps with impl='cpu'")
         xin = self.head_input(x.detach())
         s = float(self.scale)
-        if self.weight.is_cuda and self.config.precision != "fp32":
-            dxin, loss = self._step_kernels(
-                xin, pos_rows, pos_cols, lr * s * s, weight_decay, seed, compute_loss, exclude
-            )
+        if impl == "kernels":
+            dxin, loss = self._step_kernels(xin, positives, lr * s * s, weight_decay, seed, compute_loss, exclude)
         else:
-            dxin, loss = self._step_torch(
-                xin, pos_rows, pos_cols, lr * s * s, weight_decay, seed, compute_loss, exclude
+            # a label shard draws its own stream (torch's RNG cannot skip ahead to the shard's rows)
+            stream = int(seed) + self.config.label_offset * 1_000_003
+            gen = torch.Generator(device=xin.device).manual_seed(stream % 2**63)
+            dxin, loss = head_step_cpu(
+                self.chunks(),
+                xin,
+                positives,
+                lr=lr * s * s,
+                weight_decay=weight_decay,
+                generator=gen,
+                num_labels=self.num_labels,
+                kahan=self.kahan if len(self.kahan) else None,
+                bias=self._master_bias(),
+                exclude=exclude,
+                compute_loss=compute_loss,
             )
         return dxin[:, : self.config.dim] / s, loss
 
-    def _step_kernels(self, xin, pos_rows, pos_cols, lr, wd, seed, compute_loss, exclude=None):
+    def _step_kernels(self, xin, positives, lr, wd, seed, compute_loss, exclude):
+        """`kernels.head_step` over MAX_BATCH rows at a time; the kernels train the bias column (module doc)."""
         dx, loss, rows = [], 0.0, xin.shape[0]
         kahan = self.kahan if len(self.kahan) else None
-        for i, start in enumerate(range(0, rows, 256)):
-            sel = (pos_rows >= start) & (pos_rows < start + 256)
+        for i, start in enumerate(range(0, rows, MAX_BATCH)):
+            stop = start + MAX_BATCH
             cfg = HeadStepConfig(lr=lr, weight_decay=wd, seed=(seed * 7919 + i) % 2**62, compute_loss=compute_loss)
+            pos = pairs_in_rows(positives, start, stop)
             excluded = {}
             if exclude is not None and len(exclude):
-                e = (exclude[:, 0] >= start) & (exclude[:, 0] < start + 256)
-                excluded = {"exclude_rows": exclude[e, 0] - start, "exclude_cols": exclude[e, 1]}
+                ex = pairs_in_rows(exclude, start, stop)
+                excluded = {"exclude_rows": ex[:, 0], "exclude_cols": ex[:, 1]}
             out = head_step(
                 self.chunks(),
-                xin[start : start + 256].to(torch.bfloat16),
-                pos_rows[sel] - start,
-                pos_cols[sel],
+                xin[start:stop].to(torch.bfloat16),
+                pos[:, 0],
+                pos[:, 1],
                 cfg,
                 num_labels=self.num_labels,
                 kahan=kahan,
@@ -257,75 +334,8 @@ class XMCHead(nn.Module):
             dx.append(out.dx)
             loss += (out.loss or 0.0) * out.dx.shape[0]
         if self.config.bias:
-            self._bias_from_column()  # the kernels trained the column (module doc)
+            self._bias_from_column()
         return torch.cat(dx), loss / rows if compute_loss else None
-
-    def _step_torch(self, xin, pos_rows, pos_cols, lr, wd, seed, compute_loss, exclude):
-        fp32 = self.weight.dtype == torch.float32
-        gemm = torch.bfloat16 if xin.device.type == "cpu" else torch.float32
-        xq = xin.to(gemm)
-        # a label shard draws its own stream (torch's RNG cannot skip ahead to the shard's rows)
-        stream = int(seed) + self.config.label_offset * 1_000_003
-        gen = torch.Generator(device=xin.device).manual_seed(stream % 2**63)
-        dx = torch.zeros_like(xin)
-        loss = 0.0
-        start = 0
-        bias = self.config.bias
-        unit = self._bias_unit
-        # the column's SGD step in true units: lr_stored unit^2 times the batch-summed gradient; its decay
-        # multiplies by 1 - lr_stored wd. The fp32 master gets the same, so the recipe does not change.
-        bias_lr = lr * unit * unit
-        for w in self.chunks():
-            n = w.shape[0]
-            valid = max(0, min(n, self.num_labels - start))
-            if valid == 0:
-                break
-            wv = w[:valid]
-            wf = wv.float()
-            wg = wv if wv.dtype == gemm else wf.to(gemm)
-            z = (xq @ wg.T).float()
-            if bias:
-                bv = self.bias[start : start + valid]
-                z += bv - wf[:, -1] * unit  # the master replaces the column's rounded value
-            y = torch.zeros_like(z)
-            sel = (pos_cols >= start) & (pos_cols < start + valid)
-            y[pos_rows[sel], pos_cols[sel] - start] = 1.0
-            g = torch.sigmoid(z) - y
-            if exclude is not None and len(exclude):
-                e = (exclude[:, 1] >= start) & (exclude[:, 1] < start + valid)
-                g[exclude[e, 0], exclude[e, 1] - start] = 0.0
-            if compute_loss:
-                loss += float(nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum"))
-            gq = g.to(gemm)
-            dx += (gq @ wg).float()
-            delta = (gq.T @ xq).float()
-            if wd:
-                delta.add_(wf, alpha=wd)
-            delta.mul_(-lr)
-            if bias:
-                delta[:, -1] = 0.0
-                if wd:
-                    bv.mul_(1.0 - lr * wd)
-                bv.add_(g.sum(0), alpha=-bias_lr)  # in place: a view of self.bias
-            if fp32:
-                wv.add_(delta)
-            else:
-                self._apply_update(wv, wf, delta, start, gen)
-            if bias:
-                wv[:, -1] = self._column_of(bv, wv.dtype)
-            start += n
-        return dx, loss / xin.shape[0] if compute_loss else None
-
-    def _apply_update(self, wv, wf, delta, start, gen):
-        h = max(0, min(len(self.kahan) - start, wv.shape[0]))
-        if h:
-            comp = self.kahan[start : start + h].float()
-            delta[:h] -= comp
-        new = stochastic_round(wf + delta, wv.dtype, gen)
-        if h:
-            lost = (new[:h].float() - wf[:h]) - delta[:h]
-            self.kahan[start : start + h] = lost.to(torch.bfloat16)
-        wv.copy_(new)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -7,7 +7,14 @@ import torch.multiprocessing as mp
 
 from kernels.head_step import HeadStepConfig, head_step
 from kernels.topk import topk_scores
-from training.distributed import CapturedShardedTopk, shard_range, sharded_head_step, sharded_topk
+from training.distributed import (
+    CapturedShardedTopk,
+    shard_range,
+    sharded_head_step,
+    sharded_topk,
+    sharded_topk_replicated,
+)
+from training.model import chunked_topk
 
 LABELS, DIM, STEPS = 200, 24, 4
 BATCHES = (4, 3)  # uneven local batches: rank 0 has 4 rows, rank 1 has 3
@@ -19,10 +26,21 @@ def _problem(dtype):
     steps = []
     for _ in range(STEPS):
         xs = [torch.randn(b, DIM, generator=g).to(torch.bfloat16) for b in BATCHES]
-        pos = [(torch.randint(0, b, (5,), generator=g), torch.randint(0, LABELS, (5,), generator=g)) for b in BATCHES]
-        ex = [(torch.randint(0, b, (3,), generator=g), torch.randint(0, LABELS, (3,), generator=g)) for b in BATCHES]
+        pos = [_pairs(g, b, 5) for b in BATCHES]
+        ex = [_pairs(g, b, 3) for b in BATCHES]
         steps.append((xs, pos, ex))
     return head, steps
+
+
+def _pairs(g, rows, n):
+    """n random (row, label) pairs, (n, 2) int64: the form the sharded step takes."""
+    return torch.stack([torch.randint(0, rows, (n,), generator=g), torch.randint(0, LABELS, (n,), generator=g)], 1)
+
+
+def _exclusions(ids):
+    """(row, label) pairs excluding each row's best label and its 5th, given the rows' ranked label ids (B, >= 5)."""
+    rows = torch.arange(ids.shape[0])
+    return torch.cat([torch.stack([rows, ids[:, 0]], 1), torch.stack([rows, ids[:, 4]], 1)])
 
 
 def _worker(rank, world, init_file, dtype, out_file):
@@ -38,19 +56,38 @@ def _worker(rank, world, init_file, dtype, out_file):
             start,
             end - start,
             xs[rank],
-            pos[rank][0],
-            pos[rank][1],
+            pos[rank],
             HeadStepConfig(**{**cfg.__dict__, "seed": step}),
             impl="torch",
-            exclude_rows=ex[rank][0],
-            exclude_cols=ex[rank][1],
+            exclude=ex[rank],
         )
         dxs.append(out.dx)
         losses.append(out.loss)
     # k = 120 exceeds each shard's label count: the shards' lists are padded before the merge
-    topk = {k: sharded_topk(shard, start, end - start, steps[0][0][rank].float(), k=k) for k in (7, 120)}
+    x = steps[0][0][rank].float()
+    topk = {k: sharded_topk(shard, start, end - start, x, k=k) for k in (7, 120)}
+    # (row, label) exclusions; the whole batch held by every rank, ranked through a function of the shard
+    excluded = sharded_topk(shard, start, end - start, x, 7, exclude=_exclusions(topk[7][1]))
+    every = torch.cat([s[0][r] for s in steps[:2] for r in range(world)]).float()
+    n = end - start
+
+    def rank_shard(q, k, exclude):
+        return chunked_topk(q, shard, min(k, n), n, exclude)
+
+    plain = sharded_topk_replicated(rank_shard, start, n, every, 6)
+    replicated = sharded_topk_replicated(rank_shard, start, n, every, 6, exclude=_exclusions(plain[1]))
     torch.save(
-        {"shard": shard[0], "start": start, "end": end, "dx": dxs, "loss": losses, "topk": topk},
+        {
+            "shard": shard[0],
+            "start": start,
+            "end": end,
+            "dx": dxs,
+            "loss": losses,
+            "topk": topk,
+            "excluded": excluded,
+            "plain": plain,
+            "replicated": replicated,
+        },
         f"{out_file}.{rank}",
     )
     dist.destroy_process_group()
@@ -66,18 +103,18 @@ def test_two_workers_match_one(tmp_path, dtype):
     whole = [head.clone()]
     for step, (xs, pos, ex) in enumerate(steps):
         x = torch.cat(xs)
-        rows = torch.cat([pos[0][0], pos[1][0] + BATCHES[0]])
-        cols = torch.cat([pos[0][1], pos[1][1]])
+        shift = torch.tensor([BATCHES[0], 0])
+        positives, exclude = torch.cat([pos[0], pos[1] + shift]), torch.cat([ex[0], ex[1] + shift])
         out = head_step(
             whole,
             x,
-            rows,
-            cols,
+            positives[:, 0],
+            positives[:, 1],
             HeadStepConfig(lr=0.2, weight_decay=0.01, seed=step, compute_loss=True),
             num_labels=LABELS,
             impl="torch",
-            exclude_rows=torch.cat([ex[0][0], ex[1][0] + BATCHES[0]]),
-            exclude_cols=torch.cat([ex[0][1], ex[1][1]]),
+            exclude_rows=exclude[:, 0],
+            exclude_cols=exclude[:, 1],
         )
         dx = torch.cat([parts[0]["dx"][step], parts[1]["dx"][step]])
         torch.testing.assert_close(dx, out.dx, rtol=1e-5, atol=1e-5)
@@ -92,6 +129,19 @@ def test_two_workers_match_one(tmp_path, dtype):
             want_scores, want_ids = topk_scores(steps[0][0][rank].float(), whole[0], k, LABELS, impl="torch")
             assert torch.equal(ids, want_ids)
             torch.testing.assert_close(scores, want_scores)
+        x = steps[0][0][rank].float()
+        dropped = p["topk"][7][1][:, [0, 4]]  # the (B, E) form of the same exclusions
+        want = topk_scores(x, whole[0], 7, LABELS, impl="torch", exclude=dropped)
+        assert torch.equal(p["excluded"][1], want[1])
+        assert not (p["excluded"][1][:, :, None] == dropped[:, None, :]).any()
+    # the batch every rank holds: every rank gets all of its rows' lists
+    every = torch.cat([s[0][r] for s in steps[:2] for r in range(2)]).float()
+    want = topk_scores(every, whole[0], 6, LABELS, impl="torch")
+    want_excluded = topk_scores(every, whole[0], 6, LABELS, impl="torch", exclude=want[1][:, [0, 4]])
+    for p in parts:
+        assert torch.equal(p["plain"][1], want[1])
+        assert torch.equal(p["replicated"][1], want_excluded[1])
+        torch.testing.assert_close(p["replicated"][0], want_excluded[0])
 
 
 def test_shard_range():
