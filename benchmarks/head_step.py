@@ -1,21 +1,30 @@
-"""Head-step benchmark: the fused ELMO step vs a plain PyTorch chunked head, with a GPU correctness check first.
+"""Head-step benchmark: the fused kernel vs the three-pass kernels vs a plain PyTorch chunked head, checked first.
 
-    python benchmarks/head_step.py --out benchmarks/results/head_step.json          # GPU (H200)
-    TRITON_INTERPRET=1 python benchmarks/head_step.py --small                      # CPU smoke run
+    python3 benchmarks/head_step.py --out $OUT/head_step.json                  # GPU (H200): check, sweep, table
+    python3 benchmarks/head_step.py --run-steps 3 --sizes 2812281            # a few fp8 steps only (for ncu)
+    TRITON_INTERPRET=1 python benchmarks/head_step.py --small                # CPU smoke run of the check
 
-Rows: labels L, B = 128, D = 768; bf16, fp8 (fp8 dots) and fp8 + Kahan on 20% of the rows. For each: median ms per
-step (CUDA events via triton.testing.do_bench), peak GiB (max_memory_allocated after reset, weights and batch
-included), the floor max(6 B L D / peak rate, weight bytes read + written / bandwidth) and the ratio to it.
+1. Correctness on the GPU, both Triton kernels against the mirrored torch reference (same quantisation, same random
+   stream) at odd and real shapes, and against fp64 unquantised math at L = 131,072; a failure stops the run.
+2. A sweep of the fused kernel's plan at 2.8M labels (fp8, B = 128); the best plan is used for fp8 below.
+3. The table: labels 131K / 670K / 2.8M / 8.6M, B = 128 and 256, D = 768, heads bf16 / fp8 (fp8 dots) / fp8 +
+   Kahan (bf16 compensation on 20% of the rows), kernels fused / three-pass, and torch-bf16 (plain chunked head,
+   materialised weight gradient). Median ms per step (`triton.testing.do_bench`, CUDA events), peak GiB
+   (max_memory_allocated over one step after a reset, weights and batch included), the floor
+   max(6 B L D / peak rate, (weights + Kahan) read once and written once / bandwidth) and the ratio to it.
+JSON is rewritten after every section, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,12 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 
 from kernels import head_step as hs  # noqa: E402
+from kernels import head_step_fused as hsf  # noqa: E402
 
 PAPER_SIZES = [131072, 670091, 2812281, 8623847]
 BF16_RATE = 690e12  # FLOP/s, measured on the H200 (bf16 matmul)
 FP8_RATE = 1260e12  # FLOP/s, measured on the H200 (fp8 _scaled_mm)
 BANDWIDTH = 4.25e12  # B/s, measured device copy on the H200
 CHUNK = 262144
+DIM = 768
 
 
 def make_head(num_labels: int, dim: int, dtype: torch.dtype, device, chunk: int = CHUNK) -> list[torch.Tensor]:
@@ -74,77 +85,121 @@ def torch_chunked_step(chunks, x, rows, cols, lr, wd):
     return dx
 
 
-def check_correctness(device, num_labels: int, batch: int, dim: int) -> list[dict]:
-    """Kernel vs the mirrored reference (same quantisation, same Philox stream) and vs fp64 unquantised math."""
-    rows_out = []
-    for name, dtype, fp8_dots, kahan_frac in [
-        ("bf16", torch.bfloat16, False, 0.0),
-        ("fp8", torch.float8_e4m3fn, True, 0.0),
-        ("fp8-sim", torch.float8_e4m3fn, False, 0.0),
-        ("fp8+kahan", torch.float8_e4m3fn, True, 0.2),
-    ]:
-        w0 = make_head(num_labels, dim, dtype, device, chunk=1 << 30)
-        x, rows, cols = make_batch(batch, dim, num_labels, device, seed=1)
-        cfg = hs.HeadStepConfig(lr=0.05, weight_decay=1e-4, seed=11, fp8_dots=fp8_dots)
-        kh = int(kahan_frac * num_labels)
-        k0 = (torch.randn(kh, dim, device=device) * 1e-4).to(torch.bfloat16) if kh else None
-        results = {}
-        for impl in ("triton", "torch"):
-            w = [c.clone() for c in w0]
-            k = k0.clone() if k0 is not None else None
-            out = hs.head_step(w, x, rows, cols, cfg, num_labels=num_labels, kahan=k, impl=impl)
-            torch.cuda.synchronize()
-            results[impl] = (w, out.dx, k)
-        (wt, dxt, kt), (wr, dxr, kr) = results["triton"], results["torch"]
-        mismatch = sum(int((a.float() != b.float()).sum()) for a, b in zip(wt, wr, strict=True)) / (w0[0].numel())
-        # fp64 ground truth of dX and of the (pre-rounding) update, without any operand quantisation.
-        w64 = w0[0].double()[:num_labels]
+def _differ(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    bad = sum(int((p.float() != q.float()).sum()) for p, q in zip(a, b, strict=True))
+    return bad / sum(p.numel() for p in a)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, exclude, chunk, fp64=False) -> dict:
+    """Fused and three-pass kernels vs the reference (and vs fp64 math when asked) on one problem."""
+    torch.manual_seed(hash(name) % 1000)
+    w0 = make_head(labels, dim, dtype, device, chunk=chunk)
+    x, rows, cols = make_batch(batch, dim, labels, device, seed=1)
+    ex = {}
+    if exclude:
+        ex = {
+            "exclude_rows": rows[:exclude].clone(),
+            "exclude_cols": torch.randint(0, labels, (exclude,), device=device),
+        }
+        ex["exclude_cols"][0] = cols[0]
+    k0 = (torch.randn(kahan_rows, dim, device=device) * 1e-4).to(torch.bfloat16) if kahan_rows else None
+    out = {}
+    for impl, kernel in (("triton", "fused"), ("triton", "three-pass"), ("torch", "fused")):
+        cfg = hs.HeadStepConfig(
+            lr=0.05, weight_decay=1e-4, seed=11, fp8_dots=fp8_dots, compute_loss=True, kernel=kernel
+        )
+        w = [c.clone() for c in w0]
+        k = k0.clone() if k0 is not None else None
+        res = hs.head_step(w, x, rows, cols, cfg, num_labels=labels, kahan=k, impl=impl, **ex)
+        torch.cuda.synchronize()
+        out[kernel if impl == "triton" else "torch"] = (w, res, k)
+    wr, rr, kr = out["torch"]
+    row = {"case": name, "batch": batch, "labels": labels, "dim": dim, "dtype": str(dtype).split(".")[-1]}
+    row["fp8_dots"], row["kahan_rows"], row["exclude"] = fp8_dots, kahan_rows, exclude
+    ok = True
+    for kernel in ("fused", "three-pass"):
+        wt, rt, kt = out[kernel]
+        tag = "fused" if kernel == "fused" else "three"
+        row[f"{tag}_w_differ"] = _differ(wt, wr)
+        row[f"{tag}_dx_rel"] = _rel(rt.dx, rr.dx)
+        row[f"{tag}_loss_rel"] = abs(rt.loss - rr.loss) / abs(rr.loss)
+        padding_same = torch.equal(torch.cat(wt)[labels:].view(torch.uint8), torch.cat(w0)[labels:].view(torch.uint8))
+        row[f"{tag}_padding_unchanged"] = padding_same
+        if kt is not None:
+            row[f"{tag}_kahan_differ"] = float((kt.float() != kr.float()).float().mean())
+        limit_w, limit_dx = (0.05, 3e-3) if fp8_dots else (2e-3, 1e-4)
+        good = (
+            row[f"{tag}_w_differ"] < limit_w
+            and row[f"{tag}_dx_rel"] < limit_dx
+            and row[f"{tag}_loss_rel"] < 1e-3
+            and padding_same
+            and not torch.isnan(rt.dx).any()
+        )
+        row[f"{tag}_ok"] = bool(good)
+        ok = ok and good
+    row["fused_vs_three_w_differ"] = _differ(out["fused"][0], out["three-pass"][0])
+    # Determinism: the fused kernel again, same inputs: identical bits.
+    cfg = hs.HeadStepConfig(lr=0.05, weight_decay=1e-4, seed=11, fp8_dots=fp8_dots, compute_loss=True)
+    w = [c.clone() for c in w0]
+    k = k0.clone() if k0 is not None else None
+    again = hs.head_step(w, x, rows, cols, cfg, num_labels=labels, kahan=k, impl="triton", **ex)
+    row["fused_deterministic"] = bool(
+        torch.equal(again.dx, out["fused"][1].dx)
+        and all(torch.equal(a, b) for a, b in zip(w, out["fused"][0], strict=True))
+    )
+    ok = ok and row["fused_deterministic"]
+    if fp64:
+        w64 = torch.cat(w0).double()[:labels]
         x64 = x.double()
-        y = torch.zeros(batch, num_labels, dtype=torch.float64, device=device)
+        y = torch.zeros(batch, labels, dtype=torch.float64, device=device)
         y[rows, cols] = 1.0
         g64 = torch.sigmoid(x64 @ w64.T) - y
+        if exclude:
+            g64[ex["exclude_rows"], ex["exclude_cols"]] = 0.0
         dx64 = g64 @ w64
-        upd64 = -cfg.lr * (g64.T @ x64 + cfg.weight_decay * w64)
-        upd_t = wt[0].double()[:num_labels] - w64
-        upd_r = wr[0].double()[:num_labels] - w64
-        row = {
-            "variant": name,
-            "labels": num_labels,
-            "w_bits_differing_vs_reference": mismatch,
-            "dx_rel_err_vs_reference": float((dxt - dxr).norm() / dxr.norm()),
-            "dx_rel_err_vs_fp64": float((dxt.double() - dx64).norm() / dx64.norm()),
-            "dx_rel_err_reference_vs_fp64": float((dxr.double() - dx64).norm() / dx64.norm()),
-            "update_rel_err_vs_fp64": float((upd_t - upd64).norm() / upd64.norm()),
-            "update_rel_err_reference_vs_fp64": float((upd_r - upd64).norm() / upd64.norm()),
-            "mean_update_bias_vs_fp64": float((upd_t - upd64).mean() / upd64.abs().mean()),
-        }
-        if kt is not None:
-            row["kahan_bits_differing_vs_reference"] = float((kt.float() != kr.float()).float().mean())
-        rows_out.append(row)
-        del w0, results
-        torch.cuda.empty_cache()
-    return rows_out
+        upd64 = -0.05 * (g64.T @ x64 + 1e-4 * w64)
+        for tag, key in (("fused", "fused"), ("three", "three-pass"), ("reference", "torch")):
+            wt, rt, _ = out[key]
+            upd = torch.cat(wt).double()[:labels] - w64
+            row[f"{tag}_dx_rel_vs_fp64"] = _rel(rt.dx, dx64)
+            row[f"{tag}_update_rel_vs_fp64"] = _rel(upd, upd64)
+            row[f"{tag}_update_bias_vs_fp64"] = float((upd - upd64).mean() / upd64.abs().mean())
+    row["ok"] = bool(ok)
+    del out, w0
+    torch.cuda.empty_cache()
+    return row
 
 
-def bench_one(device, num_labels, batch, dim, variant, plan=None) -> dict:
+CHECKS = [
+    # name, batch, labels, dim, dtype, fp8_dots, kahan rows, excluded pairs, chunk rows, fp64 comparison
+    ("bf16-odd", 3, 1009, 77, torch.bfloat16, False, 0, 0, 1024, False),
+    ("fp8-sim-b1", 1, 1009, 77, torch.float8_e4m3fn, False, 0, 0, 1024, False),
+    ("fp8-dots-all-options", 33, 40000, 768, torch.float8_e4m3fn, True, 5000, 40, 16384, False),
+    ("bf16-kahan-exclude-b256", 256, 70001, 768, torch.bfloat16, False, 9000, 100, 32768, False),
+    ("bf16-131k", 128, 131072, 768, torch.bfloat16, False, 0, 0, CHUNK, True),
+    ("fp8-131k", 128, 131072, 768, torch.float8_e4m3fn, True, 0, 0, CHUNK, True),
+    ("fp8-sim-131k", 128, 131072, 768, torch.float8_e4m3fn, False, 0, 0, CHUNK, True),
+    ("fp8-kahan-131k-b256", 256, 131072, 768, torch.float8_e4m3fn, True, 26214, 0, CHUNK, True),
+]
+
+
+def bench_one(device, num_labels, batch, variant, kernel) -> dict:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
-    dtype = torch.bfloat16 if variant in ("bf16", "torch-bf16") else torch.float8_e4m3fn
-    chunks = make_head(num_labels, dim, dtype, device)
-    x, rows, cols = make_batch(batch, dim, num_labels, device, seed=2)
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float8_e4m3fn
+    chunks = make_head(num_labels, DIM, dtype, device)
+    x, rows, cols = make_batch(batch, DIM, num_labels, device, seed=2)
     kahan = None
     if variant == "fp8+kahan":
-        kahan = torch.zeros(int(0.2 * num_labels), dim, dtype=torch.bfloat16, device=device)
-    cfg = hs.HeadStepConfig(
-        lr=0.05,
-        weight_decay=1e-4,
-        seed=3,
-        fp8_dots=variant.startswith("fp8"),
-        stochastic_rounding=variant != "fp8-nearest",
-    )
-    if variant == "torch-bf16":
+        kahan = torch.zeros(int(0.2 * num_labels), DIM, dtype=torch.bfloat16, device=device)
+    if kernel == "torch":
         fn = lambda: torch_chunked_step(chunks, x, rows, cols, 0.05, 1e-4)  # noqa: E731
     else:
+        cfg = hs.HeadStepConfig(lr=0.05, weight_decay=1e-4, seed=3, fp8_dots=dtype != torch.bfloat16, kernel=kernel)
         fn = lambda: hs.head_step(chunks, x, rows, cols, cfg, num_labels=num_labels, kahan=kahan, impl="triton")  # noqa: E731
     fn()  # compile and warm up, then one measured step for peak memory (do_bench's own 256 MB flush buffer excluded)
     torch.cuda.synchronize(device)
@@ -152,90 +207,67 @@ def bench_one(device, num_labels, batch, dim, variant, plan=None) -> dict:
     fn()
     torch.cuda.synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-    ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    ms = triton.testing.do_bench(fn, warmup=30, rep=200, return_mode="median")
     weight_bytes = sum(c.numel() * c.element_size() for c in chunks)
-    flops = 6 * batch * num_labels * dim
-    rate = FP8_RATE if variant.startswith("fp8") else BF16_RATE
+    flops = 6 * batch * num_labels * DIM
+    rate = BF16_RATE if variant == "bf16" or kernel == "torch" else FP8_RATE
     kahan_bytes = 2 * kahan.numel() * kahan.element_size() if kahan is not None else 0
     floor_compute = flops / rate * 1e3
     floor_bytes = (2 * weight_bytes + kahan_bytes) / BANDWIDTH * 1e3
     floor = max(floor_compute, floor_bytes)
     return {
         "variant": variant,
+        "kernel": kernel,
         "labels": num_labels,
         "batch": batch,
-        "dim": dim,
         "ms": ms,
         "peak_gib": peak,
+        "floor_ms": floor,
         "floor_compute_ms": floor_compute,
         "floor_bytes_ms": floor_bytes,
-        "floor_ms": floor,
-        "ratio_to_floor": ms / floor,
+        "x_floor": ms / floor,
         "tflops": flops / ms / 1e9,
     }
 
 
-def sweep_plans(device, num_labels, batch, dim, variant) -> tuple[dict, list[dict]]:
-    """Try a few launch plans at one size; return the best plan's fields and all timings."""
-    default = hs._launch_plan
-    base = default(batch, dim, variant.startswith("fp8"))
-    # Variations around the default plan, one or two fields at a time.
-    candidates = [
-        {},
-        {"fwd_block_l": 64, "fwd_warps": 4},
-        {"fwd_block_l": 64, "fwd_warps": 8},
-        {"fwd_stages": 4},
-        {"dx_block_d": 128, "dx_warps": 8},
-        {"dx_block_d": 128, "dx_warps": 4},
-        {"dx_block_d": 128, "dx_block_k": 64, "dx_warps": 4},
-        {"dx_block_k": 64},
-        {"dx_block_d": 256, "dx_block_k": 64, "dx_warps": 8},
-        {"fwd_block_l": 64, "fwd_warps": 4, "fwd_stages": 4},
-        {"upd_block_l": 128, "upd_warps": 8},
-        {"upd_block_d": 64, "upd_warps": 4, "upd_stages": 2},
-        {"upd_block_d": 128, "upd_warps": 8, "upd_stages": 3},
-    ]
+def with_plan(fields: dict | None):
+    """Make the fused kernel use the default plan with `fields` replaced (None: restore the default)."""
+    hsf.fused_plan = DEFAULT_PLAN
+    if fields:
+
+        def plan(batch, dim, fp8_dots, num_sms, _fields=fields):
+            return dataclasses.replace(DEFAULT_PLAN(batch, dim, fp8_dots, num_sms), **_fields)
+
+        hsf.fused_plan = plan
+
+
+DEFAULT_PLAN = hsf.fused_plan
+
+
+def sweep(device, num_labels, batch, variant, candidates) -> tuple[dict, list[dict]]:
     timings = []
     for cand in candidates:
-        fields = {**base.__dict__, **cand}
-        hs._launch_plan = lambda b, d, f, _fields=fields: hs._LaunchPlan(**_fields)  # noqa: E731
+        with_plan(cand)
         try:
-            r = bench_one(device, num_labels, batch, dim, variant)
-            timings.append({**cand, "ms": r["ms"]})
-            print(f"  plan {cand}: {r['ms']:.3f} ms", flush=True)
+            t = time.time()
+            r = bench_one(device, num_labels, batch, variant, "fused")
+            timings.append({"plan": cand, "ms": r["ms"], "peak_gib": r["peak_gib"]})
+            print(f"  plan {cand}: {r['ms']:.3f} ms, {r['peak_gib']:.3f} GiB ({time.time() - t:.0f} s)", flush=True)
         except Exception as e:  # a plan that does not compile (e.g. out of shared memory) is skipped
-            print(f"  plan {cand}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"  plan {cand}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
-            hs._launch_plan = default
-    best = min(timings, key=lambda t: t["ms"])
-    return {k: v for k, v in best.items() if k != "ms"}, timings
+            with_plan(None)
+    best = min(timings, key=lambda t: t["ms"]) if timings else {"plan": {}}
+    return best["plan"], timings
 
 
-def kernel_breakdown(device, num_labels, batch, dim, variant) -> list[dict]:
-    chunks = make_head(num_labels, dim, torch.float8_e4m3fn if variant.startswith("fp8") else torch.bfloat16, device)
-    x, rows, cols = make_batch(batch, dim, num_labels, device, seed=2)
-    cfg = hs.HeadStepConfig(lr=0.05, weight_decay=1e-4, seed=3, fp8_dots=variant.startswith("fp8"))
-    for _ in range(3):
-        hs.head_step(chunks, x, rows, cols, cfg, num_labels=num_labels)
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(5):
-            hs.head_step(chunks, x, rows, cols, cfg, num_labels=num_labels)
-        torch.cuda.synchronize()
+def compiled_report() -> list[dict]:
+    """Registers, spills, shared memory and MMA instructions of every compiled variant of the head-step kernels."""
+    from kernels import head_step_three as hs3
+
     out = []
-    for evt in prof.key_averages():
-        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if total > 0:
-            out.append({"kernel": evt.key[:60], "ms_per_step": total / 5 / 1e3, "calls_per_step": evt.count / 5})
-    out.sort(key=lambda r: -r["ms_per_step"])
-    return out[:8]
-
-
-def compiled_kernel_report() -> list[dict]:
-    """Registers, spills and MMA instructions of every compiled variant of the head-step kernels."""
-    out = []
-    for kernel in (hs._logits_grad_kernel, hs._dx_kernel, hs._update_kernel):
+    kernels = (hsf._fused_step_kernel, hs3._logits_grad_kernel, hs3._dx_kernel, hs3._update_kernel)
+    for kernel in kernels:
         for cache in getattr(kernel, "device_caches", {}).values():
             entries = cache[0] if isinstance(cache, tuple) else cache
             for compiled in entries.values():
@@ -259,13 +291,13 @@ def compiled_kernel_report() -> list[dict]:
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
-    print(" | ".join(f"{c:>14}" for c in cols))
+    print(" | ".join(f"{c:>12}" for c in cols))
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c, "")
-            cells.append(f"{v:>14.4g}" if isinstance(v, float) else f"{v!s:>14}")
-        print(" | ".join(cells))
+            cells.append(f"{v:>12.4g}" if isinstance(v, float) else f"{v!s:>12}")
+        print(" | ".join(cells), flush=True)
 
 
 def main() -> None:
@@ -273,90 +305,115 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/head_step.json")
     ap.add_argument("--small", action="store_true", help="CPU smoke run of the correctness check (interpreter)")
     ap.add_argument("--sizes", type=int, nargs="*", default=PAPER_SIZES)
+    ap.add_argument("--batches", type=int, nargs="*", default=[128, 256])
+    ap.add_argument("--variants", nargs="*", default=["fp8", "fp8+kahan", "bf16"])
+    ap.add_argument("--kernels", nargs="*", default=["fused", "three-pass", "torch"])
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--plan", default="", help="JSON fields of the fused plan to use instead of sweeping")
     ap.add_argument("--run-steps", type=int, default=0, help="only run this many fp8 steps at the first size (ncu)")
     args = ap.parse_args()
     if args.small:
-        x, rows, cols = make_batch(4, 40, 200, "cpu", seed=0)
-        chunks = make_head(200, 40, torch.float8_e4m3fn, "cpu")
-        ref = [c.clone() for c in chunks]
-        cfg = hs.HeadStepConfig(lr=0.05, seed=1)
-        a = hs.head_step(chunks, x, rows, cols, cfg, num_labels=200, impl="triton")
-        b = hs.head_step(ref, x, rows, cols, cfg, num_labels=200, impl="torch")
-        print("max |dx diff|", float((a.dx - b.dx).abs().max()))
+        for kernel in hs.KERNELS:
+            x, rows, cols = make_batch(4, 40, 200, "cpu", seed=0)
+            chunks = make_head(200, 40, torch.float8_e4m3fn, "cpu")
+            ref = [c.clone() for c in chunks]
+            cfg = hs.HeadStepConfig(lr=0.05, seed=1, kernel=kernel)
+            a = hs.head_step(chunks, x, rows, cols, cfg, num_labels=200, impl="triton")
+            b = hs.head_step(ref, x, rows, cols, cfg, num_labels=200, impl="torch")
+            print(kernel, "max |dx diff|", float((a.dx - b.dx).abs().max()), "W differ", _differ(chunks, ref))
         return
     device = torch.device("cuda")
+    if args.plan:
+        with_plan(json.loads(args.plan))
     if args.run_steps:
-        chunks = make_head(args.sizes[0], 768, torch.float8_e4m3fn, device)
-        x, rows, cols = make_batch(128, 768, args.sizes[0], device, seed=2)
+        chunks = make_head(args.sizes[0], DIM, torch.float8_e4m3fn, device)
+        x, rows, cols = make_batch(128, DIM, args.sizes[0], device, seed=2)
         for step in range(args.run_steps):
             hs.head_step(chunks, x, rows, cols, hs.HeadStepConfig(lr=0.05, seed=step), num_labels=args.sizes[0])
         torch.cuda.synchronize()
         return
     meta = {
         "gpu": torch.cuda.get_device_name(device),
+        "sms": torch.cuda.get_device_properties(device).multi_processor_count,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "batch": 128,
-        "dim": 768,
+        "dim": DIM,
         "chunk_labels": CHUNK,
+        "default_fused_plan_fp8_b128": dataclasses.asdict(hsf.fused_plan(128, DIM, True, 132)),
     }
     print(meta, flush=True)
     result = {"meta": meta}
-    print("== correctness at L = 131072 ==", flush=True)
-    result["correctness"] = check_correctness(device, 131072, 128, 768)
-    print_table(
-        result["correctness"],
-        [
-            "variant",
-            "w_bits_differing_vs_reference",
-            "dx_rel_err_vs_reference",
-            "dx_rel_err_vs_fp64",
-            "dx_rel_err_reference_vs_fp64",
-            "update_rel_err_vs_fp64",
-            "update_rel_err_reference_vs_fp64",
-        ],
-    )
-    plans = {}
-    if not args.no_sweep:
-        for variant in ("fp8", "bf16"):
-            print(f"== launch-plan sweep, {variant}, L = 2812281 ==", flush=True)
-            best, timings = sweep_plans(device, 2812281, 128, 768, variant)
-            plans[variant] = best
-            result[f"sweep_{variant}"] = timings
-    print("== benchmark ==", flush=True)
-    rows = []
-    default = hs._launch_plan
-    for n in args.sizes:
-        for variant in ("fp8", "fp8+kahan", "fp8-nearest", "bf16", "torch-bf16"):
-            key = "bf16" if variant in ("bf16", "torch-bf16") else "fp8"
-            if key in plans:
-                fields = {**default(128, 768, key == "fp8").__dict__, **plans[key]}
-                hs._launch_plan = lambda b, d, f, _fields=fields: hs._LaunchPlan(**_fields)  # noqa: E731
-            try:
-                r = bench_one(device, n, 128, 768, variant)
-            except torch.OutOfMemoryError as e:
-                r = {"variant": variant, "labels": n, "error": f"OOM: {str(e)[:100]}"}
-            finally:
-                hs._launch_plan = default
-            rows.append(r)
-            print(r, flush=True)
-    result["benchmark"] = rows
-    result["plans"] = plans
-    try:
-        result["breakdown_fp8_2.8M"] = kernel_breakdown(device, 2812281, 128, 768, "fp8")
-        print(result["breakdown_fp8_2.8M"])
-    except Exception as e:
-        print("breakdown failed:", e)
-    result["compiled"] = compiled_kernel_report()
-    for row in result["compiled"]:
-        print(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print_table(rows, ["variant", "labels", "ms", "peak_gib", "floor_ms", "ratio_to_floor", "tflops"])
+
+    def save():
+        out.write_text(json.dumps(result, indent=2, default=str))
+
+    if not args.no_check:
+        print("== correctness ==", flush=True)
+        result["correctness"] = []
+        for case in CHECKS:
+            t = time.time()
+            row = check_case(device, *case)
+            result["correctness"].append(row)
+            print(f"{row} ({time.time() - t:.0f} s)", flush=True)
+            save()
+            if not row["ok"]:
+                print("CORRECTNESS FAILED: stopping", flush=True)
+                print_table(result["correctness"], ["case", "fused_w_differ", "fused_dx_rel", "three_w_differ"])
+                sys.exit(1)
+    plan = {}
+    if not args.no_sweep and not args.plan:
+        print("== fused plan sweep, fp8, B = 128, L = 2812281 ==", flush=True)
+        candidates = [
+            {},
+            {"sc_bytes": 12 << 20},
+            {"sc_bytes": 48 << 20},
+            {"sc_bytes": 1 << 30},
+            {"num_a": 44, "num_groups": 14},
+            {"num_a": 22, "num_groups": 18},
+            {"block_db": 64, "num_groups": 8},
+            {"num_stages": 2},
+            {"num_warps": 4},
+            {"block_la": 128},
+        ]
+        plan, timings = sweep(device, 2812281, 128, "fp8", candidates)
+        result["sweep_fp8_b128"] = timings
+        result["best_plan_fp8"] = plan
+        save()
+        print("best plan:", plan, flush=True)
+    print("== benchmark ==", flush=True)
+    rows = []
+    for n in args.sizes:
+        for batch in args.batches:
+            for variant in args.variants:
+                for kernel in args.kernels:
+                    if kernel == "torch" and variant != "bf16":
+                        continue
+                    with_plan(plan if variant != "bf16" and kernel == "fused" else None)
+                    try:
+                        r = bench_one(device, n, batch, variant, kernel)
+                    except torch.OutOfMemoryError as e:
+                        r = {"variant": variant, "kernel": kernel, "labels": n, "batch": batch, "error": str(e)[:100]}
+                    finally:
+                        with_plan(None)
+                    rows.append(r)
+                    print(r, flush=True)
+                    result["benchmark"] = rows
+                    save()
+    result["compiled"] = compiled_report()
+    for row in result["compiled"]:
+        print(row)
+    save()
+    if "correctness" in result:
+        print_table(
+            result["correctness"],
+            ["case", "fused_w_differ", "fused_dx_rel", "three_w_differ", "three_dx_rel", "fused_deterministic"],
+        )
+    print_table(rows, ["labels", "batch", "variant", "kernel", "ms", "peak_gib", "floor_ms", "x_floor"])
 
 
 if __name__ == "__main__":

@@ -109,10 +109,10 @@ def _fused_step_kernel(
     pid = tl.program_id(0)
     if pid < num_a:
         # Role A: G of super-chunk "a" (local labels 0 .. a_valid) into its ring slot.
-        wa = wa_ptr + a_woff
+        wa = wa_ptr + tl.multiple_of(a_woff, 16)  # a super-chunk starts at a multiple of 64 rows
         for blk in range(pid, tl.cdiv(a_valid, BLOCK_LA), num_a):
             labels = blk * BLOCK_LA + tl.arange(0, BLOCK_LA)
-            g = hsu.block_gradient(
+            gt = hsu.block_gradient(
                 x_ptr,
                 wa,
                 pos_row_ptr,
@@ -138,7 +138,7 @@ def _fused_step_kernel(
                 HAS_EXCLUDE,
             )
             hsu.store_gradient(
-                g, ga_ptr, gta_ptr, labels, B, a_valid, a_offset, seed, stride_gb, stride_gtl, BLOCK_B, G_FP8
+                gt, ga_ptr, gta_ptr, labels, B, a_valid, a_offset, seed, stride_gb, stride_gtl, BLOCK_B, G_FP8
             )
     else:
         # Role B: dX and the update of super-chunk "b", one D-tile, the label blocks of one group.
@@ -151,7 +151,7 @@ def _fused_step_kernel(
         d = tile * BLOCK_DB + tl.arange(0, BLOCK_DB)
         d_ok = d < D
         xt = tl.load(xt_ptr + d[:, None] * stride_xtd + rows[None, :], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        wb = wb_ptr + b_woff
+        wb = wb_ptr + tl.multiple_of(b_woff, 16)
         acc = tl.zeros((BLOCK_B, BLOCK_DB), dtype=tl.float32)
         for blk in range(group, tl.cdiv(b_valid, BLOCK_LB), num_groups):
             labels = blk * BLOCK_LB + tl.arange(0, BLOCK_LB)

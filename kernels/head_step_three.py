@@ -57,7 +57,7 @@ def _logits_grad_kernel(
 ):
     pid = tl.program_id(0)
     labels = pid * BLOCK_L + tl.arange(0, BLOCK_L)
-    g = hsu.block_gradient(
+    gt = hsu.block_gradient(
         x_ptr,
         w_ptr,
         pos_row_ptr,
@@ -82,7 +82,7 @@ def _logits_grad_kernel(
         COMPUTE_LOSS,
         HAS_EXCLUDE,
     )
-    hsu.store_gradient(g, g_ptr, gt_ptr, labels, B, num_rows, row_offset, seed, stride_gb, stride_gtl, BLOCK_B, G_FP8)
+    hsu.store_gradient(gt, g_ptr, gt_ptr, labels, B, num_rows, row_offset, seed, stride_gb, stride_gtl, BLOCK_B, G_FP8)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 
 For one block of labels (W rows) and the batch X (B x D):
 
-    Z = X W^T (fp32, over all of D),  G = sigmoid(Z) - Y  (0 for padding rows, padding labels, excluded pairs)
+    Z^T = W X^T (fp32, over all of D),  G^T = sigmoid(Z^T) - Y^T  (0 for padding rows and labels, excluded pairs)
 
 and G is stored twice, (B, L) and (L, B), quantised as the dots consume it (bf16 to nearest, or e4m3 of G * 2^8
 rounded stochastically on the stream seed + 1), so that every tensor-core operand is read along its contraction
@@ -41,18 +41,18 @@ def mma(a, b, acc, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def pair_hits(row_ptr, col_ptr, start, end, rows, labels, BLOCK_P: tl.constexpr, HOT_DTYPE: tl.constexpr):
-    # Which (row, label) cells of this tile are listed: H = R^T C, with R / C the one-hot rows / labels of the
-    # block's pairs (sorted by label on the host, duplicates removed). A few small dots, no dense B x L matrix.
-    hits = tl.zeros((rows.shape[0], labels.shape[0]), dtype=tl.float32)
+def pair_hits(row_ptr, col_ptr, start, end, labels, rows, BLOCK_P: tl.constexpr, HOT_DTYPE: tl.constexpr):
+    # Which (label, row) cells of this tile are listed: H = C R^T, with C / R the one-hot labels / rows of the
+    # block's pairs (sorted by label on the host, duplicates removed). A few small dots, no dense L x B matrix.
+    hits = tl.zeros((labels.shape[0], rows.shape[0]), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < end
         p_row = tl.load(row_ptr + p, mask=p_ok, other=-1)
         p_col = tl.load(col_ptr + p, mask=p_ok, other=-1)
-        row_hot = tl.where(rows[:, None] == p_row[None, :], 1.0, 0.0)
-        col_hot = tl.where(p_col[:, None] == labels[None, :], 1.0, 0.0)
-        hits = mma(row_hot, col_hot, hits, HOT_DTYPE)
+        col_hot = tl.where(labels[:, None] == p_col[None, :], 1.0, 0.0)
+        row_hot = tl.where(p_row[:, None] == rows[None, :], 1.0, 0.0)
+        hits = mma(col_hot, row_hot, hits, HOT_DTYPE)
     return hits
 
 
@@ -82,43 +82,45 @@ def block_gradient(
     COMPUTE_LOSS: tl.constexpr,
     HAS_EXCLUDE: tl.constexpr,
 ):
-    """G (BLOCK_B x BLOCK_L fp32) of one block of labels (local ids `labels` into w_ptr, global = row_offset + ...).
+    """G^T (BLOCK_L x BLOCK_B fp32) of one block of labels (local ids `labels` into w_ptr, global row_offset + ...).
 
-    pos_start_ptr / ex_start_ptr point at this block's [start, end) entries in the sorted pair lists.
+    Computed as Z^T = W X^T, labels along the MMA's M: the layout in which G^T is stored and its random bits are
+    drawn, so only G (B, L) needs a transpose. pos_start_ptr / ex_start_ptr point at this block's [start, end)
+    entries in the sorted pair lists.
     """
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < B
     label_ok = labels < num_valid
-    z = tl.zeros((BLOCK_B, labels.shape[0]), dtype=tl.float32)
+    zt = tl.zeros((labels.shape[0], BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
         w = tl.load(
             w_ptr + labels[:, None].to(tl.int64) * stride_wl + d[None, :],
             mask=label_ok[:, None] & (d[None, :] < D),
             other=0.0,
         )
-        z = mma(x, tl.trans(w), z, DOT_DTYPE)
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        zt = mma(w, tl.trans(x), zt, DOT_DTYPE)
 
     # Targets from this block's positive pairs; excluded pairs (e.g. an item's own label) get no gradient.
     global_labels = row_offset + labels
     p_start, p_end = tl.load(pos_start_ptr), tl.load(pos_start_ptr + 1)
-    y = pair_hits(pos_row_ptr, pos_col_ptr, p_start, p_end, rows, global_labels, BLOCK_P, HOT_DTYPE)
-    valid = row_ok[:, None] & label_ok[None, :]
+    y = pair_hits(pos_row_ptr, pos_col_ptr, p_start, p_end, global_labels, rows, BLOCK_P, HOT_DTYPE)
+    valid = label_ok[:, None] & row_ok[None, :]
     if HAS_EXCLUDE:
         e_start, e_end = tl.load(ex_start_ptr), tl.load(ex_start_ptr + 1)
-        hidden = pair_hits(ex_row_ptr, ex_col_ptr, e_start, e_end, rows, global_labels, BLOCK_P, HOT_DTYPE)
+        hidden = pair_hits(ex_row_ptr, ex_col_ptr, e_start, e_end, global_labels, rows, BLOCK_P, HOT_DTYPE)
         valid = valid & (hidden == 0.0)
     if COMPUTE_LOSS:
         # BCE with logits, stably: max(z, 0) - y z + log(1 + exp(-|z|)).
-        bce = tl.maximum(z, 0.0) - y * z + tl.log(1.0 + tl.exp(-tl.abs(z)))
+        bce = tl.maximum(zt, 0.0) - y * zt + tl.log(1.0 + tl.exp(-tl.abs(zt)))
         tl.atomic_add(loss_ptr, tl.sum(tl.sum(tl.where(valid, bce, 0.0), axis=1), axis=0))
-    return tl.where(valid, tl.sigmoid(z) - y, 0.0)
+    return tl.where(valid, tl.sigmoid(zt) - y, 0.0)
 
 
 @triton.jit
 def store_gradient(
-    g,
+    gt,
     g_ptr,
     gt_ptr,
     labels,
@@ -131,7 +133,7 @@ def store_gradient(
     BLOCK_B: tl.constexpr,
     G_FP8: tl.constexpr,
 ):
-    """Quantise G and store it as (B, L) at g_ptr and (L, B) at gt_ptr, for labels < num_rows."""
+    """Quantise G^T (L x B) and store it as (B, L) at g_ptr and (L, B) at gt_ptr, for labels < num_rows."""
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < B
     g_ptrs = g_ptr + rows[:, None] * stride_gb + labels[None, :]
@@ -142,13 +144,11 @@ def store_gradient(
         # |G| < 1: scale by 2^8 so that small gradients stay above e4m3's subnormals, and round stochastically
         # (stream seed + 1, element (label, batch row)) so that the quantised G is unbiased.
         rand16 = random_u16(seed + 1, row_offset + labels, rows)
-        gq = cast_on_grid(round_to(tl.trans(g) * 256.0, rand16, tl.float8e4nv, True), tl.float8e4nv)
-        tl.store(gt_ptrs, gq, mask=gt_mask)
-        tl.store(g_ptrs, tl.trans(gq), mask=g_mask)
+        gq = cast_on_grid(round_to(gt * 256.0, rand16, tl.float8e4nv, True), tl.float8e4nv)
     else:
-        gq = nearest_bf16(g).to(tl.bfloat16)
-        tl.store(g_ptrs, gq, mask=g_mask)
-        tl.store(gt_ptrs, tl.trans(gq), mask=gt_mask)
+        gq = nearest_bf16(gt).to(tl.bfloat16)
+    tl.store(gt_ptrs, gq, mask=gt_mask)
+    tl.store(g_ptrs, tl.trans(gq), mask=g_mask)
 
 
 @triton.jit

@@ -44,7 +44,7 @@ def random_u16(seed, rows, cols):
     2^24 pairs), and the stochastic-rounding tests (unbiased in the e4m3 normal and subnormal ranges, in bf16 and
     e5m2; only the two neighbouring grid points appear). It is not a cryptographic or BigCrush-tested generator.
     """
-    s = seed.to(tl.int64)
+    s = tl.cast(seed, tl.int64)  # seed may arrive as a constexpr (an argument equal to 1)
     k0 = (s & 0xFFFFFFFF).to(tl.uint32)
     k1 = (s >> 32).to(tl.uint32)
     h = mix32(mix32(rows.to(tl.uint32) ^ k0) + k1)
