@@ -5,8 +5,8 @@ fp8 weights padded to a multiple of 16) and B in {1, 32, 256, 1024}, k in {5, 10
 extra memory beyond weights and inputs, the floor max(weight bytes / 4.25e12 B/s, 2 B L D / 1.26e15 FLOP/s) and the
 ratio to it; baselines: fp8 torch._scaled_mm + topk, bf16 matmul + topk. A few launch configs of ours are tried per
 shape (the best is reported, all are kept in the JSON).
---cpu: our chunked torch path (fp32 / bf16 / fp8 heads) and the serving CPU path (`elmo_serve.cpu_topk`, fp8) against
-faiss-cpu IndexFlatIP (exact inner product) at L = 100K, D = 256, all over the same head values.
+--cpu: our chunked torch path (fp32 / bf16 / fp8 heads) and the serving CPU path (`kernels.topk.ScreenedTopk`, fp8)
+against faiss-cpu IndexFlatIP (exact inner product) at L = 100K, D = 256, all over the same head values.
 --small: the GPU script's logic at toy sizes (runs on CPU under TRITON_INTERPRET=1).
 
 Needs only torch and triton: the repository root is put on sys.path here.
@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.topk import CapturedTopk, TopkConfig, prepare_queries, topk_scores  # noqa: E402
+from kernels.common import has_fp8_tensor_cores, round_up  # noqa: E402
+from kernels.topk import CapturedTopk, ScreenedTopk, TopkConfig, prepare_queries, topk_scores  # noqa: E402
 
 HBM_BYTES_PER_S = 4.25e12  # measured H200 copy bandwidth
 FP8_FLOPS = 1.26e15  # measured H200 fp8 dense rate
@@ -36,12 +37,8 @@ BIG_L, MID_L, DIM = 2_812_281, 200_000, 768
 BATCHES, KS = (1, 32, 256, 1024), (5, 100)
 
 
-def pad16(n: int) -> int:
-    return (n + 15) // 16 * 16
-
-
 def make_head(L: int, D: int, device, dtype=torch.float8_e4m3fn, chunk: int = 1 << 18) -> torch.Tensor:
-    w = torch.empty((pad16(L), D), dtype=dtype, device=device)
+    w = torch.empty((round_up(L), D), dtype=dtype, device=device)
     for a in range(0, w.shape[0], chunk):
         w[a : a + chunk] = (torch.randn(min(chunk, w.shape[0] - a), D, device=device) * 0.05).to(dtype)
     w[L:] = 0.25  # padding rows would win on positive queries if they leaked
@@ -84,7 +81,7 @@ def check_ids(got, want, margin: float) -> tuple[int, list]:
 
 def _fp8_dots(w, device) -> bool:
     """Whether topk_scores uses fp8 dots for this head (fp8 weights on an sm_89+ GPU)."""
-    return w.dtype == torch.float8_e4m3fn and device.type == "cuda" and torch.cuda.get_device_capability() >= (8, 9)
+    return w.dtype == torch.float8_e4m3fn and has_fp8_tensor_cores(device)
 
 
 def verdict(got, x, w, k: int, L: int, exclude, fp8: bool) -> dict:
@@ -152,7 +149,7 @@ def correctness(device, small: bool) -> list[dict]:
                 fp8 = _fp8_dots(w, device)
                 impl = "torch" if device.type == "cpu" and not small else "auto" if device.type == "cuda" else "triton"
                 got = topk_scores(x, w, k, L, impl=impl, **kw)
-                rec.update(verdict(got, x, w, k, L, kw.get("exclude"), fp8), fp8_dot=fp8)
+                rec.update(verdict(got, x, w, k, L, kw.get("exclude"), fp8), fp8_dots=fp8)
             except Exception as e:  # keep going: the timing part is still worth having
                 rec.update(ok=False, error=repr(e)[:500])
             print("check", rec, flush=True)
@@ -425,8 +422,6 @@ def graphs(args) -> dict:
 def run_cpu(args) -> dict:
     import faiss
     import numpy as np
-
-    from elmo_serve.cpu_topk import ScreenedTopk
 
     L, D = (5000, 64) if args.small else (100_000, 256)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.topk import KEY_EMPTY, keys_to_scores, scores_to_keys
+from kernels.topk.inputs import check_exclude
+from kernels.topk.keys import KEY_EMPTY, keys_to_scores, scores_to_keys
 
 _REL, _TINY = 2.0**-6, 2.0**-100  # the bounds above
 
@@ -53,15 +54,16 @@ class ScreenedTopk:
     def __call__(
         self, xq: torch.Tensor, k: int, exclude: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """xq (B, D) bf16, exclude (B, E) int64 ids padded with -1 -> (scores fp32 (B, k), rows int64 (B, k))."""
+        """xq (B, D) bf16, exclude (B, E) int64 ids padded with -1 (or B lists) -> (scores fp32 (B, k), rows int64
+        (B, k))."""
         if not 1 <= k <= self.num_labels:
             raise ValueError(f"k must be in [1, num_labels={self.num_labels}], got {k}")
         B = xq.shape[0]
         if B == 0:
             return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
+        exclude = check_exclude(exclude, B, k, self.num_labels, xq.device)
         a = self._screen(xq)
         if exclude is not None:
-            exclude = _check_exclude(exclude, B, k, self.num_labels)
             rows, cols = (exclude >= 0).nonzero(as_tuple=True)
             a[rows, exclude[rows, cols]] = float("-inf")
         qn = xq.float().norm(dim=1, keepdim=True)
@@ -87,15 +89,3 @@ class ScreenedTopk:
 def _margin(a: torch.Tensor, qn: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """The bound on |screened - exact| (module docstring) for screened scores a, |x| qn and the rows' scaled |w|."""
     return a.abs() * _REL + qn * norms + _TINY
-
-
-def _check_exclude(exclude: torch.Tensor, B: int, k: int, num_labels: int) -> torch.Tensor:
-    if exclude.dim() != 2 or exclude.shape[0] != B:
-        raise ValueError(f"exclude must be (B={B}, E), got shape {tuple(exclude.shape)}")
-    if bool(((exclude < -1) | (exclude >= num_labels)).any()):
-        raise ValueError(f"exclude ids must be -1 (padding) or in [0, num_labels={num_labels})")
-    srt = exclude.sort(dim=1).values
-    distinct = (srt >= 0) & torch.cat([torch.ones_like(srt[:, :1], dtype=torch.bool), srt[:, 1:] != srt[:, :-1]], 1)
-    if k > num_labels - int(distinct.sum(dim=1).max()):
-        raise ValueError(f"k={k} exceeds the labels left after exclusions in some query")
-    return exclude
