@@ -35,6 +35,12 @@ def build_encoder(args, device):
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(num_hidden_layers=args.layers) if args.layers else BertConfig()
+    if args.hidden:  # a small encoder (e.g. 6 layers x 384, MiniLM-sized): 64-dim heads, 4x MLP
+        cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size = (
+            args.hidden,
+            args.hidden // 64,
+            4 * args.hidden,
+        )
     cfg._attn_implementation = "sdpa"
     model = BertModel(cfg, add_pooling_layer=False).to(device=device, dtype=torch.bfloat16)
     mode = getattr(args, "encoder_fp8_mode", "")
@@ -65,15 +71,15 @@ def encode(model, ids, mask):
 class ElmoHead:
     """Low-precision weights in label chunks, trained by the fused kernels (no gradient tensor, no master copy)."""
 
-    def __init__(self, labels, dim, dtype, chunk, device, lr):
+    def __init__(self, labels, dim, dtype, chunk, device, lr, kernel="fused"):
         rows = -(-labels // LABEL_ALIGN) * LABEL_ALIGN
         self.weight = torch.empty(rows, dim, dtype=dtype, device=device)
         for c in self.weight.split(chunk):  # init chunk by chunk: no fp32 copy of the whole head
             c.copy_((torch.randn(c.shape, device=device) * 0.05).to(dtype))
-        self.chunks, self.labels, self.lr = list(self.weight.split(chunk)), labels, lr
+        self.chunks, self.labels, self.lr, self.kernel = list(self.weight.split(chunk)), labels, lr, kernel
 
     def step(self, x, pos_rows, pos_cols, seed):
-        cfg = HeadStepConfig(lr=self.lr, seed=seed)
+        cfg = HeadStepConfig(lr=self.lr, seed=seed, kernel=self.kernel)
         return head_step(self.chunks, x, pos_rows, pos_cols, cfg, num_labels=self.labels).dx
 
 
@@ -113,13 +119,15 @@ def run_variant(name, args, device, fp8_encoder=""):
         head = Fp32MasterHead(args.labels, dim, args.chunk, device, lr=1e-3)
     else:
         dtype = torch.float8_e4m3fn if name.startswith("fp8") else torch.bfloat16
-        head = ElmoHead(args.labels, dim, dtype, args.chunk, device, lr=1e-3)
+        kernel = name.split(":")[1] if ":" in name else "fused"  # e.g. "fp8:three-pass"
+        head = ElmoHead(args.labels, dim, dtype, args.chunk, device, lr=1e-3, kernel=kernel)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=gen)
     mask = torch.ones_like(ids)
     per_row = 5
     pos_rows = torch.arange(args.batch, device=device).repeat_interleave(per_row)
-    times = []
+    times, head_times = [], []
+    start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             torch.cuda.synchronize()
@@ -128,18 +136,23 @@ def run_variant(name, args, device, fp8_encoder=""):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         x = encode(model, ids, mask)
+        start_evt.record()
         dx = head.step(x.detach(), pos_rows, pos_cols, seed=step)
+        end_evt.record()
         x.backward(dx.to(x.dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            head_times.append(start_evt.elapsed_time(end_evt) / 1e3)
     peak = torch.cuda.max_memory_allocated() / GIB
     head_gib = head.weight.numel() * head.weight.element_size() / GIB
     del model, opt, head
     times.sort()
+    head_times.sort()
     median = times[len(times) // 2]
+    head_median = head_times[len(head_times) // 2]
     return {
         "head": name,
         "encoder_linears": f"fp8 (torchao, {fp8_encoder})" if fp8_encoder else "bf16",
@@ -148,6 +161,8 @@ def run_variant(name, args, device, fp8_encoder=""):
         "head_weights_gib": round(head_gib, 3),
         "samples_per_s": round(args.batch / median, 1),
         "step_ms_median": round(1e3 * median, 2),
+        "head_ms_median": round(1e3 * head_median, 2),
+        "head_share": round(head_median / median, 3),
     }
 
 
@@ -157,10 +172,11 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--layers", type=int, default=0, help="BERT layers (0: BertConfig's default, 12)")
+    p.add_argument("--hidden", type=int, default=0, help="BERT hidden size (0: BertConfig's default, 768)")
     p.add_argument("--chunk", type=int, default=262_144, help="labels per chunk (a multiple of 16)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--heads", default="fp8,bf16,fp32")
+    p.add_argument("--heads", default="fp8,bf16,fp32", help="fp8, bf16, fp32; fp8:three-pass for the older kernels")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--also-without-checkpointing", action="store_true", help="add an fp8 row without checkpointing")
     p.add_argument("--fp8-encoder", action="store_true", help="add fp8-head rows with torchao FP8 encoder linears")
@@ -191,17 +207,17 @@ def main(argv=None):
         "labels": args.labels,
         "batch": args.batch,
         "seq": args.seq,
-        "encoder": f"BERT-base config, {args.layers or 12} layers, random weights, bf16, SDPA",
+        "encoder": f"BERT config, {args.layers or 12} layers x {args.hidden or 768}, random weights, bf16, SDPA",
     }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(meta["gpu"])
-    print("| head | encoder linears | checkpointing | peak GiB | head weights GiB | samples/s | step ms |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| head | encoder linears | checkpointing | peak GiB | head weights GiB | samples/s | step ms | head ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['head']} | {r['encoder_linears']} | {r['checkpointing']} | {r['peak_gib']:.2f} | "
             f"{r['head_weights_gib']:.2f} | "
-            f"{r['samples_per_s']:.0f} | {r['step_ms_median']:.1f} |"
+            f"{r['samples_per_s']:.0f} | {r['step_ms_median']:.1f} | {r['head_ms_median']:.1f} |"
         )
 
 
