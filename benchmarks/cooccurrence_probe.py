@@ -33,8 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import DATA, RECIPES  # noqa: E402
 
 import training.data as xd  # noqa: E402
+from training.build import encoder_inputs, featurize, load_data  # noqa: E402
+from training.checkpoint import model_from_checkpoint  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.train import encoder_inputs, featurize, load_data, model_from_checkpoint, train  # noqa: E402
+from training.train import train  # noqa: E402
 
 
 def split_train(src: Path, dst: Path, seed: int, held_out: float = 0.2) -> None:

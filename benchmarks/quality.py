@@ -27,14 +27,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training import data as xd  # noqa: E402
+from training.build import featurize, load_data  # noqa: E402
+from training.checkpoint import model_from_checkpoint  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.train import (  # noqa: E402
-    featurize,
-    load_data,
-    model_from_checkpoint,
-    ranked_batches,
-    train,
-)
+from training.evaluation import ranked_batches  # noqa: E402
+from training.train import train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RECIPES = {

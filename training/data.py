@@ -86,7 +86,8 @@ def _lines(path: Path, sources: dict[str, str]) -> Iterator[tuple[int, str]]:
     sources[path.name] = digest.hexdigest()
 
 
-def _label_csr(rows: list[int], cols: list[int], shape: tuple[int, int], dtype: type) -> sp.csr_matrix:
+def label_csr(rows: list[int], cols: list[int], shape: tuple[int, int], dtype: type) -> sp.csr_matrix:
+    """The 0/1 label matrix of (row, label) pairs (a pair listed twice is one positive)."""
     m = sp.csr_matrix((np.ones(len(rows), dtype=dtype), (rows, cols)), shape=shape)
     m.sum_duplicates()
     m.data[:] = 1  # a label listed twice is still one positive
@@ -156,7 +157,7 @@ def read_bow(path: str | Path, *, label_dtype: type = np.float32) -> XMCDataset:
         raise ValueError(f"{path}:{row + 2}: file ends after {row} data lines, the header announces {n}")
     features = sp.csr_matrix((np.asarray(f_vals, dtype=np.float32), (f_rows, f_cols)), shape=(n, num_features))
     features.sum_duplicates()
-    labels = _label_csr(lab_rows, lab_cols, (n, num_labels), label_dtype)
+    labels = label_csr(lab_rows, lab_cols, (n, num_labels), label_dtype)
     return XMCDataset(labels=labels, features=features, sources=sources, name=path.stem)
 
 
@@ -244,7 +245,7 @@ def read_lf(
                 raise ValueError(f"{path}:{lineno}: label {t} out of range [0, {num_labels})")
         rows += [len(texts) - 1] * len(target)
         cols += target
-    labels = _label_csr(rows, cols, (len(texts), num_labels), label_dtype)
+    labels = label_csr(rows, cols, (len(texts), num_labels), label_dtype)
     filter_path = directory / f"filter_labels_{split}.txt"
     filters = read_filters(filter_path, len(texts), num_labels, sources) if filter_path.exists() else None
     return XMCDataset(
@@ -401,7 +402,7 @@ def make_synthetic(
     counts = np.minimum(1 + rng.poisson(max(avg_labels - 1.0, 0.0), size=n), num_labels)
     rows = np.repeat(np.arange(n), counts)
     cols = rank_to_id[np.minimum(np.searchsorted(cdf, rng.random(len(rows)) * cdf[-1]), num_labels - 1)]
-    labels = _label_csr(rows.tolist(), cols.tolist(), (n, num_labels), np.float32)
+    labels = label_csr(rows.tolist(), cols.tolist(), (n, num_labels), np.float32)
     texts = []
     for i in range(n):
         toks = [

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import XMCDataset, _label_csr, make_synthetic
+from training.data import XMCDataset, label_csr, make_synthetic
 
 APT_LISTS = "/var/lib/apt/lists"
 RELATIONS = ("Depends", "Pre-Depends", "Recommends", "Suggests")
@@ -100,7 +100,7 @@ def dataset_from_packages(packages: dict[str, dict[str, str]], *, seed: int = 0,
     points = [points[i] for i in order]
     rows = [i for i, n in enumerate(points) for _ in targets[n]]
     cols = [label_id[t] for n in points for t in targets[n]]
-    labels = _label_csr(rows, cols, (len(points), len(label_names)), np.float32)
+    labels = label_csr(rows, cols, (len(points), len(label_names)), np.float32)
     filters = np.asarray([(i, label_id[n]) for i, n in enumerate(points) if n in label_id], dtype=np.int64)
     full = XMCDataset(
         labels=labels,

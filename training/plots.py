@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.evaluation import ranked_batches
+
 
 def _pyplot():
     import matplotlib
@@ -45,8 +47,6 @@ def training_curve(history: list[dict], path: str | Path) -> Path:
 def precision_by_decile(model, test_ds, test_feats, train_counts: np.ndarray, path: str | Path, k: int = 5) -> Path:
     """Share of the top-k hits that fall in each decile of labels sorted by training frequency (rarest decile first),
     next to the share of the true test labels in that decile."""
-    from training.train import ranked_batches
-
     plt = _pyplot()
     num_labels = len(train_counts)
     order = np.argsort(train_counts, kind="stable")

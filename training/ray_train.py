@@ -5,8 +5,9 @@
 
 Ray places W worker processes (ScalingConfig), sets up their torch.distributed group and keeps the checkpoints:
 every worker reports its own files of each checkpoint (its head shard; rank 0 also the encoder and optimizers) and
-Ray Train stores them together in one checkpoint directory. When a worker dies, Ray restarts the group, which
-resumes from the latest checkpoint (up to `max_failures` times).
+Ray Train stores them together in one checkpoint directory, in the layout of every run (`training.checkpoint`:
+`elmo eval OUT` and `elmo export OUT ART` find the latest under the default storage `OUT/ray/`). When a worker dies,
+Ray restarts the group, which resumes from the latest checkpoint (up to `max_failures` times).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""The per-worker function of label-sharded training, over plain torch.distributed.
+"""One worker of a label-sharded run, over plain torch.distributed: what it does where a single process differs.
 
 The same function runs under Ray Train (`training.ray_train`, `elmo train --workers W`) and under torchrun
 (`torchrun --nproc-per-node W -m elmo_serve.cli train ...`): Ray only starts the processes, sets up the process
-group and stores the checkpoints.
+group and stores the checkpoints. Every worker runs the one training loop (`training.train.train`) with
+`LabelShards` as its `Parallelism`.
 
 Every worker reads the data and builds the same model from the seed (featurizer, encoder, the head's init), then
 keeps only its label shard of the head (`shard_head`). Per step, the single-process trainer's global batch is cut
@@ -12,92 +13,31 @@ reduce-scatter of dL/dx); the encoder gradients are summed over workers, so W wo
 worker takes on the whole batch. Dense encoders (transformers) go through DDP; an encoder with sparse embedding
 gradients (the hashed bag) has them summed by an all-gather of its touched rows, which NCCL cannot all-reduce.
 
-A checkpoint is a directory: `common.pt` (encoder, featurizer, optimizers, schedule state, RNG; from rank 0) and
-`shard-{rank}.pt` (each worker's rows of the head). Evaluation merges the shards' top-k lists; the export gathers
-the head on rank 0, which writes the usual artifact.
+Checkpoints have the layout of every run (`training.checkpoint`: `common.pt` from rank 0, `shard-{rank}.pt` from
+each worker), so `elmo eval` and `elmo export` read a sharded run's checkpoint as they read any other. Evaluation
+merges the shards' top-k lists; at the end the head is gathered on rank 0, which writes metrics.json, the plots and
+the artifact.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
-import shutil
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from kernels.topk import MAX_LABELS, merge_topk
 from training import data as xd
+from training.checkpoint import Checkpointer, place_shards
 from training.config import TrainConfig
-from training.distributed import COMM, _all_gather_rows, shard_range, sharded_step
-from training.metrics import jain_propensity
+from training.distributed import COMM, all_gather_rows, shard_range, sharded_step, sharded_topk_replicated
+from training.evaluation import evaluate_model, filter_pairs
 from training.model import XMCHead, XMCModel
-from training.train import (
-    _finish,
-    _rng_state,
-    _set_rng_state,
-    build_model,
-    encoder_inputs,
-    evaluate_model,
-    featurize,
-    load_data,
-    lr_factor,
-    make_optimizers,
-    step_milliseconds,
-)
-
-
-class Checkpointer(Protocol):
-    """Where a worker's checkpoints go: a shared directory (torchrun) or Ray Train's checkpoint storage."""
-
-    def restore(self) -> contextlib.AbstractContextManager[Path | None]: ...
-
-    def save(self, write: Callable[[Path], None], metrics: dict) -> None: ...
-
-    def report(self, metrics: dict) -> None: ...
-
-
-class DirectoryCheckpointer:
-    """Checkpoints in `out/checkpoint/` on a filesystem all workers share: written to a temporary directory, then
-    renamed into place by rank 0 once every worker has written its shard (a kill never leaves half of one)."""
-
-    def __init__(self, out: str | Path, rank: int, resume: bool):
-        self.path, self.rank, self.resume = Path(out) / "checkpoint", rank, resume
-
-    @contextlib.contextmanager
-    def restore(self) -> Iterator[Path | None]:
-        old = self.path.with_name("checkpoint.old")
-        if self.resume and not self.path.exists() and old.exists():
-            yield old  # killed between the two renames of `save`
-        else:
-            yield self.path if self.resume and self.path.exists() else None
-
-    def save(self, write: Callable[[Path], None], metrics: dict) -> None:
-        tmp, old = self.path.with_name("checkpoint.tmp"), self.path.with_name("checkpoint.old")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        write(tmp)
-        dist.barrier()
-        if self.rank == 0:
-            if self.path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                self.path.rename(old)
-            tmp.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
-    def report(self, metrics: dict) -> None:
-        """The final metrics are in out/metrics.json."""
+from training.train import train
 
 
 @dataclass
@@ -148,20 +88,20 @@ def _gather_rows(t: torch.Tensor, rows: int, group=None) -> list[torch.Tensor] |
 def gather_head(shard: Shard, full: XMCHead, group=None) -> XMCHead | None:
     """The whole head on rank 0 (None elsewhere): every shard's rows copied into `full` (built with the global
     config). Collective."""
-    n = shard.end - shard.start
-    weight = _gather_rows(shard.head.weight, n, group)
-    bias = _gather_rows(shard.head.bias, n if shard.head.config.bias else 0, group)
-    kahan = _gather_rows(shard.head.kahan, len(shard.head.kahan), group)
+    head = shard.head
+    weight = _gather_rows(head.weight, shard.end - shard.start, group)
+    bias = _gather_rows(head.bias, shard.end - shard.start if head.config.bias else 0, group)
+    kahan = _gather_rows(head.kahan, len(head.kahan), group)
     if weight is None:
         return None
-    with torch.no_grad():
-        full.weight.zero_()
-        full.weight[: full.num_labels] = torch.cat(weight).to(full.weight.device)
-        full.scale.copy_(shard.head.scale)
-        if full.config.bias:
-            full.bias.zero_()
-            full.bias[: full.num_labels] = torch.cat(bias).to(full.bias.device)
-        full.kahan.copy_(torch.cat(kahan).to(full.kahan.device))
+    world = dist.get_world_size(group)
+    spans = [shard_range(full.num_labels, world, r) for r in range(world)]
+    parts = [
+        {"head": {"weight": w, "bias": b, "kahan": k, "scale": head.scale}, "start": start, "end": end}
+        for w, b, k, (start, end) in zip(weight, bias, kahan, spans, strict=True)
+    ]
+    full.to(head.weight.device)
+    place_shards(full, parts)
     return full
 
 
@@ -209,14 +149,14 @@ class EncoderGradients:
     def _sum_sparse(self, grad: torch.Tensor) -> torch.Tensor:
         g = grad.coalesce()
         idx, val = g.indices()[0], g.values()
-        count = _all_gather_rows(torch.tensor([[idx.numel()]], device=idx.device), self.group)
+        count = all_gather_rows(torch.tensor([[idx.numel()]], device=idx.device), self.group)
         most = int(count.max())
         idx_pad = torch.full((most,), -1, dtype=torch.int64, device=idx.device)
         idx_pad[: idx.numel()] = idx
         val_pad = torch.zeros((most, *val.shape[1:]), dtype=val.dtype, device=val.device)
         val_pad[: idx.numel()] = val
-        all_idx = _all_gather_rows(idx_pad[None], self.group).flatten()
-        all_val = _all_gather_rows(val_pad[None], self.group).flatten(0, 1)
+        all_idx = all_gather_rows(idx_pad[None], self.group).flatten()
+        all_val = all_gather_rows(val_pad[None], self.group).flatten(0, 1)
         keep = all_idx >= 0
         return torch.sparse_coo_tensor(all_idx[keep][None], all_val[keep], g.shape, check_invariants=False).coalesce()
 
@@ -232,36 +172,81 @@ def evaluate_sharded(
     master_bias: bool = False,
     group=None,
 ) -> dict[str, float]:
-    """`training.train.evaluate_model` over a sharded head: each shard ranks the whole test batch, the lists merge.
-    Every rank returns the same metrics. Collective."""
-    world = dist.get_world_size(group)
+    """`training.evaluation.evaluate_model` over a sharded head (`training.distributed.sharded_topk_replicated`):
+    each rank ranks a slice of the test batch on every shard, the lists merge. Every rank returns the same metrics.
+    Collective."""
 
     def merged_topk(x: torch.Tensor, filtered) -> torch.Tensor:
-        excl = None
-        if filtered is not None:
-            mine = (filtered.col >= shard.start) & (filtered.col < shard.end)
-            pairs = np.stack([filtered.row[mine], filtered.col[mine] - shard.start], 1)
-            excl = torch.from_numpy(pairs.astype(np.int64))
-        s, i = shard.head.topk(x, k, exclude=excl, master_bias=master_bias)
-        pad = k - s.shape[1]  # a shard with fewer than k labels
-        s = torch.cat([s, s.new_full((s.shape[0], pad), -math.inf)], 1)
-        i = torch.cat([i + shard.start, i.new_full((i.shape[0], pad), MAX_LABELS)], 1)
-        all_s = [torch.empty_like(s) for _ in range(world)]
-        all_i = [torch.empty_like(i) for _ in range(world)]
-        dist.all_gather(all_s, s.contiguous(), group=group)
-        dist.all_gather(all_i, i.contiguous(), group=group)
-        return merge_topk(all_s, all_i, k)[1]
+        rank_shard = functools.partial(shard.head.topk, master_bias=master_bias)
+        span = shard.end - shard.start
+        return sharded_topk_replicated(rank_shard, shard.start, span, x, k, group, exclude=filter_pairs(filtered))[1]
 
     return evaluate_model(model, ds, feats, propensity, rank=merged_topk)
 
 
-def _local_slice(batch_rows: int, world: int, rank: int) -> tuple[int, int]:
-    return batch_rows * rank // world, batch_rows * (rank + 1) // world
+class LabelShards:
+    """The `training.train.Parallelism` of one worker of a label-sharded run (the process group initialised)."""
+
+    def __init__(self, device: torch.device | None = None, group=None):
+        self.group = group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.is_main = self.rank == 0
+        self._device = device
+        self.shard: Shard | None = None
+        self.full_head: XMCHead | None = None
+        self.grads: EncoderGradients | None = None
+
+    def device(self, cfg: TrainConfig) -> torch.device:
+        if self._device is None:
+            self._device = worker_device(cfg)
+        return self._device
+
+    def prepare(self, model: XMCModel, device: torch.device) -> tuple[int, int]:
+        start, end = shard_range(model.head.num_labels, self.world, self.rank)
+        self.full_head = model.head  # the whole head stays on the CPU only until the export
+        self.shard = Shard(start, end, shard_head(model.head, start, end))
+        model.head = self.shard.head
+        model.to(device)
+        self.grads = EncoderGradients(model.encoder, device, self.group)
+        return start, end
+
+    def batch_rows(self, size: int) -> tuple[int, int]:
+        return size * self.rank // self.world, size * (self.rank + 1) // self.world
+
+    def encode(self, model: XMCModel, inputs: tuple) -> torch.Tensor:
+        return self.grads.forward(*(t.to(self._device) for t in inputs)).float()
+
+    def head_step(self, head, x, pos, exclude, **step) -> tuple[torch.Tensor, float | None]:
+        def step_fn(x_all, pos_all, exclude_all):
+            return head.step(x_all, pos_all, exclude=exclude_all, **step)
+
+        start, span = self.shard.start, self.shard.end - self.shard.start
+        out = sharded_step(step_fn, start, span, x.detach(), pos, exclude=exclude, group=self.group)
+        return out.dx * self.grads.dx_scale, out.loss
+
+    def reduce_gradients(self) -> None:
+        self.grads.reduce()
+
+    def evaluate(self, model, ds, feats, propensity, master_bias: bool = False) -> dict:
+        return evaluate_sharded(model, self.shard, ds, feats, propensity, master_bias=master_bias, group=self.group)
+
+    def whole_model(self, model: XMCModel) -> XMCModel | None:
+        whole = gather_head(self.shard, self.full_head, self.group)
+        if whole is None:
+            return None
+        model.head = whole
+        return model.to("cpu")
+
+    def barrier(self) -> None:
+        dist.barrier(self.group)
+
+    def comm_bytes(self) -> int:
+        return COMM.bytes
 
 
 def train_worker(
     cfg: TrainConfig,
-    checkpointer: Checkpointer,
+    checkpointer: Checkpointer | None = None,
     *,
     device: torch.device | None = None,
     group=None,
@@ -269,216 +254,25 @@ def train_worker(
 ) -> dict:
     """Train (or resume) this worker's part of the run; every rank returns the same metrics.
 
-    The process group must be initialised. on_step(step) is called after each optimizer step (tests use it to kill
-    a worker). Rank 0 writes metrics.json, the plots and the artifact (cfg.export) into cfg.out."""
-    t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    device = device or _worker_device(cfg)
-    if cfg.batch_size < world:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} workers")
-    train_ds, test_ds = load_data(cfg)
-    (train_ds, test_ds), order = xd.reindex_by_frequency(train_ds, test_ds)
-    model = build_model(cfg, train_ds, order)
-    full_head = model.head
-    start, end = shard_range(train_ds.num_labels, world, rank)
-    shard = Shard(start, end, shard_head(full_head, start, end))
-    model.head = shard.head  # the whole head stays on the CPU only until the export
-    state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "history": [], "metrics": {}}
-    step_times: list[float] = []  # this process's steps (not checkpointed)
-    step_comm = 0  # bytes this rank received in the collectives of those steps
-    with checkpointer.restore() as ckpt_dir:
-        common = None
-        if ckpt_dir is not None:
-            common = torch.load(ckpt_dir / "common.pt", weights_only=False, map_location="cpu")
-            if common["world"] != world:
-                raise ValueError(f"the checkpoint in {ckpt_dir} has {common['world']} shards, not {world}")
-            part = torch.load(ckpt_dir / f"shard-{rank}.pt", weights_only=False, map_location="cpu")
-            if (part["start"], part["end"]) != (start, end):
-                raise ValueError(
-                    f"shard {rank} of {ckpt_dir} covers {part['start']}..{part['end']}, not {start}..{end}"
-                )
-            if common["featurizer"] is not None:
-                from training.encoders import HashedNgramFeaturizer
-
-                model.featurizer = HashedNgramFeaturizer.from_state_dict(common["featurizer"])
-            model.encoder.load_state_dict(common["encoder"])
-            shard.head.load_state_dict(part["head"])
-    model.to(device)
-    opts = make_optimizers(model, cfg.encoder_lr)
-    if common is not None:
-        for o, s in zip(opts, common["optimizers"], strict=True):
-            o.load_state_dict(s)
-        state = common["state"]
-        _set_rng_state(common["rng"])
-    grads = EncoderGradients(model.encoder, device, group)
-    train_feats, test_feats = featurize(model, train_ds), featurize(model, test_ds)
-    counts = train_ds.label_counts()
-    propensity = jain_propensity(counts, train_ds.num_rows, cfg.psp_a, cfg.psp_b)
-    total = math.ceil(train_ds.num_rows / cfg.batch_size) * cfg.epochs
-    filt = train_ds.filter_matrix() if cfg.exclude_self and len(train_ds.filters) else None
-
-    def write(directory: Path) -> None:
-        torch.save({"head": shard.head.state_dict(), "start": start, "end": end}, directory / f"shard-{rank}.pt")
-        if rank == 0:
-            common = {
-                "config": asdict(cfg),
-                "world": world,
-                "encoder": model.encoder.state_dict(),
-                "featurizer": model.featurizer.state_dict() if model.featurizer is not None else None,
-                "optimizers": [o.state_dict() for o in opts],
-                "state": state,
-                "rng": _rng_state(),
-            }
-            torch.save(common, directory / "common.pt")
-
-    def save() -> None:
-        checkpointer.save(write, {"step": state["step"], "epoch": state["epoch"], **state["metrics"]})
-
-    bar = tqdm(total=total, initial=state["step"], unit="step", disable=not cfg.progress or rank != 0)
-    done_here = 0
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        for b in xd.iter_batches(train_ds, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=state["batch"]):
-            t_step = time.perf_counter()
-            step = state["step"]
-            f = lr_factor(step, total, cfg.warmup, cfg.min_lr)
-            sent = COMM.bytes
-            if len(b.rows) >= world:  # an epoch's last batch smaller than the world is skipped
-                loss = _train_step(cfg, model, shard, grads, opts, train_ds, train_feats, filt, b, step, f, device)
-            else:
-                loss = None
-            step_comm += COMM.bytes - sent
-            state["step"] += 1
-            state["batch"] += 1
-            done_here += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_times.append(time.perf_counter() - t_step)
-            if loss is not None:
-                state["history"].append({"step": step, "epoch": epoch, "loss": loss, "lr_factor": f})
-                bar.set_postfix(loss=f"{loss:.3f}")
-            bar.update(1)
-            if on_step is not None:
-                on_step(state["step"])
-            if cfg.stop_after and done_here >= cfg.stop_after:
-                bar.close()
-                return {"stopped": True, "step": state["step"]}
-            if cfg.checkpoint_every > 0 and state["step"] % cfg.checkpoint_every == 0:
-                state["train_seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save()
-        state["epoch"] += 1
-        state["batch"] = 0
-        state["train_seconds"] += time.perf_counter() - t0
-        if state["epoch"] % max(1, cfg.eval_every) == 0 or state["epoch"] == cfg.epochs:
-            m = evaluate_sharded(model, shard, test_ds, test_feats, propensity, group=group)
-            state["metrics"] = m
-            state["history"].append({"step": state["step"], "epoch": state["epoch"], **m})
-            bar.set_postfix({k: f"{v:.1f}" for k, v in m.items() if k in ("P@1", "P@5")})
-        if cfg.checkpoint_every >= 0:
-            save()
-        t0 = time.perf_counter()
-    bar.close()
-    master = state["metrics"]
-    if cfg.bias and cfg.precision != "fp32":
-        master = evaluate_sharded(model, shard, test_ds, test_feats, propensity, master_bias=True, group=group)
-    result = {
-        "metrics": state["metrics"],
-        "metrics_master_bias": master,
-        "history": state["history"],
-        "train_seconds": state["train_seconds"],
-        "step_ms": step_milliseconds(step_times),
-        "comm_mb_per_step": step_comm / 2**20 / max(1, len(step_times)),
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "workers": world,
-        "out": str(cfg.out),
-        "config": asdict(cfg),
-    }
-    whole = gather_head(shard, full_head, group)
-    if rank == 0:
-        import json
-
-        model.head = whole
-        model.to("cpu")
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".metrics.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out / "metrics.json")
-        _finish(cfg, model, train_ds, test_ds, test_feats, counts, result)
-    dist.barrier(group)
-    summary = {k: result[k] for k in ("train_seconds", "step_ms", "comm_mb_per_step", "workers")}
-    checkpointer.report({**result["metrics"], **summary, "step": state["step"], "epoch": state["epoch"]})
-    return result
+    The process group must be initialised. checkpointer: default `<cfg.out>/checkpoint/` (a filesystem all
+    workers share). on_step(step) is called after each optimizer step (tests use it to kill a worker). Rank 0
+    writes metrics.json, the plots and the artifact (cfg.export) into cfg.out."""
+    return train(cfg, parallel=LabelShards(device, group), checkpointer=checkpointer, on_step=on_step)
 
 
 def run_distributed(cfg: TrainConfig) -> dict:
     """`elmo train` as one worker of a torchrun group (RANK, WORLD_SIZE, MASTER_ADDR... in the environment):
     NCCL on GPUs, gloo on CPUs; checkpoints in cfg.out/checkpoint on a filesystem all workers share."""
-    device = _worker_device(cfg)
+    device = worker_device(cfg)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train_worker(cfg, DirectoryCheckpointer(cfg.out, dist.get_rank(), cfg.resume), device=device)
+        return train_worker(cfg, device=device)
     finally:
         dist.destroy_process_group()
 
 
-def _train_step(cfg, model, shard, grads, opts, train_ds, train_feats, filt, b, step, f, device) -> float | None:
-    """One optimizer step of this worker: its slice of the global batch `b`, the sharded head step, the encoder."""
-    world, rank = dist.get_world_size(grads.group), dist.get_rank(grads.group)
-    for o in opts:
-        for g in o.param_groups:
-            g["lr"] = cfg.encoder_lr * f
-    lo, hi = _local_slice(len(b.rows), world, rank)
-    rows = b.rows.numpy()[lo:hi]
-    pos = b.positives
-    sel = (pos[:, 0] >= lo) & (pos[:, 0] < hi)
-    pos_rows, pos_cols = (pos[sel, 0] - lo).to(device), pos[sel, 1].to(device)
-    ex_rows = ex_cols = None
-    if filt is not None:
-        fr = filt[rows].tocoo()
-        ex_rows = torch.from_numpy(fr.row.astype(np.int64)).to(device)
-        ex_cols = torch.from_numpy(fr.col.astype(np.int64)).to(device)
-    inputs = encoder_inputs(model, train_ds, train_feats, rows)
-    x = grads.forward(*(t.to(device) for t in inputs)).float()
-    want_loss = cfg.loss_every > 0 and step % cfg.loss_every == 0
-    head = shard.head
-
-    def head_step(x_all, r, c, er, ec):
-        exclude = None if er is None else torch.stack([er, ec], 1)
-        return head.step(
-            x_all,
-            r,
-            c,
-            lr=cfg.head_lr * f,
-            weight_decay=cfg.head_weight_decay,
-            seed=cfg.seed * 1_000_003 + step,
-            compute_loss=want_loss,
-            exclude=exclude,
-        )
-
-    out = sharded_step(
-        head_step,
-        shard.start,
-        shard.end - shard.start,
-        x.detach(),
-        pos_rows,
-        pos_cols,
-        exclude_rows=ex_rows,
-        exclude_cols=ex_cols,
-        group=grads.group,
-    )
-    x.backward((out.dx * grads.dx_scale).to(x.dtype))
-    grads.reduce()
-    for o in opts:
-        o.step()
-        o.zero_grad(set_to_none=True)
-    return out.loss
-
-
-def _worker_device(cfg: TrainConfig) -> torch.device:
+def worker_device(cfg: TrainConfig) -> torch.device:
+    """A worker's device: the CPU, or the GPU of its LOCAL_RANK (made current)."""
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     local = int(os.environ.get("LOCAL_RANK", 0))

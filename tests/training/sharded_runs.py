@@ -12,12 +12,12 @@ from training.config import TrainConfig
 
 
 def _work(rank: int, world: int, init_file: str, kw: dict, results: str) -> None:
-    from training.worker import DirectoryCheckpointer, train_worker
+    from training.worker import train_worker
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cfg = TrainConfig(**kw)
-        out = train_worker(cfg, DirectoryCheckpointer(cfg.out, rank, cfg.resume))
+        out = train_worker(cfg)
         torch.save(out, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()

@@ -60,3 +60,9 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path):
     torch.testing.assert_close(sharded_head_weights(stored[-1]), sharded_head_weights(tmp_path / "reference"))
     art = load_artifact(tmp_path / "artifact")
     assert art.num_labels == 203 and art.manifest["metrics"]["P@1"] == pytest.approx(metrics["P@1"])
+    # the run directory reads like any other (`elmo eval RUN`): its latest checkpoint is in Ray's storage under it
+    from training.checkpoint import model_from_checkpoint
+    from training.evaluation import evaluate_on
+
+    model, saved, _ = model_from_checkpoint(tmp_path / "ray-run")
+    assert evaluate_on(model, saved)["P@1"] == pytest.approx(metrics["P@1"], abs=1e-6)

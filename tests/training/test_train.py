@@ -8,10 +8,11 @@ import pytest
 import torch
 from lf_data import write_lf
 
+from training.checkpoint import model_from_checkpoint
 from training.config import TrainConfig, load_config
 from training.data import read_lf
 from training.metrics import evaluate
-from training.train import lr_factor, model_from_checkpoint, train
+from training.train import lr_factor, train
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -140,7 +141,7 @@ def test_frozen_encoder_run_trains_reloads_and_exports(tmp_path):
 
 
 def test_fp8_encoder_needs_an_fp8_gpu():
-    from training.train import fp8_linears
+    from training.build import fp8_linears
 
     with pytest.raises(ValueError, match="FP8 tensor cores"):
         fp8_linears(torch.nn.Sequential(torch.nn.Linear(32, 32)), torch.device("cpu"))

@@ -1,5 +1,7 @@
 """Label-sharded training over torch.distributed (training.worker): W = 2 workers against W = 1 from the same seed,
-unequal shards, kill-and-resume, and the export of the gathered head."""
+unequal shards, kill-and-resume, the export of the gathered head, and `elmo eval` / `elmo export` of the run."""
+
+import json
 
 import pytest
 import torch
@@ -88,6 +90,19 @@ def test_export_gathers_the_whole_head(data, tmp_path):
     shards = sharded_head_weights(tmp_path / "run")
     assert sorted(w.flatten().tolist()) == sorted(shards.flatten().tolist())
 
+    # The run's checkpoint has the layout of every run: `elmo eval RUN` and `elmo export RUN ART` read it whole.
+    from elmo_serve.cli import main
+
+    assert main(["eval", str(tmp_path / "run"), "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    for k in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5"):
+        assert evaluated[k] == pytest.approx(two[0]["metrics"][k], abs=1e-9), k
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    exported = load_artifact(tmp_path / "exported")
+    assert torch.equal(exported.model.head.weight.float(), art.model.head.weight.float())
+    assert torch.equal(exported.model.head.bias, art.model.head.bias)
+    assert exported.manifest["metrics"] == pytest.approx(two[0]["metrics"])
+
 
 def test_shard_head_keeps_rows_scale_and_rounding_offset():
     from training.model import HeadConfig, XMCHead
@@ -104,8 +119,6 @@ def test_shard_head_keeps_rows_scale_and_rounding_offset():
 
 def _tiny_bert_dir(data, path):
     """A 2-layer BERT (no dropout) with a word-level vocabulary of the dataset, saved as a local HF directory."""
-    import json
-
     transformers = pytest.importorskip("transformers", reason="the Hugging Face encoder path needs transformers")
     from training.encoders import HFTextEncoder
 

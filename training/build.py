@@ -1,0 +1,168 @@
+"""Building a run: its data, the model (encoder + head) and the encoder's optimizers, from a `TrainConfig`.
+
+Every worker of a label-sharded run builds the same model from the seed; the single-process trainer, the sharded
+workers, `elmo eval` and `elmo export` all build it here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import optimi
+import scipy.sparse as sp
+import torch
+
+from kernels.common import has_fp8_tensor_cores
+from training import data as xd
+from training.config import TrainConfig
+from training.encoders import (
+    FrozenTextEmbedder,
+    FusedEncoder,
+    HashedBagConfig,
+    HashedBagEncoder,
+    HashedNgramFeaturizer,
+    HFTextEncoder,
+    resolve_pretrained,
+)
+from training.model import HeadConfig, XMCHead, XMCModel
+
+
+def load_data(cfg: TrainConfig) -> tuple[xd.XMCDataset, xd.XMCDataset]:
+    """(train, test) splits of cfg.data (the embedded default when empty), cut to cfg.train_rows / cfg.test_rows."""
+    if not cfg.data:
+        from training.embedded import build_embedded
+
+        train_ds, test_ds = build_embedded(seed=cfg.seed)
+    elif cfg.format == "lf":
+        train_ds, test_ds = xd.read_lf(cfg.data, "trn"), xd.read_lf(cfg.data, "tst")
+    elif cfg.format == "bow":
+        train_ds, test_ds = xd.read_bow(Path(cfg.data) / "train.txt"), xd.read_bow(Path(cfg.data) / "test.txt")
+    else:
+        raise ValueError(f"format must be 'lf' or 'bow', got {cfg.format!r}")
+    if cfg.train_rows:
+        train_ds = train_ds.subset(np.arange(min(cfg.train_rows, train_ds.num_rows)))
+    if cfg.test_rows:
+        test_ds = test_ds.subset(np.arange(min(cfg.test_rows, test_ds.num_rows)))
+    return train_ds, test_ds
+
+
+def device_of(cfg: TrainConfig) -> torch.device:
+    """The device of a single-process run: cfg.device, "auto" meaning CUDA where there is one."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def head_config(cfg: TrainConfig, num_labels: int, dim: int) -> HeadConfig:
+    """The head of a run: its precision, bias, Kahan rows and chunking come from the training config."""
+    return HeadConfig(
+        num_labels=num_labels,
+        dim=dim,
+        precision=cfg.precision,
+        bias=cfg.bias,
+        kahan_labels=cfg.kahan_labels,
+        chunk_budget_mb=cfg.chunk_budget_mb,
+        batch_hint=cfg.batch_size,
+    )
+
+
+def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) -> XMCModel:
+    """Encoder + head for this data, with label-feature init and the frequency prior for the bias."""
+    torch.manual_seed(cfg.seed)
+    featurizer = None
+    if cfg.encoder == "hf":
+        encoder = HFTextEncoder.from_pretrained(cfg.hf_path)
+        if cfg.fp8_encoder:
+            fp8_linears(encoder, device_of(cfg))
+    elif train_ds.features is not None:
+        encoder = HashedBagEncoder(HashedBagConfig(num_features=train_ds.features.shape[1], dim=cfg.dim, sparse=True))
+    else:
+        lo, hi = (int(v) for v in cfg.char_ngrams.split("-"))
+        featurizer = HashedNgramFeaturizer(char_ngrams=(lo, hi), min_df=cfg.min_df)
+        featurizer.fit(list(train_ds.texts) + list(train_ds.label_titles or []))
+        cfg_e = HashedBagConfig(num_features=featurizer.num_features, dim=cfg.dim, mlp_hidden=cfg.mlp_hidden)
+        encoder = HashedBagEncoder(cfg_e, sparse=True)
+    frozen = None
+    if cfg.frozen_encoder:
+        if featurizer is None:
+            raise ValueError("frozen_encoder needs texts and the hashed encoder (encoder='hashed', LF data)")
+        frozen = frozen_embedder(cfg)
+        encoder = FusedEncoder(encoder, frozen.dim)
+    head = XMCHead(head_config(cfg, train_ds.num_labels, encoder.dim))
+    model = XMCModel(encoder, head, featurizer, order, frozen=frozen)
+    vectors = None
+    if cfg.label_init and train_ds.label_titles is not None:
+        with torch.no_grad():
+            e = torch.cat(
+                [
+                    model.embed(*model.encoder_inputs(train_ds.label_titles[i : i + 4096]))
+                    for i in range(0, train_ds.num_labels, 4096)
+                ]
+            )
+        vectors = cfg.label_init_gain * e / e.pow(2).sum(1, keepdim=True).clamp_min(1e-6)
+    prior = (train_ds.label_counts() + 0.5) / (train_ds.num_rows + 1.0)
+    model.head.init_weights(vectors, prior, seed=cfg.seed)
+    return model
+
+
+def encoder_for_state(cfg: TrainConfig, encoder_state: dict) -> tuple[torch.nn.Module, FrozenTextEmbedder | None]:
+    """The encoder (and frozen embedder) of a saved run, its shapes read from its state dict (no data needed)."""
+    if cfg.encoder == "hf":
+        return HFTextEncoder.from_pretrained(cfg.hf_path), None
+    if cfg.frozen_encoder:
+        num_features, dim = encoder_state["bag.bag.weight"].shape
+        bag = HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden))
+        frozen = frozen_embedder(cfg)
+        return FusedEncoder(bag, frozen.dim), frozen
+    num_features, dim = encoder_state["bag.weight"].shape
+    return HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden)), None
+
+
+def fp8_linears(encoder: torch.nn.Module, device: torch.device) -> None:
+    """Swap the encoder's Linear layers (both sides multiples of 16) for torchao's FP8 training linears, in place."""
+    if not has_fp8_tensor_cores(device):
+        raise ValueError("fp8_encoder needs a CUDA GPU with FP8 tensor cores (sm_89 or newer)")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as e:
+        raise ValueError("fp8_encoder needs torchao: pip install torchao") from e
+
+    def divisible(module: torch.nn.Module, fqn: str) -> bool:
+        linear = isinstance(module, torch.nn.Linear)
+        return linear and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(encoder, module_filter_fn=divisible)
+
+
+def frozen_embedder(cfg: TrainConfig) -> FrozenTextEmbedder:
+    """The frozen pretrained sentence embedder of cfg.frozen_encoder."""
+    path = resolve_pretrained(cfg.frozen_encoder)
+    return FrozenTextEmbedder(path, max_length=cfg.frozen_max_length, cache_dir=cfg.frozen_cache)
+
+
+def make_optimizers(model: XMCModel, lr: float) -> list[torch.optim.Optimizer]:
+    """SparseAdam for the sparse embedding table, torch-optimi AdamW (Kahan summation for bf16) for the rest."""
+    sparse = [p for m in model.encoder.modules() if getattr(m, "sparse", False) for p in m.parameters(recurse=False)]
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.encoder.parameters() if id(p) not in ids and p.requires_grad]
+    opts: list[torch.optim.Optimizer] = []
+    if sparse:
+        opts.append(torch.optim.SparseAdam(sparse, lr=lr))
+    if dense:
+        opts.append(optimi.AdamW(dense, lr=lr, weight_decay=0.0, kahan_sum=dense[0].dtype == torch.bfloat16))
+    return opts
+
+
+def encoder_inputs(model: XMCModel, ds: xd.XMCDataset, feats: sp.csr_matrix | None, rows: np.ndarray) -> tuple:
+    """The encoder's inputs for `rows` of a split: from its featurized matrix, else its texts."""
+    if feats is not None:
+        return model.encoder_inputs(features=feats[rows])
+    return model.encoder_inputs(texts=[ds.texts[i] for i in rows])
+
+
+def featurize(model: XMCModel, ds: xd.XMCDataset):
+    """A split's features for `encoder_inputs` (None for a transformer, which tokenizes the texts per batch)."""
+    if model.featurizer is not None:
+        return model.featurize(ds.texts)
+    return ds.features
