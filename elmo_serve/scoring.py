@@ -160,4 +160,3 @@ class Scorer:
             keep = ~torch.isin(rows[b], torch.tensor(list(exclude[b]), dtype=torch.int64)) & (rows[b] >= 0)
             out_s[b], out_i[b] = scores[b][keep][:k], rows[b][keep][:k]
         return out_s, out_i
-

@@ -75,6 +75,23 @@ def test_train_eval_export(tmp_path, capsys):
     assert "error: the model has 40 labels, the data 30" in capsys.readouterr().err
 
 
+def test_resume_honours_or_refuses_changed_flags(tmp_path, capsys):
+    data = _write_lf(tmp_path / "data", num_labels=24, num_train=96, num_test=24)
+    run, art = tmp_path / "run", tmp_path / "art"
+    small = ["--data", str(data), "--dim", "16", "--min-df", "1", "--batch-size", "32", "--progress", "false"]
+    assert main(["train", *small, "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["train", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert f"--resume: no checkpoint in {tmp_path / 'none'}" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run), "--dim", "32"]) == 2
+    assert "--resume: dim (--dim) is 16 in the run" in capsys.readouterr().err
+    # a finished run: more epochs and an export are honoured, the other flags come from the run
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--export", str(art)]) == 0
+    assert f"artifact: {art}" in capsys.readouterr().out and (art / "manifest.json").is_file()
+    done = json.loads((run / "metrics.json").read_text())
+    assert (done["config"]["epochs"], done["config"]["dim"]) == (2, 16)
+    assert max(h["epoch"] for h in done["history"]) == 2
+
+
 def test_bad_artifact_is_a_clean_error(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     assert main(["eval", str(tmp_path / "bad")]) == 2

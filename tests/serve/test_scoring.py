@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from elmo_serve.schemas import Limits, PredictRequest, RequestError, check_predict
 from elmo_serve.model import Query, ServingModel
+from elmo_serve.schemas import Limits, PredictRequest, RequestError, check_predict
 from elmo_serve.scoring import Scorer, build_index
 from kernels.topk import reference_topk
 
