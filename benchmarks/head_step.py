@@ -343,7 +343,8 @@ def main() -> None:
         chunks = make_head(args.sizes[0], DIM, torch.float8_e4m3fn, device)
         x, rows, cols = make_batch(128, DIM, args.sizes[0], device, seed=2)
         for step in range(args.run_steps):
-            hs.head_step(chunks, x, rows, cols, hs.HeadStepConfig(lr=0.05, seed=step), num_labels=args.sizes[0])
+            cfg = hs.HeadStepConfig(lr=0.05, seed=step, kernel=args.kernels[0])
+            hs.head_step(chunks, x, rows, cols, cfg, num_labels=args.sizes[0])
         torch.cuda.synchronize()
         return
     meta = {

@@ -1,4 +1,4 @@
-"""The three-pass head step (the path before `head_step_fused`; kept selectable while it is measured against it).
+"""The three-pass head step, the default Triton path (`head_step_fused` reads W once but is slower today).
 
 Three kernels per chunk, each streaming W (so W is read three times and written once per step):
   1. `_logits_grad_kernel`: one program per block of labels computes the B x BLOCK_L logits over all of D in
