@@ -54,10 +54,10 @@ def _kth_largest_kernel(
 ):  # fmt: skip
     """One row: the k-th largest maximum of its groups of GROUP tile maxima (-inf if fewer; the row holds a multiple of
     GROUP values, -inf past `tiles`; torch.topk took ~170 us over 1024 x 11K values, a torch max over the groups
-    ~95 us), and the screening threshold key that passes exactly the scores >= it: the key of the next float below
-    it, or KEY_EMPTY (take every label) where it is not finite from below (-inf, NaN). out_ptr gets the threshold the
-    tiles are chosen by: the k-th largest, or +inf (no tile) where more than row_cap of the row's tile maxima reach it
-    (ties; such a row gets no candidate and is recomputed)."""
+    ~95 us), and the screening threshold key that passes the scores >= it less a relative 2^-14 (the key of the next
+    float below that), or KEY_EMPTY (take every label) where it is not finite from below (-inf, NaN). out_ptr gets
+    the threshold the tiles are chosen by: the k-th largest, or +inf (no tile) where more than row_cap of the row's
+    tile maxima reach it (ties; such a row gets no candidate and is recomputed)."""
     b = tl.program_id(0).to(tl.int64)
     best = tl.full((KP,), float("-inf"), tl.float32)
     groups = tl.cdiv(tiles, GROUP)
@@ -73,8 +73,12 @@ def _kth_largest_kernel(
         m = tl.load(max_ptr + b * stride_mb + pos, mask=pos < tiles, other=float("-inf"))
         chosen += tl.sum(((m >= kth) & (pos < tiles)).to(tl.int32), axis=0)
     tl.store(out_ptr + b, tl.where(chosen > row_cap, float("inf"), kth))
-    bits = kth.to(tl.int32, bitcast=True)
-    below_bits = tl.where(kth > 0, bits - 1, tl.where(kth < 0, bits + 1, -2147483647))  # 0: -(smallest subnormal)
+    # The second pass keeps the scores >= kth less a relative 2^-14: it may sum a label's score in another order
+    # than this pass did (other dot shapes, a ragged last D chunk), and a row whose k-th score sits on its tile
+    # maximum must not miss the threshold by an ulp and fall short. The merge still takes the exact top k.
+    low = kth - tl.abs(kth) * 0.00006103515625
+    bits = low.to(tl.int32, bitcast=True)
+    below_bits = tl.where(low > 0, bits - 1, tl.where(low < 0, bits + 1, -2147483647))  # 0: -(smallest subnormal)
     key = score_keys(below_bits.to(tl.float32, bitcast=True), tl.zeros((), dtype=tl.int64))
     tl.store(key_ptr + b, tl.where((kth == float("-inf")) | (kth != kth), TL_KEY_EMPTY, key))
 
