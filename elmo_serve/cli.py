@@ -234,8 +234,7 @@ def _serve_and_query(artifact: str, port: int, item_uid: str | None) -> int:
                 print(f"\nPOST /v1/similar {item_uid!r}\n{format_table(related['results'])}")
     finally:
         stop.set()
-        server.join()
-    print("\nservice stopped")
+        server.join()  # serve_command prints "service stopped"
     return 0 if status == [0] else 1
 
 

@@ -216,6 +216,34 @@ def config_with_artifact(details: dict, artifact: str, *, app: str = "elmo", dep
     return body | {"applications": configs}
 
 
+def config_with_app(details: dict, app_config: dict) -> dict:
+    """The PUT body (a ServeDeploySchema) that deploys `app_config` (replacing the application of its name) and keeps
+    every other application deployed from a config, and the cluster-wide fields, as they are (see
+    `config_with_artifact`). `details` as `GET /api/serve/applications/` answers it, or `{}` for an empty Serve."""
+    apps = details.get("applications") or {}
+    imperative = sorted(n for n, a in apps.items() if a.get("deployed_app_config") is None and n != app_config["name"])
+    if imperative:
+        raise RollError(
+            f"applications {imperative} were deployed with serve.run: Serve refuses a config beside them (delete them "
+            "or deploy them from a config)"
+        )
+    configs = [copy.deepcopy(a["deployed_app_config"]) for n, a in apps.items() if a.get("deployed_app_config")]
+    configs = [c for c in configs if c["name"] != app_config["name"]] + [copy.deepcopy(app_config)]
+    body = {
+        k: details[k] for k in ("proxy_location", "http_options", "grpc_options", "target_capacity") if k in details
+    }
+    return body | {"applications": configs}
+
+
+def declared_artifact(details: dict, *, app: str = "elmo", deployment: str = "ModelScorer") -> str | None:
+    """`user_config.artifact` of `deployment` in the config `app` was deployed from (None if it names none)."""
+    config = ((details.get("applications") or {}).get(app) or {}).get("deployed_app_config") or {}
+    for entry in config.get("deployments") or []:
+        if entry.get("name") == deployment:
+            return (entry.get("user_config") or {}).get("artifact")
+    return None
+
+
 def roll_artifact(
     address: str,
     artifact: str,
@@ -281,6 +309,78 @@ def wait_for_version(
                 served = f"{info.get('model_version')} ({info.get('artifact')})"
                 raise TimeoutError(f"{serve_url} still serves {served} after {timeout_s:g} s")
             time.sleep(poll_s)
+
+
+def _settled(details: dict, app: str, deployment: str) -> bool:
+    entry = (details.get("applications") or {}).get(app) or {}
+    status = ((entry.get("deployments") or {}).get(deployment) or {}).get("status")
+    return entry.get("status") == "RUNNING" and status == "HEALTHY"
+
+
+def swap_artifact(
+    artifact: str,
+    *,
+    get_details: Callable[[], dict],
+    deploy: Callable[[dict], None],
+    serve_url: str,
+    check: Callable[[str], object] | None = None,
+    app: str = "elmo",
+    deployment: str = "ModelScorer",
+    timeout_s: float = 300.0,
+    poll_s: float = 0.2,
+    transport: httpx.BaseTransport | None = None,
+) -> dict:
+    """Swap the artifact of an application whose declared config this process reads (`get_details`, a
+    ServeInstanceDetails) and writes (`deploy`, a ServeDeploySchema body): the local `elmo serve`.
+
+    The declared state stays equal to what is served, so a replica that restarts, or a new autoscaled one, loads the
+    artifact the others serve: `check` (e.g. loading the artifact here) refuses a bad one before anything is
+    declared; if a replica still refuses it, the previous config is declared again. Returns `{"ok", "model_version",
+    "artifact", "error", "seconds"}`; `artifact` and `model_version` are what is served afterwards."""
+    t0, path = time.monotonic(), os.path.normpath(os.path.abspath(artifact))
+    before = get_details()
+    old_artifact = declared_artifact(before, app=app, deployment=deployment)
+
+    def served(ok: bool, error: str | None = None) -> dict:
+        with httpx.Client(base_url=serve_url.rstrip("/"), timeout=30, transport=transport) as http:
+            info = http.get("/v1/model").json()
+        return {
+            "ok": ok,
+            "model_version": info.get("model_version"),
+            "artifact": info.get("artifact"),
+            "error": error,
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+
+    if check is not None:
+        try:
+            check(path)
+        except Exception as e:  # refused before anything is declared: nothing changes anywhere
+            return served(False, f"artifact {path} refused: {type(e).__name__}: {e}")
+    body = config_with_artifact(before, path, app=app, deployment=deployment)
+    deploy(body)
+    error = None
+    try:
+        wait_for_version(serve_url, path, timeout_s=timeout_s, poll_s=poll_s, transport=transport)
+        deadline = time.monotonic() + timeout_s
+        while not _settled(get_details(), app, deployment):  # every replica has been reconfigured
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{app}/{deployment} did not settle within {timeout_s:g} s")
+            time.sleep(poll_s)
+        with httpx.Client(base_url=serve_url.rstrip("/"), timeout=30, transport=transport) as http:
+            replicas = len(((get_details()["applications"][app]["deployments"][deployment]).get("replicas")) or [1])
+            for _ in range(4 * replicas):  # ask around: one replica that kept the old model refused the swap
+                info = http.get("/v1/model").json()
+                if info.get("artifact") != path:
+                    raise RollError(info.get("last_swap_error") or f"a replica still serves {info.get('artifact')}")
+    except (RollError, TimeoutError) as e:
+        error = str(e)
+    if error is None:
+        return served(True)
+    if old_artifact is not None:  # declare what is served again
+        deploy(config_with_artifact(get_details(), old_artifact, app=app, deployment=deployment))
+        wait_for_version(serve_url, old_artifact, timeout_s=timeout_s, poll_s=poll_s, transport=transport)
+    return served(False, error)
 
 
 def _retrain(args: argparse.Namespace) -> int:
