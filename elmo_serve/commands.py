@@ -1,4 +1,11 @@
-"""`elmo serve ARTIFACT` and `elmo query "text"`: registered on the `elmo` parser by `add_serve_commands`."""
+"""`elmo serve ARTIFACT`, `elmo swap ARTIFACT` and `elmo query "text"`: registered on the `elmo` parser by
+`add_serve_commands`.
+
+`elmo serve` owns what it starts: without --address a Ray node of its own on 127.0.0.1 (never a `ray start` cluster
+it happens to find), the app deployed from a config as `serve deploy` does (so the scorer's artifact is declared in its
+user_config, and a swap changes only that), and a control directory through which `elmo swap` reaches it
+(`elmo_serve.control`). SIGINT or SIGTERM stops all of it within seconds.
+"""
 
 from __future__ import annotations
 
@@ -234,7 +241,7 @@ def serve_command(
                             app=APP,
                             deployment=SCORER,
                         )
-                    except (RollError, OSError, ValueError) as e:
+                    except Exception as e:  # a failed swap is reported, and never stops the service
                         result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
                 write_result(control, request_id, result)
                 if result.get("ok"):
@@ -243,6 +250,9 @@ def serve_command(
                     print(f"swap refused: {result['error']}; serving {result.get('model_version')}", flush=True)
     except KeyboardInterrupt:  # SIGINT before the handler was in place
         pass
+    except (ConnectionError, ValueError, RollError) as e:  # no cluster at --address, or Serve refused the config
+        print(f"elmo serve: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+        rc = 1
     finally:
         print("stopping", flush=True)
         service_file.unlink(missing_ok=True)

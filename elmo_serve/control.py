@@ -80,9 +80,13 @@ def read_service(directory: Path) -> dict | None:
 
 def take_requests(directory: Path) -> list[tuple[str, dict]]:
     """Swap requests waiting in `directory` (oldest first), removed as they are taken: (request id, body)."""
-    out = []
-    entries = sorted(directory.glob(f"*{_REQUEST}"), key=lambda p: p.stat().st_mtime if p.exists() else 0)
-    for path in entries:
+    out, entries = [], []
+    for path in directory.glob(f"*{_REQUEST}"):
+        try:
+            entries.append((path.stat().st_mtime, path))
+        except OSError:  # withdrawn meanwhile (its client gave up)
+            pass
+    for _, path in sorted(entries):
         try:
             body = json.loads(path.read_text())
         except (OSError, ValueError) as e:
