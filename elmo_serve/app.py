@@ -9,9 +9,10 @@ artifact is loaded and checked beside the old one, then replaces it; requests al
 they were validated against; a bad artifact is refused, the old model keeps serving and /v1/model reports why), the
 limits, the backend, and the batch size / wait. `Ingress` parses and validates bodies (pydantic) once and hands the
 parsed request to the scorer, which checks it against the limits and the model and answers with a `ScorerReply` (the
-response, or the 4xx that refuses it); the ingress maps every client error to a 4xx (see `elmo_serve.schemas`) and
-exports Prometheus metrics on /metrics. The model itself (loading an artifact, the batched call) is
-`elmo_serve.model`.
+response, or the 4xx that refuses it); the ingress maps every client error to a 4xx (see `elmo_serve.schemas`),
+retries once a request whose scorer replica died (a dead replica is a 503 with Retry-After, never a 500), and exports
+Prometheus metrics on /metrics (every response counted, by endpoint and status). The model itself (loading an
+artifact, the batched call) is `elmo_serve.model`.
 """
 
 import asyncio
@@ -28,6 +29,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,6 +53,10 @@ from elmo_serve.schemas import (
 
 logger = logging.getLogger("ray.serve")
 _MAX_BODY_BYTES = [4 * 2**20]  # set by the Ingress replica of this process; read by the body-size guard
+# A scorer replica that died (kill -9, OOM, its node lost: ActorDiedError) or cannot be reached (ActorUnavailableError)
+# under a request, or a scorer deployment with no replica at all.
+_REPLICA_GONE = (RayActorError, DeploymentUnavailableError)
+RETRY_AFTER_S = 3  # the Retry-After of a 503: about what Serve takes to notice a dead replica and start another
 
 
 class AppArgs(BaseModel):
@@ -67,6 +74,12 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies get 413 before parsing")
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads of each scorer replica's torch; None: the replica's num_cpus"
+    )
+    retry_wait_s: float = Field(
+        3.0,
+        gt=0,
+        description="how long the one retry of a request whose scorer replica died waits for a replica "
+        "to take it before the request is answered 503",
     )
 
 
@@ -91,7 +104,9 @@ class Scored(NamedTuple):
     texts: int  # texts in the batch
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
+# health_check_period_s: a replica killed outright is noticed (and replaced) at its next failed health check: 10 s
+# left a lone replica's clients waiting 11 s (benchmarks/replica_kill.py); the check itself is a trivial call.
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, health_check_period_s=2)
 class ModelScorer:
     def __init__(
         self,
@@ -204,10 +219,11 @@ class ModelScorer:
         """A request the ingress parsed: checked against the limits and the model it will be scored on, scored."""
         model = self.model
         try:
-            check_predict(req, self.limits, model.num_labels)
+            check_predict(req, self.limits, model.num_labels, model.num_features)
         except RequestError as e:
             return ScorerReply.refused(e)
-        res = await self._score(model, Query(req.texts, req.k, list(set(req.exclude or ()))))
+        query = Query(req.texts or [], req.k, list(set(req.exclude or ())), features=req.features)
+        res = await self._score(model, query)
         body = PredictResponse(model_version=model.version, results=[self._labels(model, *r) for r in res.answers])
         return ScorerReply(body, batch=res.batch, texts=res.texts)
 
@@ -219,6 +235,8 @@ class ModelScorer:
                 key = f"uid {req.uid!r}" if req.uid is not None else f"id {req.id}"
                 raise RequestError(404, f"unknown item {key} (ids are 0..{model.num_labels - 1})")
             check_k(req.k, self.limits, model.num_labels, reserved=1)
+            if req.mode == "text" and model.takes_features:
+                raise RequestError(422, "this model takes features, not text: ask with mode=embedding")
         except RequestError as e:
             return ScorerReply.refused(e)
         if req.mode == "text":
@@ -246,6 +264,8 @@ class ModelScorer:
                 "backend": m.scorer.backend,
                 "torch_threads": torch.get_num_threads(),
                 "limits": self.limits,
+                "inputs": "features" if m.takes_features else "texts",
+                "num_features": m.num_features,
                 "last_swap_error": self.swap_error,
             }
         )
@@ -256,11 +276,58 @@ app = FastAPI(
     description="Top-k tagging and product-to-product recommendation with a low-precision extreme classifier.",
     version="1",
 )
-_ERRORS = {c: {"model": ErrorBody} for c in (400, 404, 413, 422)}
+_ERRORS = {c: {"model": ErrorBody} for c in (400, 404, 413, 422, 503)}
 
 
-def _error(status: int, message: str, detail=None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "detail": detail})
+def _error(status: int, message: str, detail=None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "detail": detail}, headers=headers)
+
+
+class ScorerUnavailable(Exception):
+    """No scorer replica answered a request (its replica died and the one retry failed or timed out): a 503."""
+
+    def response(self) -> JSONResponse:
+        return _error(503, str(self), headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class _Metrics:
+    """The ingress replica's Prometheus metrics. Requests and latency are recorded by `_Guard` for every response,
+    the ones answered before the scorer (4xx of bad bodies, 413, unknown paths) and any 5xx included."""
+
+    def __init__(self):
+        reg = self.registry = CollectorRegistry()
+        self.requests = Counter("elmo_requests", "HTTP responses", ["endpoint", "status"], registry=reg)
+        self.latency = Histogram(
+            "elmo_request_latency_seconds",
+            "request latency",
+            ["endpoint"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=reg,
+        )
+        self.batch = Histogram(
+            "elmo_batch_requests", "requests per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg
+        )
+        self.batch_texts = Histogram(
+            "elmo_batch_texts", "texts per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg
+        )
+
+    def record(self, scope: dict, status: int, seconds: float) -> None:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        endpoint = _ENDPOINTS.get(path.rstrip("/") or "/", "other")  # unknown paths share one label
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+
+_ENDPOINTS = {
+    "/v1/predict": "predict",
+    "/v1/similar": "similar",
+    "/v1/model": "model",
+    "/healthz": "healthz",
+    "/metrics": "metrics",
+}
+_METRICS: list[_Metrics | None] = [None]  # set by the Ingress replica of this process; written to by the guard
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -279,7 +346,9 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
         return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
     msg = str(first.get("msg", "invalid request"))
-    if first.get("type") == "missing":
+    if where.startswith("features.") and first.get("type") in ("tuple_type", "too_long", "too_short", "missing"):
+        msg = "each feature must be an [index, value] pair (an integer index and a finite number)"
+    elif first.get("type") == "missing":
         msg = "the request body is empty: send a JSON object" if where == "body" else "field required"
     elif first.get("type") == "model_attributes_type" and where == "body":
         msg = "the body must be a JSON object (and Content-Type: application/json)"
@@ -288,7 +357,8 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
 
 
 class _Guard:
-    """Bodies over max_body_bytes get 413 before they are read; anything unexpected is a logged 500, never a crash.
+    """Bodies over max_body_bytes get 413 before they are read; anything unexpected is a logged 500, never a crash;
+    every response is counted in the metrics (`_Metrics.record`).
 
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware (`@app.middleware`) costs ~0.5 ms of CPU per request.
     """
@@ -299,71 +369,95 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = _MAX_BODY_BYTES[0]
-        size = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-length"), None)
-        if size is not None and size.isdigit() and int(size) > limit:
-            return await _error(413, f"request body of {size} bytes exceeds max_body_bytes={limit}")(
-                scope, receive, send
-            )
-        started = False
+        t0, status = time.perf_counter(), None
 
         async def send_tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_tracked)
-        except Exception as e:
-            logger.exception("unhandled error")
-            if started:  # too late for another response
-                raise
-            await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send)
+            limit = _MAX_BODY_BYTES[0]
+            size = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-length"), None)
+            if size is not None and size.isdigit() and int(size) > limit:
+                msg = f"request body of {size} bytes exceeds max_body_bytes={limit}"
+                return await _error(413, msg)(scope, receive, send_tracked)
+            try:
+                await self.app(scope, receive, send_tracked)
+            except Exception as e:
+                logger.exception("unhandled error")
+                if status is not None:  # too late for another response
+                    raise
+                await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send_tracked)
+        finally:
+            if _METRICS[0] is not None:
+                _METRICS[0].record(scope, status if status is not None else 500, time.perf_counter() - t0)
 
 
 app.add_middleware(_Guard)
 
 
+def configure_guard(max_body_bytes: int) -> _Metrics:
+    """Set this process's body limit and metrics, which the guard reads; called by the Ingress replica.
+
+    A module-level function on purpose: the Ingress class reaches its replica pickled by value (the module's name
+    `Ingress` is the Deployment), with copies of the globals its methods name, so assigning `_METRICS` there would
+    set a copy that the guard (imported in the replica) never reads. This function travels by reference."""
+    _MAX_BODY_BYTES[0] = max_body_bytes
+    _METRICS[0] = _Metrics()
+    return _METRICS[0]
+
+
 @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, scorer: DeploymentHandle, max_body_bytes: int = 4 * 2**20):
-        self.scorer = scorer
-        _MAX_BODY_BYTES[0] = max_body_bytes
-        reg = self.registry = CollectorRegistry()
-        self.requests = Counter("elmo_requests", "HTTP requests", ["endpoint", "status"], registry=reg)
-        self.latency = Histogram(
-            "elmo_request_latency_seconds",
-            "request latency",
-            ["endpoint"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-            registry=reg,
-        )
-        self.batch = Histogram(
-            "elmo_batch_requests", "requests per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg
-        )
-        self.batch_texts = Histogram(
-            "elmo_batch_texts", "texts per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg
-        )
+    def __init__(self, scorer: DeploymentHandle, max_body_bytes: int = 4 * 2**20, retry_wait_s: float = 3.0):
+        self.scorer, self.retry_wait_s = scorer, retry_wait_s
+        self.metrics = configure_guard(max_body_bytes)
+
+    async def _ask(self, method: str, *args):
+        """The scorer's answer to `method(*args)`. A request whose replica died or could not be reached is sent once
+        more: Serve's router leaves out the replica that failed, so the retry goes to another one (a lone replica's
+        request waits for the replacement Serve starts). A retry that no replica takes within retry_wait_s, or that
+        fails too, raises ScorerUnavailable (a 503 with Retry-After)."""
+        call = getattr(self.scorer, method)
+        try:
+            return await call.remote(*args)
+        except _REPLICA_GONE as e:
+            logger.warning(f"scorer {method}: {type(e).__name__}; retrying once on another replica")
+        response = call.remote(*args)
+        try:
+            # Awaiting a DeploymentResponse first waits for the router to assign it to a replica (this step), then
+            # for that replica's answer. Only the assignment is bounded: a replica that took the request answers in
+            # its own time, as any request's does.
+            await asyncio.wait_for(response._fetch_future_result_async(), self.retry_wait_s)
+            return await response
+        except (TimeoutError, *_REPLICA_GONE) as e:
+            response.cancel()
+            why = f"no replica took it within {self.retry_wait_s} s" if isinstance(e, TimeoutError) else repr(e)[:200]
+            raise ScorerUnavailable(
+                f"the scorer is unavailable: its replica died and the one retry failed ({why}); retry in "
+                f"{RETRY_AFTER_S} s"
+            ) from None
 
     async def _call(self, endpoint: str, body: PredictRequest | SimilarRequest) -> Response:
-        t0 = time.perf_counter()
-        reply: ScorerReply = await getattr(self.scorer, endpoint).remote(body)  # the parsed request, as it is
+        try:
+            reply: ScorerReply = await self._ask(endpoint, body)  # the parsed request, as it is
+        except ScorerUnavailable as e:
+            return e.response()
         if reply.body is None:
-            resp = _error(reply.status, reply.error)
-        else:
-            if reply.batch:
-                self.batch.observe(reply.batch)
-                self.batch_texts.observe(reply.texts)
-            headers = {"x-model-version": reply.body.model_version, "x-batch-size": str(reply.batch)}
-            resp = Response(reply.body.model_dump_json(), media_type="application/json", headers=headers)
-        self.requests.labels(endpoint, str(reply.status)).inc()
-        self.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return resp
+            return _error(reply.status, reply.error)
+        if reply.batch:
+            self.metrics.batch.observe(reply.batch)
+            self.metrics.batch_texts.observe(reply.texts)
+        headers = {"x-model-version": reply.body.model_version, "x-batch-size": str(reply.batch)}
+        return Response(reply.body.model_dump_json(), media_type="application/json", headers=headers)
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
     async def predict(self, body: PredictRequest):
-        """Top-k labels (id, uid, title, score) of each text."""
+        """Top-k labels (id, uid, title, score) of each text; for a model trained on sparse BoW features (/v1/model
+        says `inputs: features`), of each item's [index, value] pairs in `features` instead."""
         return await self._call("predict", body)
 
     @app.post("/v1/similar", response_model=SimilarResponse, responses=_ERRORS)
@@ -371,18 +465,24 @@ class Ingress:
         """Items related to an item (by uid or id), the item itself excluded."""
         return await self._call("similar", body)
 
-    @app.get("/v1/model", response_model=ModelInfo)
+    @app.get("/v1/model", response_model=ModelInfo, responses={503: {"model": ErrorBody}})
     async def model(self):
-        return await self.scorer.info.remote()
+        try:
+            return await self._ask("info")
+        except ScorerUnavailable as e:
+            return e.response()
 
-    @app.get("/healthz", response_model=Health)
+    @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorBody}})
     async def healthz(self):
-        info: ModelInfo = await self.scorer.info.remote()
+        try:
+            info: ModelInfo = await self._ask("info")
+        except ScorerUnavailable as e:
+            return e.response()
         return Health(model_version=info.model_version)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(self):
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def app_builder(args: AppArgs) -> serve.Application:
@@ -390,4 +490,4 @@ def app_builder(args: AppArgs) -> serve.Application:
         args = AppArgs(**dict(args))
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
     scorer = ModelScorer.bind(args.artifact, args.backend, args.limits.model_dump(), batching, args.torch_threads)
-    return Ingress.bind(scorer, args.max_body_bytes)
+    return Ingress.bind(scorer, args.max_body_bytes, args.retry_wait_s)

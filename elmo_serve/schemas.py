@@ -6,7 +6,10 @@ Error contract (every error body is `{"error": "<one clear sentence>", "detail":
 - 413: the body is larger than the ingress's `max_body_bytes` (AppArgs).
 - 422: the JSON does not fit the request model (missing field, wrong type, unknown field, k < 1, empty list) or
   breaks a limit (too many texts, text too long or empty, k above `max_k` or above the labels left, exclude ids out
-  of range or too many).
+  of range or too many; feature pairs too many, out of the model's index range or not finite), or the request's
+  kind does not fit the model (texts to a model trained on sparse features, features to a text model).
+- 503 (with a Retry-After header): the scorer replica died or cannot be reached, and no other replica answered the
+  one retry (see `elmo_serve.app.Ingress`).
 Nothing a client sends produces a 5xx.
 """
 
@@ -23,10 +26,11 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_texts: int = Field(256, ge=1, description="texts per /v1/predict request")
+    max_texts: int = Field(256, ge=1, description="texts (or feature lists) per /v1/predict request")
     max_text_chars: int = Field(10_000, ge=1, description="characters per text")
     max_k: int = Field(100, ge=1, description="largest k (also capped by the number of labels)")
     max_exclude: int = Field(1_000, ge=0, description="label ids in `exclude`")
+    max_features: int = Field(10_000, ge=1, description="(index, value) pairs per item of `features`")
 
 
 class RequestError(Exception):
@@ -38,14 +42,42 @@ class RequestError(Exception):
 
 
 K = Annotated[StrictInt, Field(ge=1, description="labels to return per text (1 <= k <= min(max_k, labels))")]
+# One sparse feature: [index, value], as a line of the BoW training data holds `index:value` (strict: no strings or
+# booleans for numbers; NaN and infinities are refused).
+FeaturePair = tuple[StrictInt, Annotated[float, Field(strict=True, allow_inf_nan=False)]]
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"texts": ["python3 numpy"], "k": 5}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"texts": ["python3 numpy"], "k": 5}, {"features": [[[3, 1.0], [17, 0.5]]], "k": 5}]
+        },
+    )
 
-    texts: list[StrictStr] = Field(min_length=1, description="texts to tag (each non-empty, at most max_text_chars)")
+    texts: list[StrictStr] | None = Field(
+        None, min_length=1, description="texts to tag (each non-empty, at most max_text_chars); give texts or features"
+    )
+    features: list[list[FeaturePair]] | None = Field(
+        None,
+        min_length=1,
+        description="for a model trained on sparse BoW features (`elmo train --format bow`): per item, its "
+        "[index, value] pairs (indices in [0, num_features) of /v1/model, at most max_features pairs, finite "
+        "values); give texts or features",
+    )
     k: K = 10
     exclude: list[StrictInt] | None = Field(None, description="label ids never returned, for every text")
+
+    @model_validator(mode="after")
+    def _texts_or_features(self) -> PredictRequest:
+        if (self.texts is None) == (self.features is None):
+            raise ValueError("give exactly one of `texts` or `features` (one is required)")
+        return self
+
+    @property
+    def items(self) -> int:
+        """Texts or feature lists in the request."""
+        return len(self.texts if self.texts is not None else self.features)
 
 
 class SimilarRequest(BaseModel):
@@ -95,6 +127,10 @@ class ModelInfo(BaseModel):
     metrics: dict = Field(default_factory=dict)
     manifest: dict = Field(default_factory=dict)
     limits: Limits
+    inputs: Literal["texts", "features"] = Field(
+        "texts", description="what /v1/predict takes: texts, or sparse features (a model trained on BoW data)"
+    )
+    num_features: int | None = Field(None, description="the feature index range [0, num_features) of a BoW model")
     last_swap_error: str | None = None
 
 
@@ -124,15 +160,36 @@ class ScorerReply:
         return cls(status=e.status, error=e.message)
 
 
-def check_predict(req: PredictRequest, limits: Limits, num_labels: int) -> None:
-    """Raise RequestError(422) naming the first limit the request breaks."""
-    if len(req.texts) > limits.max_texts:
-        raise RequestError(422, f"too many texts: {len(req.texts)} > max_texts={limits.max_texts}")
-    for i, t in enumerate(req.texts):
+def check_predict(req: PredictRequest, limits: Limits, num_labels: int, num_features: int | None = None) -> None:
+    """Raise RequestError(422) naming the first limit the request breaks. `num_features`: the feature index range of
+    a model that takes sparse features (None: the model takes texts)."""
+    if req.texts is not None and num_features is not None:
+        raise RequestError(
+            422,
+            f"this model takes features, not text: send `features` ([index, value] pairs per item, "
+            f"indices in [0, {num_features}))",
+        )
+    if req.features is not None and num_features is None:
+        raise RequestError(422, "this model takes texts, not features: send `texts`")
+    what = "texts" if req.texts is not None else "feature lists"
+    if req.items > limits.max_texts:
+        raise RequestError(422, f"too many {what}: {req.items} > max_texts={limits.max_texts}")
+    for i, t in enumerate(req.texts or ()):
         if not t.strip():
             raise RequestError(422, f"texts[{i}] is empty")
         if len(t) > limits.max_text_chars:
             raise RequestError(422, f"texts[{i}] has {len(t)} characters > max_text_chars={limits.max_text_chars}")
+    for i, pairs in enumerate(req.features or ()):
+        if not pairs:
+            raise RequestError(422, f"features[{i}] is empty: give at least one [index, value] pair")
+        if len(pairs) > limits.max_features:
+            raise RequestError(422, f"features[{i}] has {len(pairs)} pairs > max_features={limits.max_features}")
+        for j, (index, _) in enumerate(pairs):
+            if not 0 <= index < num_features:
+                raise RequestError(
+                    422,
+                    f"features[{i}][{j}] index {index} is out of range: this model's features are [0, {num_features})",
+                )
     check_k(req.k, limits, num_labels)
     excl = set(req.exclude or ())
     if req.exclude:
