@@ -9,7 +9,6 @@ on a machine without Ray, pydantic or faiss.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +173,8 @@ def serving_model(path: str | Path, backend: str = "auto") -> ServingModel:
     scorer_device = "cuda" if backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
     art = load_artifact(path, device=scorer_device)
     manifest = art.manifest
-    digest = hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()[:10]
-    version = str(manifest.get("version") or f"{Path(path).resolve().name}-{digest}")
+    # From the content (manifest.json and every file's checksum): weights changed in place get a new version.
+    version = f"{Path(path).resolve().name}-{art.version}"
     info = {
         "artifact": str(Path(path).resolve()),
         "dim": manifest["dim"],

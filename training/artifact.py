@@ -15,6 +15,9 @@ A directory:
                         sentence embeddings, TrainConfig.frozen_encoder): that pretrained model's Hugging Face
                         directory; encoder.safetensors then holds "bag.*" (the bag) and "proj.*" (the projection)
     labels.jsonl        line i: {"id": i, "uid": ..., "title": ...}
+manifest.json "files" maps every other file's relative path to its sha256: `load_artifact` checks each (a file changed
+in place, torn or bit-rotted is refused, naming it) and that the loaded weights are finite; an artifact without
+"files" (written before checksums) loads unverified, with a warning. `Artifact.version` derives from the content.
 
 Scores of texts: x = encoder(texts) (B, dim); scores = [x, bias_input] / s @ weight^T (see training.model.XMCHead),
 rows >= num_labels are padding. `save_artifact` writes into a temporary directory and renames it into place;
@@ -23,13 +26,15 @@ rows >= num_labels are padding. `save_artifact` writes into a temporary director
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +58,59 @@ HEAD_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "bfloat16": torch.bfloat16}
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a hashed encoder's embedding table(s)
 TABLE_DTYPE = "bfloat16"  # written by save_artifact; the table is upcast to fp32 when loaded
 ENCODER_KINDS = ("hashed", "hf")
+MANIFEST = "manifest.json"
+HASH_CHUNK = 1 << 22  # bytes read at a time when hashing a file (a head can be GBs: never read whole)
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """{relative posix path: sha256} of every file under `root` but manifest.json, sorted by path."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != MANIFEST)
+    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files}
+
+
+def _finite_mask(c: torch.Tensor) -> torch.Tensor:
+    """Elementwise "is finite" of a chunk, on its raw bits for the 8/16-bit floats (no upcast copy)."""
+    if c.dtype == torch.float8_e4m3fn:  # no inf; NaN is S.1111.111
+        return (c.view(torch.uint8) & 0x7F) != 0x7F
+    if c.dtype == torch.float8_e5m2:
+        return (c.view(torch.uint8) & 0x7C) != 0x7C
+    if c.dtype == torch.bfloat16:  # exponent all ones: inf or NaN
+        return (c.view(torch.int16) & 0x7F80) != 0x7F80
+    return torch.isfinite(c)
+
+
+def nonfinite_rows(t: torch.Tensor, limit: int = 5, chunk_elems: int = 1 << 24) -> tuple[list[int], int]:
+    """(the first `limit` rows of `t` holding a NaN/inf, how many rows do), a chunk of rows at a time."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return [], 0
+    t2 = t.detach().reshape(1, -1) if t.dim() == 0 else t.detach().reshape(t.shape[0], -1)
+    step = max(1, chunk_elems // max(1, t2.shape[1]))
+    first: list[int] = []
+    count = 0
+    for i in range(0, t2.shape[0], step):
+        bad = (~_finite_mask(t2[i : i + step]).all(dim=1)).nonzero().flatten()
+        count += len(bad)
+        first.extend(int(i + j) for j in bad[: limit - len(first)])
+    return first, count
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """ValueError naming the first tensor of `tensors` with a NaN/inf and its first bad rows."""
+    for name, t in tensors.items():
+        rows, count = nonfinite_rows(t)
+        if count:
+            more = f" and {count - len(rows)} more" if count > len(rows) else ""
+            raise ValueError(f"{where}: tensor {name!r} is not finite (NaN/inf) in rows {rows}{more}")
 
 
 @dataclass
@@ -61,10 +119,19 @@ class Artifact:
     manifest: dict
     model: XMCModel  # label_order is the identity: head row i is label id i
     labels: list[dict]  # {"id", "uid", "title"}
+    files: dict[str, str] = field(default_factory=dict)  # {relative path: sha256} of the files read
+    verified: bool = False  # the manifest listed checksums and every file matched them
 
     @property
     def num_labels(self) -> int:
         return self.manifest["num_labels"]
+
+    @property
+    def version(self) -> str:
+        """A short hash of the content: manifest.json and every file's checksum (any byte changed: a new one)."""
+        h = hashlib.sha256((self.path / MANIFEST).read_bytes())
+        h.update(json.dumps(self.files, sort_keys=True).encode())
+        return h.hexdigest()[:12]
 
     @torch.inference_mode()
     def queries(self, texts: Sequence[str]) -> torch.Tensor:
@@ -175,6 +242,7 @@ def save_artifact(
         "metrics": metrics or {},
         "data_fingerprint": data_fingerprint(train_ds),
         "training": config or {},
+        "files": file_digests(tmp),  # written last: every other file is in place
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -354,6 +422,24 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     weight, scale = _read_head(path, manifest)
     labels = _read_labels(path, manifest["num_labels"])
     encoder, featurizer, frozen = _read_encoder(path, manifest)
+    # The checksums after the parsers (their message is the more specific one for a malformed file), before the
+    # weights are used; a file the manifest lists must be there and match.
+    files = file_digests(path)
+    listed = manifest.get("files")
+    if listed is None:
+        log.warning("artifact %s has no checksums (written before they were): its files are not verified", path)
+    elif not isinstance(listed, dict):
+        raise _fail(path, "manifest.json 'files' must map file paths to sha256")
+    else:
+        for name, digest in sorted(listed.items()):
+            if name not in files:
+                raise _fail(path, f"missing file {name}")
+            if files[name] != digest:
+                raise _fail(path, f"{name} does not match its checksum (changed or corrupt)")
+    check_finite({"head.weight": weight}, f"invalid artifact {path}: head.safetensors")
+    check_finite(dict(encoder.state_dict()), f"invalid artifact {path}: the encoder")
+    if frozen is not None:
+        check_finite(dict(frozen.encoder.state_dict()), f"invalid artifact {path}: the frozen encoder")
     h = manifest["head"]
     precision = "fp8" if weight.dtype == torch.float8_e4m3fn else "bf16"
     head = XMCHead(
@@ -368,4 +454,4 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     )
     head.weight.copy_(weight)
     model = XMCModel(encoder, head, featurizer, frozen=frozen).to(device).eval()
-    return Artifact(path=path, manifest=manifest, model=model, labels=labels)
+    return Artifact(path=path, manifest=manifest, model=model, labels=labels, files=files, verified=listed is not None)

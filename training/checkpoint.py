@@ -8,11 +8,17 @@ A single-process run is a world of one (`shard-0.pt` holds the whole head). A ru
 checkpoint in `<out>/checkpoint/` (`DirectoryCheckpointer`); Ray Train keeps them in its storage
 (`<out>/ray/<name>/checkpoint_*/` by default, `training.ray_train.RayCheckpointer`). Reading one assembles the whole
 head from the shards, so a checkpoint of W workers loads as one model, and resumes at any world size.
+Each rank writes `sha256-{rank}.json` ({file: sha256} of the files it wrote) atomically after them; reading checks
+every file against it (a torn, truncated or changed checkpoint is a ValueError naming the file, never a pickle
+traceback) and that the restored tensors are finite. A checkpoint without them (written before) loads unverified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 from training import data as xd
+from training.artifact import check_finite, file_sha256
 from training.build import encoder_for_state, head_config, load_data
 from training.config import TrainConfig
 from training.encoders import HashedNgramFeaturizer
@@ -31,10 +38,76 @@ from training.model import XMCHead, XMCModel
 
 COMMON = "common.pt"
 LEGACY = "checkpoint.pt"  # the single-process layout before shards: one file holding the whole model
+log = logging.getLogger(__name__)
 
 
 def shard_file(rank: int) -> str:
     return f"shard-{rank}.pt"
+
+
+def sums_file(rank: int) -> str:
+    return f"sha256-{rank}.json"
+
+
+def _write_sums(directory: Path, rank: int, names: list[str]) -> None:
+    """This rank's checksums, written (atomically) after its files: a checkpoint torn before it lacks them."""
+    tmp = directory / f".{sums_file(rank)}.tmp"
+    tmp.write_text(json.dumps({n: file_sha256(directory / n) for n in names}, indent=1))
+    os.replace(tmp, directory / sums_file(rank))
+
+
+def _read_sums(path: Path) -> dict[str, str] | None:
+    """{file: sha256} from every rank's checksum file of checkpoint `path`; None when it has none (an old one)."""
+    files = sorted(path.glob("sha256-*.json"))
+    if not files:
+        return None
+    sums: dict[str, str] = {}
+    for f in files:
+        try:
+            part = json.loads(f.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"corrupt checkpoint: {f} is not valid JSON") from None
+        if not isinstance(part, dict):
+            raise ValueError(f"corrupt checkpoint: {f} is not a {{file: sha256}} map")
+        sums.update(part)
+    return sums
+
+
+def _load(file: Path, sums: dict[str, str] | None) -> dict:
+    """torch.load of one checkpoint file, its checksum checked first; any failure is a ValueError naming it."""
+    if sums is not None:
+        if file.name not in sums:
+            raise ValueError(f"corrupt checkpoint: {file} has no checksum (a torn or mixed checkpoint)")
+        if file_sha256(file) != sums[file.name]:
+            raise ValueError(f"corrupt checkpoint: {file} does not match its checksum (changed or corrupt)")
+    try:
+        obj = torch.load(file, weights_only=False, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncation shows as pickle, zip, EOF, Unicode or runtime errors
+        raise ValueError(
+            f"corrupt checkpoint: {file} is unreadable ({type(e).__name__}: truncated or corrupt)"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"corrupt checkpoint: {file} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def _tensors(obj, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in nested dicts/lists (model and optimizer states)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _check_restored(file: Path, obj: dict) -> None:
+    """The float tensors a resume restores (model, head shard, optimizer states) are finite."""
+    check_finite(dict(_tensors({k: v for k, v in obj.items() if k != "rng"})), f"corrupt checkpoint: {file}")
 
 
 def rng_state() -> dict:
@@ -109,6 +182,7 @@ def write_checkpoint(
     """This worker's files of a checkpoint: its head (labels [start, end)) and, on rank 0, everything else."""
     start, end = labels
     torch.save({"head": model.head.state_dict(), "start": start, "end": end}, directory / shard_file(rank))
+    written = [shard_file(rank)]
     if rank == 0:
         common = {
             "config": asdict(cfg),
@@ -119,8 +193,11 @@ def write_checkpoint(
             "optimizers": [o.state_dict() for o in opts],
             "state": state,
             "rng": rng_state(),
+            "checksummed": True,  # its sha256-*.json follow: a checkpoint holding this without them is torn
         }
         torch.save(common, directory / COMMON)
+        written.append(COMMON)
+    _write_sums(directory, rank, written)
 
 
 @torch.no_grad()
@@ -182,13 +259,27 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """The checkpoint in directory `path` (or a legacy single-file checkpoint), on the CPU."""
     path = Path(path)
     if path.is_file():
-        legacy = torch.load(path, weights_only=False, map_location="cpu")
+        legacy = _load(path, None)
+        _check_restored(path, legacy)
         return Checkpoint(legacy, [])
-    common = torch.load(path / COMMON, weights_only=False, map_location="cpu")
-    missing = [shard_file(r) for r in range(common["world"]) if not (path / shard_file(r)).is_file()]
+    sums = _read_sums(path)
+    if sums is None:
+        log.warning("checkpoint %s has no checksums (written before they were): its files are not verified", path)
+    common = _load(path / COMMON, sums)
+    if sums is None and common.get("checksummed"):
+        raise ValueError(f"corrupt checkpoint: {path} lacks its checksums {sums_file(0)} (torn while written)")
+    _check_restored(path / COMMON, common)
+    world = common.get("world")
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"corrupt checkpoint: {path / COMMON} has no world size")
+    missing = [shard_file(r) for r in range(world) if not (path / shard_file(r)).is_file()]
     if missing:
         raise FileNotFoundError(f"the checkpoint in {path} lacks {', '.join(missing)}")
-    shards = [torch.load(path / shard_file(r), weights_only=False, map_location="cpu") for r in range(common["world"])]
+    shards = []
+    for r in range(world):
+        shard = _load(path / shard_file(r), sums)
+        _check_restored(path / shard_file(r), shard)
+        shards.append(shard)
     return Checkpoint(common, shards)
 
 

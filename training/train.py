@@ -206,7 +206,7 @@ def train(
             step = state["step"]
             f = lr_factor(step, total, cfg.warmup, cfg.min_lr)
             received = par.comm_bytes()
-            loss = None
+            loss = finite = None
             if len(b.rows) >= par.world:  # an epoch's last batch smaller than the world is skipped
                 for o in opts:
                     for g in o.param_groups:
@@ -225,6 +225,8 @@ def train(
                     seed=step_seed(cfg, step),
                     compute_loss=cfg.loss_every > 0 and step % cfg.loss_every == 0,
                 )
+                # Read after the step (the loop syncs there): a NaN/inf update stops the run before it is saved.
+                finite = torch.isfinite(dx).all()
                 x.backward(dx.to(x.dtype))
                 par.reduce_gradients()
                 for o in opts:
@@ -237,6 +239,13 @@ def train(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - t_step)
+            if loss is not None and not math.isfinite(loss):
+                raise ValueError(f"step {step}: the loss is {loss}: training diverged or its inputs are corrupt")
+            if finite is not None and not finite:
+                raise ValueError(
+                    f"step {step}: the update is not finite (NaN/inf in dL/dx of the head step): the model or its "
+                    "inputs are corrupt or training diverged; the run stops (its last checkpoint is from before)"
+                )
             if loss is not None:
                 state["history"].append({"step": step, "epoch": epoch, "loss": loss, "lr_factor": f})
                 bar.set_postfix(
