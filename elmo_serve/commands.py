@@ -169,6 +169,7 @@ def serve_command(
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     use_throughput_mode(haproxy=not (local and is_loopback(host)))
+    haproxy = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client  # the controller client `serve deploy` reaches over REST
@@ -257,7 +258,13 @@ def serve_command(
         print("stopping", flush=True)
         service_file.unlink(missing_ok=True)
         if ray.is_initialized():
-            if local:
+            if local and not haproxy:
+                # Bounded: ray.shutdown() below ends every process of the node anyway (with HAProxy, its binary is a
+                # child of a Serve actor, so Serve itself must stop it).
+                controller = _get_global_client(raise_if_no_controller_running=False)
+                if controller is not None:
+                    controller.shutdown(timeout_s=3)
+            elif local:
                 serve.shutdown()
             else:
                 serve.delete(APP)
