@@ -391,8 +391,9 @@ class _Guard:
                     raise
                 await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send_tracked)
         finally:
+            # No response started: the client went away (the request was cancelled): nginx's 499.
             if _METRICS[0] is not None:
-                _METRICS[0].record(scope, status if status is not None else 500, time.perf_counter() - t0)
+                _METRICS[0].record(scope, status if status is not None else 499, time.perf_counter() - t0)
 
 
 app.add_middleware(_Guard)

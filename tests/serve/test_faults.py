@@ -69,10 +69,13 @@ def service(serve_url, tmp_path_factory):
         serve.run_many([serve.RunTarget(app, name=name, route_prefix=f"/{name}") for name, app in apps.items()])
         yield {**{name: (f"{serve_url}/{name}", dirs[name]) for name in dirs}, "bow": (f"{serve_url}/bow", bow_root)}
     finally:
+        # All three deleted at once, then waited for: a direct-ingress replica holds its shutdown 30 s (the drain
+        # period for an external load balancer), and the next module must not share the cluster with them.
         for name in apps:
-            # Not blocking: the controller stops the replicas; a direct-ingress replica holds its shutdown 30 s (the
-            # drain period for an external load balancer), which the session's serve.shutdown() waits out.
             serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + 90
+        while set(apps) & set(serve.status().applications) and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
