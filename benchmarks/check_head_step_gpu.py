@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import head_step as hs  # noqa: E402
+from elmo_kernels import head_step as hs  # noqa: E402
 
 
 def main() -> int:

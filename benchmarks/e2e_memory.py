@@ -5,7 +5,7 @@
 Encoder: `transformers.BertModel(BertConfig())` with random weights, bf16, SDPA attention, mean pooling, sequence
 length 128, batch 128, AdamW on the bf16 parameters (torch's; torch-optimi is not on the GPU machine), activation
 checkpointing on by default (`--no-checkpointing` for the other row). Heads, one after another in one process:
-  fp8   ELMO: float8_e4m3fn weights, `kernels.head_step` (fused logits/grad/update, stochastic rounding)
+  fp8   ELMO: float8_e4m3fn weights, `elmo_kernels.head_step` (fused logits/grad/update, stochastic rounding)
   bf16  ELMO: bfloat16 weights, the same kernels
   fp32  the baseline: fp32 master weights, bf16 GEMMs per label chunk, the weight gradient materialized (fp32,
         L x D) and applied by SGD after the pass (PyTorch AMP style)
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels.head_step import LABEL_ALIGN, HeadStepConfig, head_step  # noqa: E402
+from elmo_kernels.head_step import LABEL_ALIGN, HeadStepConfig, head_step  # noqa: E402
 
 GIB = 2**30
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 
-from kernels import head_step as hs  # noqa: E402
-from kernels import head_step_fused as hsf  # noqa: E402
+from elmo_kernels import head_step as hs  # noqa: E402
+from elmo_kernels import head_step_fused as hsf  # noqa: E402
 
 PAPER_SIZES = [131072, 670091, 2812281, 8623847]
 BF16_RATE = 690e12  # FLOP/s, measured on the H200 (bf16 matmul)
@@ -274,7 +274,7 @@ def sweep(device, num_labels, batch, variant, candidates) -> tuple[dict, list[di
 
 def compiled_report() -> list[dict]:
     """Registers, spills, shared memory and MMA instructions of every compiled variant of the head-step kernels."""
-    from kernels import head_step_three as hs3
+    from elmo_kernels import head_step_three as hs3
 
     out = []
     kernels = (hsf._fused_step_kernel, hs3._logits_grad_kernel, hs3._dx_kernel, hs3._update_kernel)

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from kernels.head_step import HeadStepConfig, head_step  # noqa: E402
-from kernels.topk import topk_scores  # noqa: E402
+from elmo_kernels.head_step import HeadStepConfig, head_step  # noqa: E402
+from elmo_kernels.topk import topk_scores  # noqa: E402
 from training.distributed import CapturedShardedTopk, gather_batch, shard_range, sharded_head_step, sharded_topk  # noqa: E402
 
 GIB = 2**30

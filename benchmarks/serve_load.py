@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from elmo_kernels.topk import topk_scores  # noqa: E402
 from elmo_serve.model import Query, ServingModel  # noqa: E402
 from elmo_serve.scoring import Scorer  # noqa: E402
-from kernels.topk import topk_scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 DEBIAN = ROOT.parent / "shared" / "data" / "debian-deps"

@@ -5,7 +5,7 @@ fp8 weights padded to a multiple of 16) and B in {1, 32, 256, 1024}, k in {5, 10
 extra memory beyond weights and inputs, the floor max(weight bytes / 4.25e12 B/s, 2 B L D / 1.26e15 FLOP/s) and the
 ratio to it; baselines: fp8 torch._scaled_mm + topk, bf16 matmul + topk. A few launch configs of ours are tried per
 shape (the best is reported, all are kept in the JSON).
---cpu: our chunked torch path (fp32 / bf16 / fp8 heads) and the serving CPU path (`kernels.topk.ScreenedTopk`, fp8)
+--cpu: our chunked torch path (fp32 / bf16 / fp8 heads) and the serving CPU path (`elmo_kernels.topk.ScreenedTopk`, fp8)
 against faiss-cpu IndexFlatIP (exact inner product) at L = 100K, D = 256, all over the same head values.
 --small: the GPU script's logic at toy sizes (runs on CPU under TRITON_INTERPRET=1).
 
@@ -28,8 +28,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels.common import has_fp8_tensor_cores, round_up  # noqa: E402
-from kernels.topk import CapturedTopk, ScreenedTopk, TopkConfig, prepare_queries, topk_scores  # noqa: E402
+from elmo_kernels.common import has_fp8_tensor_cores, round_up  # noqa: E402
+from elmo_kernels.topk import CapturedTopk, ScreenedTopk, TopkConfig, prepare_queries, topk_scores  # noqa: E402
 
 HBM_BYTES_PER_S = 4.25e12  # measured H200 copy bandwidth
 FP8_FLOPS = 1.26e15  # measured H200 fp8 dense rate

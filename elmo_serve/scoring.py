@@ -1,10 +1,10 @@
 """Scoring: one top-k interface over three backends.
 
 Backends of `Scorer` (all return head rows, scores descending, equal scores by the lower row):
-- "triton": the fused chunked top-k kernel (`kernels.topk.topk_scores`, impl="triton") on a CUDA device; never
+- "triton": the fused chunked top-k kernel (`elmo_kernels.topk.topk_scores`, impl="triton") on a CUDA device; never
   materializes the B x L logits.
 - "torch": on the CPU with an fp8/bf16 head, a bf16 screen of all labels and exact fp32 rescoring of the few that can
-  be in the top-k (`kernels.topk.cpu`); otherwise the chunked torch path of `topk_scores` (impl="torch"). Exact.
+  be in the top-k (`elmo_kernels.topk.cpu`); otherwise the chunked torch path of `topk_scores` (impl="torch"). Exact.
 - "faiss": an inner-product index over the head rows (IndexFlatIP: exact; IndexIVFFlat: approximate), on a GPU only
   when `faiss.get_num_gpus() > 0` (faiss-gpu), else on the CPU (faiss-cpu). Queries are rounded as the kernels
   round them, so a flat index ranks like the exact paths up to fp32 summation order.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.topk import CapturedTopk, ScreenedTopk, prepare_queries, topk_scores
+from elmo_kernels.topk import CapturedTopk, ScreenedTopk, prepare_queries, topk_scores
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
 # Triton backend: batches up to this many queries replay a CUDA graph (bucketed to powers of 2), as many as
@@ -93,7 +93,7 @@ class Scorer:
         self.backend, self.num_labels = backend, num_labels
         self.device = torch.device(device or ("cuda" if backend == "triton" else "cpu"))
         self.weights = weights.to(self.device)
-        # CPU torch path over an fp8/bf16 head: a bf16 screen + exact fp32 rescoring (see kernels.topk.cpu), ~7x
+        # CPU torch path over an fp8/bf16 head: a bf16 screen + exact fp32 rescoring (see elmo_kernels.topk.cpu), ~7x
         # faster than streaming an fp32 copy of the head, with the same answer.
         self._screened = None
         if backend == "torch" and self.device.type == "cpu" and self.weights.dtype != torch.float32:
@@ -102,7 +102,7 @@ class Scorer:
         if backend == "faiss":
             self.index = build_index(weights[:num_labels].float(), faiss_index, nlist, nprobe)
         # Small batches on the GPU: an eager top-k call costs the host more than the GPU work, so they replay a CUDA
-        # graph (kernels.topk.CapturedTopk) captured per (batch bucket, k, exclusion-width bucket).
+        # graph (elmo_kernels.topk.CapturedTopk) captured per (batch bucket, k, exclusion-width bucket).
         self.cuda_graphs = cuda_graphs and backend == "triton"
         self._graphs: OrderedDict[tuple[int, int, int], CapturedTopk] = OrderedDict()
 

@@ -13,7 +13,7 @@ import optimi
 import scipy.sparse as sp
 import torch
 
-from kernels.common import has_fp8_tensor_cores
+from elmo_kernels.common import has_fp8_tensor_cores
 from training import data as xd
 from training.config import TrainConfig
 from training.encoders import (

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from kernels.common import LABEL_ALIGN, round_up
-from kernels.head_step import HeadStepConfig, HeadStepOutput, head_step
-from kernels.topk import KEY_EMPTY, TopkConfig, capture_cuda_graph, keys_to_scores, scores_to_keys
+from elmo_kernels.common import LABEL_ALIGN, round_up
+from elmo_kernels.head_step import HeadStepConfig, HeadStepOutput, head_step
+from elmo_kernels.topk import KEY_EMPTY, TopkConfig, capture_cuda_graph, keys_to_scores, scores_to_keys
 from training.data import pairs_in_rows
 from training.model import chunked_topk
 
@@ -224,7 +224,7 @@ def sharded_topk(
     """Top-k (scores fp32, global label ids int64) for this worker's queries x: every shard ranks the whole batch,
     each worker merges the shards' lists of its own queries.
 
-    shard: this worker's chunks (x: head queries, as `kernels.topk.topk_scores` takes them), or a function ranking
+    shard: this worker's chunks (x: head queries, as `elmo_kernels.topk.topk_scores` takes them), or a function ranking
     queries against the shard (`ShardTopkFn`, e.g. a shard head's `XMCHead.topk`; x: what it takes). exclude: this
     worker's (row, global label) pairs never returned (None on every rank, or a tensor on every rank). Collective.
     k must not exceed the total label count; a row left with fewer than k labels ends in (-inf, -1) entries. One

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from kernels import head_step as hs
-from kernels.common import round_up
+from elmo_kernels import head_step as hs
+from elmo_kernels.common import round_up
 
 
 @dataclass

@@ -9,24 +9,24 @@ x @ W^T + b in true units: what the artifact stores and serving computes.
 The bias's master copy is a separate (L_pad,) fp32 vector `bias` (true units), for every precision (so the recipe
 is the same across heads); the column is its mirror in the storage dtype. An e4m3 column alone resolves a bias near
 -10 only to about +-0.6 logits, and stochastic rounding of its small updates added noise that cost ~0.4 P@1:
-- CPU / torch path (`kernels.head_step_cpu`, `MasterBias`): the training logits use the fp32 master; its SGD
+- CPU / torch path (`elmo_kernels.head_step_cpu`, `MasterBias`): the training logits use the fp32 master; its SGD
   update (the one the column would get: lr c^2 times the batch-summed gradient in true units) is applied in fp32,
   then the column is set to the master rounded to nearest. Evaluation (`topk`) uses the column, i.e. measures what
   is exported and served; `topk(x, k, master_bias=True)` uses the master instead.
-- CUDA kernels (bf16 / fp8): `kernels.head_step` has no bias input, and a separate bias gradient (the logits'
+- CUDA kernels (bf16 / fp8): `elmo_kernels.head_step` has no bias input, and a separate bias gradient (the logits'
   column sums) is not affordable at millions of labels outside the fused kernel, so there the kernels train the
   column as before (stochastic rounding) and the master is re-read from the column after each step.
 - Export: the artifact has only the column, which already mirrors the master: unchanged format.
 
 Training is plain SGD on the summed BCE over all labels (the kernels' convention: lr multiplies the gradient summed
 over the batch rows), with the weight gradient fused into the update and rounded stochastically for bf16 / fp8:
-- CUDA: `kernels.head_step.head_step` (Triton), B <= 256 rows per call (larger batches go as several calls);
-- CPU: `kernels.head_step_cpu.head_step_cpu`, the same mathematics chunk by chunk in torch with bf16 GEMMs and
+- CUDA: `elmo_kernels.head_step.head_step` (Triton), B <= 256 rows per call (larger batches go as several calls);
+- CPU: `elmo_kernels.head_step_cpu.head_step_cpu`, the same mathematics chunk by chunk in torch with bf16 GEMMs and
   torch's RNG for the rounding bits (~10x faster on CPU than the kernels' Philox reference);
 - fp32: plain torch SGD through the same function, the comparison row (fp32 weights, the same GEMM precision).
 Positives and excluded pairs (a row's own label, from the training filter file: no gradient) are (P, 2) int64
 (row, label) tensors, the form `training.data.Batch` carries. Ranking (`topk`) goes through
-`kernels.topk.topk_scores` a chunk at a time: no B x L score matrix.
+`elmo_kernels.topk.topk_scores` a chunk at a time: no B x L score matrix.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from kernels.common import FP8_E4M3, FP8_E4M3_MAX, LABEL_ALIGN, round_up
-from kernels.head_step import MAX_BATCH, HeadStepConfig, head_step
-from kernels.head_step_cpu import MasterBias, head_step_cpu
-from kernels.topk import KEY_EMPTY, keys_to_scores, scores_to_keys, topk_scores
+from elmo_kernels.common import FP8_E4M3, FP8_E4M3_MAX, LABEL_ALIGN, round_up
+from elmo_kernels.head_step import MAX_BATCH, HeadStepConfig, head_step
+from elmo_kernels.head_step_cpu import MasterBias, head_step_cpu
+from elmo_kernels.topk import KEY_EMPTY, keys_to_scores, scores_to_keys, topk_scores
 from training.data import pairs_in_rows
 
 PRECISIONS = ("fp32", "bf16", "fp8", "fp8+kahan")
@@ -93,7 +93,7 @@ def chunked_topk(
     config=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (scores fp32 (B, k) descending, label ids int64 (B, k)) of queries x (B, D) against a head held as row
-    chunks in label order, through `kernels.topk.topk_scores` one chunk at a time (the kernels' scores and tie rule).
+    chunks in label order, through `elmo_kernels.topk.topk_scores` one chunk at a time (the kernels' scores, tie rule).
 
     exclude: (P, 2) int64 (row, label) pairs never returned. A row left with fewer than k labels ends in (-inf, -1)
     entries (empty slots). config: the kernels' TopkConfig.
@@ -239,7 +239,7 @@ class XMCHead(nn.Module):
         self, x: torch.Tensor, k: int, exclude: torch.Tensor | None = None, master_bias: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-min(k, L) (scores fp32, label ids int64) per row of embeddings x (B, D), scored as served
-        (`kernels.topk.topk_scores` on the stored weights), a chunk at a time; with master_bias the fp32 master bias
+        (`elmo_kernels.topk.topk_scores`, stored weights), a chunk at a time; with master_bias the fp32 master bias
         replaces the column. exclude: (P, 2) int64 (row, label) pairs never returned; a row left with too few labels
         ends in (-inf, -1) entries."""
         xin = self.head_input(x)
@@ -276,8 +276,8 @@ class XMCHead(nn.Module):
 
         positives / exclude: (P, 2) int64 (row, label) pairs on the device of x: the targets, and the pairs that get
         no gradient. lr and weight_decay are in true units; the scale s is applied here (stored lr = lr s^2, stored
-        wd = wd). impl: "kernels" (`kernels.head_step`: Triton on CUDA, its reference elsewhere; bf16 / fp8 heads),
-        "cpu" (`kernels.head_step_cpu`, with the fp32 master bias), "auto" (kernels for bf16 / fp8 heads on CUDA).
+        wd = wd). impl: "kernels" (`elmo_kernels.head_step`: Triton on CUDA, its reference elsewhere; bf16 / fp8 heads),
+        "cpu" (`elmo_kernels.head_step_cpu`, with the fp32 master bias), "auto" (kernels for bf16 / fp8 heads on CUDA).
         """
         if impl not in STEP_IMPLS:
             raise ValueError(f"impl must be one of {STEP_IMPLS}, got {impl!r}")
@@ -309,7 +309,7 @@ class XMCHead(nn.Module):
         return dxin[:, : self.config.dim] / s, loss
 
     def _step_kernels(self, xin, positives, lr, wd, seed, compute_loss, exclude):
-        """`kernels.head_step` over MAX_BATCH rows at a time; the kernels train the bias column (module doc)."""
+        """`elmo_kernels.head_step` over MAX_BATCH rows at a time; the kernels train the bias column (module doc)."""
         dx, loss, rows = [], 0.0, xin.shape[0]
         kahan = self.kahan if len(self.kahan) else None
         for i, start in enumerate(range(0, rows, MAX_BATCH)):

@@ -9,7 +9,7 @@ ulp, round-to-nearest throws them away while stochastic rounding keeps them in e
 import pytest
 import torch
 
-from kernels import head_step as hs
+from elmo_kernels import head_step as hs
 
 LABELS, DIM, BATCH, STEPS = 64, 128, 32, 300
 TOLERANCE = 0.05  # SR's test accuracy may trail the fp32 head's by at most this (measured gap: 0.00-0.03)

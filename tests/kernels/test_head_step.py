@@ -6,9 +6,9 @@ import pytest
 import torch
 from kernel_checks import assert_same_bits
 
-from kernels import head_step as hs
-from kernels import head_step_fused as hsf
-from kernels import head_step_utils as hsu
+from elmo_kernels import head_step as hs
+from elmo_kernels import head_step_fused as hsf
+from elmo_kernels import head_step_utils as hsu
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""The torch-RNG CPU head step (kernels.head_step_cpu) against the kernels' reference, plain SGD and its bias rule."""
+"""The torch-RNG CPU step (elmo_kernels.head_step_cpu) against the kernels' reference, plain SGD and its bias rule."""
 
 import pytest
 import torch
 
-from kernels.head_step import HeadStepConfig, head_step
-from kernels.head_step_cpu import MasterBias, head_step_cpu, stochastic_round_with
+from elmo_kernels.head_step import HeadStepConfig, head_step
+from elmo_kernels.head_step_cpu import MasterBias, head_step_cpu, stochastic_round_with
 
 B, L, D = 5, 50, 24  # 50 labels in chunks of 32 + 32 rows: the second chunk is partly padding
 
@@ -47,7 +47,7 @@ def _problem(dtype):
 
 @pytest.mark.parametrize(("dtype", "kahan_rows"), [(torch.bfloat16, 0), (torch.float8_e4m3fn, 40)])
 def test_matches_the_kernels_reference(dtype, kahan_rows):
-    """Same update as kernels.head_step(impl='torch'): weights on the same or a neighbouring grid point (different
+    """Same update as elmo_kernels.head_step(impl='torch'): weights on the same or a neighbouring grid point (different
     random bits), dX close, padding untouched; the Kahan rows hold what the rounding lost."""
     w, x, pos = _problem(dtype)
     ref = w.clone()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from kernel_checks import assert_same_bits
 
-from kernels import reference
-from kernels.common import FP8_FORMATS
-from kernels.rounding import stochastic_round
+from elmo_kernels import reference
+from elmo_kernels.common import FP8_FORMATS
+from elmo_kernels.rounding import stochastic_round
 
 DTYPES = [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -94,7 +94,7 @@ def test_deterministic_per_seed_and_offset(dtype):
 
 
 def test_random_bits_are_uniform_and_uncorrelated():
-    # The stream's own quality at a small size (kernels.rounding.random_u16 documents the larger run).
+    # The stream's own quality at a small size (elmo_kernels.rounding.random_u16 documents the larger run).
     bits = reference.random_u16(3, 1024, 1024, row_offset=5).numpy().astype(np.int64)
     n = bits.size
     for field in (bits >> 8, bits & 255):  # high and low bytes: chi-square over 256 bins, 255 degrees of freedom

@@ -1,4 +1,4 @@
-"""Exact top-k (kernels/topk/) against full logits + a stable sort, on CPU: the entry point through every path, the
+"""Exact top-k (elmo_kernels/topk/) against full logits + a stable sort, on CPU: the entry point through every path, the
 running kernel, the torch path, query quantisation, the shard merge and the argument checks.
 
 The Triton path runs under TRITON_INTERPRET=1 (set before kernels are imported); the torch path runs as is.
@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from topk_checks import IMPLS, INTERPRET, check, make_head, run  # noqa: E402
 
-from kernels.topk import (  # noqa: E402
+from elmo_kernels.topk import (  # noqa: E402
     CapturedTopk,
     TopkConfig,
     merge_topk,

@@ -1,10 +1,10 @@
-"""The CPU screened top-k (kernels/topk/cpu.py: a bf16 screen, then exact fp32 rescoring) against the reference, on
+"""The CPU screened top-k (elmo_kernels/topk/cpu.py: a bf16 screen, then exact fp32 rescoring) against the reference, on
 ties, near ties and a screen as wrong as its error bound allows."""
 
 import pytest
 import torch
 
-from kernels.topk import ScreenedTopk, prepare_queries, reference_topk
+from elmo_kernels.topk import ScreenedTopk, prepare_queries, reference_topk
 
 
 def _mismatch(a, b):

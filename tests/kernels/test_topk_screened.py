@@ -1,4 +1,4 @@
-"""The screened path of the Triton top-k (kernels/topk/screened.py): overflow fallback, kernel options, stale buffers,
+"""The screened Triton top-k (elmo_kernels/topk/screened.py): overflow fallback, kernel options, stale buffers,
 its label ranges and when it is chosen. Under TRITON_INTERPRET=1 on CPU.
 """
 
@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from topk_checks import INTERPRET, TWO_PASS, check, make_head  # noqa: E402
 
-from kernels.topk import TopkConfig, reference_topk, topk_scores  # noqa: E402
-from kernels.topk.screened import screen_cap, screen_levels  # noqa: E402
+from elmo_kernels.topk import TopkConfig, reference_topk, topk_scores  # noqa: E402
+from elmo_kernels.topk.screened import screen_cap, screen_levels  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The two-pass path of the Triton top-k (kernels/topk/two_pass.py): tile maxima, chosen tiles, the fallback rows, fp8
+"""The two-pass Triton top-k (elmo_kernels/topk/two_pass.py): tile maxima, chosen tiles, the fallback rows, fp8
 dots, and when it is chosen. Under TRITON_INTERPRET=1 on CPU.
 """
 
@@ -10,8 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from topk_checks import INTERPRET, TWO_PASS, check, make_head, record_fallback_flags  # noqa: E402
 
-from kernels.topk import TopkConfig, reference_topk, topk_scores  # noqa: E402
-from kernels.topk.two_pass import two_pass_tiles  # noqa: E402
+from elmo_kernels.topk import TopkConfig, reference_topk, topk_scores  # noqa: E402
+from elmo_kernels.topk.two_pass import two_pass_tiles  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels.topk.running as running_module  # noqa: E402
-from kernels.topk import TopkConfig, topk_scores  # noqa: E402
+import elmo_kernels.topk.running as running_module  # noqa: E402
+from elmo_kernels.topk import TopkConfig, topk_scores  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 IMPLS = ["running", "screened", "torch"] if INTERPRET else ["torch"]

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from conftest import toy_model
 
+from elmo_kernels.topk import reference_topk
 from elmo_serve.model import Query
-from kernels.topk import reference_topk
 
 LIMITS = {"max_texts": 64, "max_text_chars": 2000, "max_k": 50, "max_exclude": 100}
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from elmo_kernels.topk import reference_topk
 from elmo_serve.model import Query, ServingModel
 from elmo_serve.schemas import Limits, PredictRequest, RequestError, check_predict
 from elmo_serve.scoring import Scorer, build_index
-from kernels.topk import reference_topk
 
 
 def _head(L=1009, D=48, dtype=torch.float8_e4m3fn, seed=0):

@@ -5,8 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kernels.head_step import HeadStepConfig, head_step
-from kernels.topk import topk_scores
+from elmo_kernels.head_step import HeadStepConfig, head_step
+from elmo_kernels.topk import topk_scores
 from training.distributed import (
     CapturedShardedTopk,
     shard_range,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.head_step import HeadStepConfig, head_step
-from kernels.topk import reference_topk
+from elmo_kernels.head_step import HeadStepConfig, head_step
+from elmo_kernels.topk import reference_topk
 from training.model import HeadConfig, XMCHead, chunk_rows, chunked_topk, padded, power_of_two_scale
 
 
@@ -48,7 +48,7 @@ def test_scores_match_true_weights_and_padding_stays_zero():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_cpu_step_matches_the_kernel_reference(precision):
-    """Same update as kernels.head_step (impl='torch'): weights within a grid step, dX close (no bias: the CPU path
+    """Same update as elmo_kernels.head_step (impl='torch'): weights within a grid step, dX close (no bias: the CPU path
     keeps an fp32 master bias that the kernels do not have, see test_fp32_master_bias)."""
     ours = _head(precision, bias=False)
     ref_w = ours.weight.clone()
@@ -123,7 +123,7 @@ def test_rejects_unknown_precision_and_step_impl():
 
 
 def test_kernel_path_splits_large_batches_and_matches_the_torch_path():
-    """The CUDA path (kernels.head_step, here its CPU reference) agrees with the CPU path, also past 256 rows."""
+    """The CUDA path (elmo_kernels.head_step, here its CPU reference) agrees with the CPU path, also past 256 rows."""
     a, b = _head("bf16", dim=8, bias=False), _head("bf16", dim=8, bias=False)  # bias: the next test
     x = torch.randn(300, 8)
     rows, cols = torch.tensor([0, 7, 299, 260]), torch.tensor([1, 2, 3, 36])
@@ -198,7 +198,7 @@ def test_kernel_path_trains_the_bias_column_and_the_master_follows():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_topk_ranks_as_the_kernels_score_the_stored_head(precision):
-    """topk: chunk by chunk through kernels.topk.topk_scores, equal to ranking the whole stored head at once, with
+    """topk: chunk by chunk through elmo_kernels.topk.topk_scores, equal to ranking the whole stored head at once, with
     (row, label) exclusions; master_bias ranks with the fp32 master in the column."""
     head = _head(precision)
     assert len(head.chunks()) > 1

@@ -56,7 +56,13 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path):
     assert metrics["workers"] == 2 and metrics["step_ms"] > 0
     # Ray Train kept the workers' shards together in its checkpoints; the last one holds the reference's head
     stored = sorted(p for p in (tmp_path / "ray-run" / "ray" / "ray-run").glob("checkpoint_*") if p.is_dir())
-    assert {p.name for p in stored[-1].iterdir()} == {"common.pt", "shard-0.pt", "shard-1.pt"}
+    assert {p.name for p in stored[-1].iterdir()} == {
+        "common.pt",
+        "shard-0.pt",
+        "shard-1.pt",
+        "sha256-0.json",
+        "sha256-1.json",
+    }
     torch.testing.assert_close(sharded_head_weights(stored[-1]), sharded_head_weights(tmp_path / "reference"))
     art = load_artifact(tmp_path / "artifact")
     assert art.num_labels == 203 and art.manifest["metrics"]["P@1"] == pytest.approx(metrics["P@1"])

@@ -10,10 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.topk.config import TensorDescriptor, TopkConfig, descriptors_fit, next_pow2, tile_meta
-from kernels.topk.keys import KEY_EMPTY
-from kernels.topk.running import recompute_flagged
-from kernels.topk.tl_utils import TL_KEY_EMPTY, fold_block, score_keys, score_tile, screen_epilogue
+from elmo_kernels.topk.config import TensorDescriptor, TopkConfig, descriptors_fit, next_pow2, tile_meta
+from elmo_kernels.topk.keys import KEY_EMPTY
+from elmo_kernels.topk.running import recompute_flagged
+from elmo_kernels.topk.tl_utils import TL_KEY_EMPTY, fold_block, score_keys, score_tile, screen_epilogue
 
 
 @triton.jit

@@ -9,12 +9,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import round_up
-from kernels.topk.config import TWO_PASS_BLOCK_L, TensorDescriptor, TopkConfig, descriptors_fit, next_pow2, tile_meta
-from kernels.topk.keys import KEY_EMPTY
-from kernels.topk.running import recompute_flagged
-from kernels.topk.screened import merge_candidates, resolve_screen_config
-from kernels.topk.tl_utils import TL_KEY_EMPTY, fold_block, score_keys, score_tile, screen_epilogue, valid_pairs
+from elmo_kernels.common import round_up
+from elmo_kernels.topk.config import (
+    TWO_PASS_BLOCK_L,
+    TensorDescriptor,
+    TopkConfig,
+    descriptors_fit,
+    next_pow2,
+    tile_meta,
+)
+from elmo_kernels.topk.keys import KEY_EMPTY
+from elmo_kernels.topk.running import recompute_flagged
+from elmo_kernels.topk.screened import merge_candidates, resolve_screen_config
+from elmo_kernels.topk.tl_utils import TL_KEY_EMPTY, fold_block, score_keys, score_tile, screen_epilogue, valid_pairs
 
 
 @triton.jit

@@ -7,12 +7,12 @@ Per label chunk W (Lc x D), embeddings X (B x D) and targets Y (given as positiv
     W  <- SR(W - lr (G^T X + wd W))                (the weight gradient G^T X is never written to memory)
 
 Paths (`HeadStepConfig.kernel` picks the Triton one):
-  "three-pass" `kernels.head_step_three` (the default): logits/G, dX and update kernels per chunk, W read three times
-  "fused"      `kernels.head_step_fused`: one persistent kernel per super-chunk of the head, W read once from DRAM;
+  "three-pass" `elmo_kernels.head_step_three` (default): logits/G, dX and update kernels per chunk, W read three times
+  "fused"      `elmo_kernels.head_step_fused`: one persistent kernel per super-chunk of the head, W read once from DRAM;
                correct, but 3x slower than three-pass on the H200 (24.7 vs 8.2 ms at 2.8M fp8, BENCHMARKS.md), so
                opt-in until it wins on every shape
-  impl="torch" the plain-torch reference (`kernels.reference`), the CPU fallback
-All three round with the same rule on the same random stream (`kernels.rounding.random_u16`), so they agree bit for
+  impl="torch" the plain-torch reference (`elmo_kernels.reference`), the CPU fallback
+All three round with the same rule on the same random stream (`elmo_kernels.rounding.random_u16`), so they agree bit for
 bit up to the summation order of the logits.
 """
 
@@ -24,11 +24,11 @@ from typing import Literal, NamedTuple
 import torch
 import triton.language as tl
 
-from kernels import head_step_utils as hsu
-from kernels import reference
-from kernels.common import LABEL_ALIGN, has_fp8_tensor_cores, interpreting
-from kernels.head_step_fused import fused_step
-from kernels.head_step_three import three_pass_step
+from elmo_kernels import head_step_utils as hsu
+from elmo_kernels import reference
+from elmo_kernels.common import LABEL_ALIGN, has_fp8_tensor_cores, interpreting
+from elmo_kernels.head_step_fused import fused_step
+from elmo_kernels.head_step_three import three_pass_step
 
 __all__ = [
     "KAHAN_DTYPES",
@@ -258,7 +258,7 @@ def _head_step_triton(
 
 
 def head_logits(chunks: list[torch.Tensor], x: torch.Tensor, num_labels: int | None = None) -> torch.Tensor:
-    """(B, num_labels) fp32 logits, one chunk at a time (evaluation at small L; serving uses kernels.topk)."""
+    """(B, num_labels) fp32 logits, one chunk at a time (evaluation at small L; serving uses elmo_kernels.topk)."""
     total = sum(w.shape[0] for w in chunks)
     num_labels = total if num_labels is None else num_labels
     if x.dim() != 2 or any(w.dim() != 2 or w.shape[1] != x.shape[1] for w in chunks):

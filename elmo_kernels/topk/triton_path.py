@@ -8,12 +8,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.topk.config import TopkConfig
-from kernels.topk.inputs import prepare_queries, quantize_queries
-from kernels.topk.running import topk_running
-from kernels.topk.screened import screen_cap, topk_screened
-from kernels.topk.tl_utils import key_score
-from kernels.topk.two_pass import topk_two_pass, two_pass_tiles
+from elmo_kernels.topk.config import TopkConfig
+from elmo_kernels.topk.inputs import prepare_queries, quantize_queries
+from elmo_kernels.topk.running import topk_running
+from elmo_kernels.topk.screened import screen_cap, topk_screened
+from elmo_kernels.topk.tl_utils import key_score
+from elmo_kernels.topk.two_pass import topk_two_pass, two_pass_tiles
 
 
 @triton.jit

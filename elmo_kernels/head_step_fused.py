@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import head_step_utils as hsu
-from kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
+from elmo_kernels import head_step_utils as hsu
+from elmo_kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
 
 
 @triton.jit(

@@ -14,15 +14,15 @@ wider margin only adds candidates.) A label can be in the exact top-k only if it
 lower bound: 11-20 labels for k = 10 on DebianDeps, nearly always among the first 2k + 32 by screened score, which
 one check proves (else every label is bounded). The candidates are rescored in fp32 and ranked with the kernels' key
 (score descending, then the lower id): the answer of scoring every label in fp32, as
-`kernels.topk.topk_scores(impl="torch")` does.
+`elmo_kernels.topk.topk_scores(impl="torch")` does.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.topk.inputs import check_exclude
-from kernels.topk.keys import KEY_EMPTY, keys_to_scores, scores_to_keys
+from elmo_kernels.topk.inputs import check_exclude
+from elmo_kernels.topk.keys import KEY_EMPTY, keys_to_scores, scores_to_keys
 
 _REL, _TINY = 2.0**-6, 2.0**-100  # the bounds above
 

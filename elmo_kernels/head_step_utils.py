@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rounding import cast_on_grid, nearest_bf16, random_u16, round_to
+from elmo_kernels.rounding import cast_on_grid, nearest_bf16, random_u16, round_to
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -203,7 +203,7 @@ def update_tile(
 class StepInputs:
     """Host-side inputs of one head step as the kernels take them (built once per call by `head_step`)."""
 
-    config: object  # kernels.head_step.HeadStepConfig
+    config: object  # elmo_kernels.head_step.HeadStepConfig
     xq: torch.Tensor  # (B, D) X as the dots consume it (bf16, or e4m3 with fp8 dots)
     xt: torch.Tensor  # (D, B) its transpose, the K-major operand of G^T X
     pos_rows: torch.Tensor  # int32, sorted by label

@@ -3,7 +3,7 @@
 Rounding x down or up to its two neighbouring grid points a <= x < b with P(up) = (x - a) / (b - a) makes
 E[round(x)] = x: tiny updates to low-precision weights survive in expectation instead of vanishing (the reason
 ELMO can drop fp32 master weights). The random bits come from a counter-based hash of (seed, row, column), so a
-(seed, element) pair always rounds the same way; `kernels.reference` documents the stream and reproduces it.
+(seed, element) pair always rounds the same way; `elmo_kernels.reference` documents the stream and reproduces it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_FORMATS, TL_DTYPES, interpreting
+from elmo_kernels.common import FP8_FORMATS, TL_DTYPES, interpreting
 
 # The interpreter's fp32 -> fp8 cast turns NaN into a number; the GPU's keeps it. Patch NaN bits only there.
 INTERPRETED = tl.constexpr(interpreting())
@@ -39,7 +39,7 @@ def random_u16(seed, rows, cols):
     bits(r, c) = mix32(h(r) ^ c * 0x9E3779B9) >> 16 with h(r) = mix32(mix32(r ^ seed_lo) + seed_hi): one hash per
     row, then one mixer per element, computed from the element's own indices in whatever register layout the
     consumer has (no shuffles), about half the integer work of one Philox-4x32-10 call per 8 elements.
-    Statistical quality (what was tested, see `kernels.reference.random_u16`): 16-bit values uniform (chi-square
+    Statistical quality (what was tested, see `elmo_kernels.reference.random_u16`): 16-bit values uniform (chi-square
     over 2^16 bins, 2^24 draws), no correlation between neighbouring columns, rows or seeds (|r| < 1e-3 over
     2^24 pairs), and the stochastic-rounding tests (unbiased in the e4m3 normal and subnormal ranges, in bf16 and
     e5m2; only the two neighbouring grid points appear). It is not a cryptographic or BigCrush-tested generator.
@@ -158,7 +158,7 @@ def stochastic_round(
     """Stochastically round fp32/bf16 `x` to `dtype` (bfloat16, float8_e4m3fn, float8_e5m2).
 
     x is viewed as rows of its last dimension; element (r, c) uses the random stream of row `row_offset + r`
-    (see `kernels.reference`). E4M3/E5M2 saturate at their largest finite value; NaN stays NaN.
+    (see `elmo_kernels.reference`). E4M3/E5M2 saturate at their largest finite value; NaN stays NaN.
     out: optional contiguous tensor of x's shape and `dtype` to write into.
     """
     if dtype != torch.bfloat16 and dtype not in FP8_FORMATS:

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.topk.config import TopkConfig, next_pow2, tile_meta
-from kernels.topk.tl_utils import (
+from elmo_kernels.topk.config import TopkConfig, next_pow2, tile_meta
+from elmo_kernels.topk.tl_utils import (
     TL_KEY_EMPTY,
     TL_KEY_FILLER_MAX,
     TL_KEY_FULL,

@@ -2,9 +2,9 @@
 
 They are exact enough that the Triton kernels can be compared element by element, and fast enough on CPU to be the
 fallback path (`impl="torch"`) of the functional API. They mirror the kernels; the constants both use live in
-`kernels.common`.
+`elmo_kernels.common`.
 
-Random stream (shared with the kernels, `kernels.rounding.random_u16`): element (row, col) of a matrix whose rows
+Random stream (shared with the kernels, `elmo_kernels.rounding.random_u16`): element (row, col) of a matrix whose rows
 are global row ids (label ids for the head, so that a label shard draws the bits of those rows of the whole head)
 draws the top 16 bits of mix32(h(row) ^ col * 0x9E3779B9), with h(row) = mix32(mix32(row ^ seed_lo) + seed_hi)
 and mix32 the lowbias32 mixer; all arithmetic on uint32, wrapping.
@@ -15,13 +15,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kernels.common import FP8_FORMATS, GRAD_FP8_SCALE
+from elmo_kernels.common import FP8_FORMATS, GRAD_FP8_SCALE
 
 _M1, _M2, _GOLDEN = np.uint32(0x21F0AAAD), np.uint32(0x735A2D97), np.uint32(0x9E3779B9)
 
 
 def mix32(x: np.ndarray) -> np.ndarray:
-    """lowbias32 on uint32 arrays, as `kernels.rounding.mix32`."""
+    """lowbias32 on uint32 arrays, as `elmo_kernels.rounding.mix32`."""
     x = x ^ (x >> np.uint32(16))
     x = x * _M1
     x = x ^ (x >> np.uint32(15))
@@ -83,7 +83,7 @@ def round_fp8(x: torch.Tensor, rand16: torch.Tensor | None, dtype: torch.dtype) 
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, row_offset: int = 0) -> torch.Tensor:
-    """Reference of `kernels.rounding.stochastic_round`: x viewed as (rows, last dim), returned in `dtype`."""
+    """Reference of `elmo_kernels.rounding.stochastic_round`: x viewed as (rows, last dim), returned in `dtype`."""
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
     r = random_u16(seed, x2.shape[0], x2.shape[1], row_offset).to(x.device)
     if dtype == torch.bfloat16:

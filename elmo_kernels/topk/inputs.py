@@ -7,9 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import FP8_E4M3_MAX, has_fp8_tensor_cores
-from kernels.topk.config import next_pow2
-from kernels.topk.keys import MAX_LABELS
+from elmo_kernels.common import FP8_E4M3_MAX, has_fp8_tensor_cores
+from elmo_kernels.topk.config import next_pow2
+from elmo_kernels.topk.keys import MAX_LABELS
 
 WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.bfloat16, torch.float32)
 QUERY_DTYPES = (torch.bfloat16, torch.float32)
@@ -79,7 +79,7 @@ def resolve_fp8_dots(weights: torch.Tensor, fp8_dots: bool | None) -> bool:
 
 
 def prepare_queries(x: torch.Tensor, weights_dtype: torch.dtype, fp8_dots: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The queries the dot products use, and the per-row factor applied to the fp32 sums (see `kernels.topk`).
+    """The queries the dot products use, and the per-row factor applied to the fp32 sums (see `elmo_kernels.topk`).
 
     Returns (xq (B, D) float8_e4m3fn / bf16 / fp32, inv_scale (B,) fp32).
     """

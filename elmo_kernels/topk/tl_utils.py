@@ -8,9 +8,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.topk.keys import KEY_EMPTY, KEY_FILLER_MAX, KEY_FULL, KEY_REAL_MIN
+from elmo_kernels.topk.keys import KEY_EMPTY, KEY_FILLER_MAX, KEY_FULL, KEY_REAL_MIN
 
-# The key sentinels (kernels.topk.keys) as constexprs: Triton kernels read only constexpr globals.
+# The key sentinels (elmo_kernels.topk.keys) as constexprs: Triton kernels read only constexpr globals.
 TL_KEY_EMPTY = tl.constexpr(KEY_EMPTY)
 TL_KEY_FULL = tl.constexpr(KEY_FULL)
 TL_KEY_FILLER_MAX = tl.constexpr(KEY_FILLER_MAX)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.common import interpreting
+from elmo_kernels.common import interpreting
 
 try:  # host-side tensor descriptors (TMA); older tritons lack them and keep the pointer loads
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from kernels.topk.config import TopkConfig
-from kernels.topk.inputs import check_args, check_exclude, resolve_fp8_dots
-from kernels.topk.triton_path import triton_scores
+from elmo_kernels.topk.config import TopkConfig
+from elmo_kernels.topk.inputs import check_args, check_exclude, resolve_fp8_dots
+from elmo_kernels.topk.triton_path import triton_scores
 
 
 def capture_cuda_graph(run: Callable[[], Any], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Any]:

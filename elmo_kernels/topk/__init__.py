@@ -24,7 +24,7 @@ xq = `prepare_queries(x, ...)` is exactly what the kernel multiplies:
 - otherwise: xq = x rounded to bf16 for fp8/bf16 weights (fp32 for fp32 weights), inv_scale = 1.
 
 Ranking: scores descending, equal scores by the lower label id (-0.0 counts as +0.0, NaN as -inf), through one
-sortable int64 key per (score, id) pair (kernels.topk.keys); ids must stay below 2^32 - 1.
+sortable int64 key per (score, id) pair (elmo_kernels.topk.keys); ids must stay below 2^32 - 1.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.common import interpreting
-from kernels.topk.config import DEFAULT_MAX_PARTIAL_BYTES, TWO_PASS_BLOCK_L, TopkConfig
-from kernels.topk.cpu import ScreenedTopk
-from kernels.topk.graphs import CapturedTopk, capture_cuda_graph
-from kernels.topk.inputs import (
+from elmo_kernels.common import interpreting
+from elmo_kernels.topk.config import DEFAULT_MAX_PARTIAL_BYTES, TWO_PASS_BLOCK_L, TopkConfig
+from elmo_kernels.topk.cpu import ScreenedTopk
+from elmo_kernels.topk.graphs import CapturedTopk, capture_cuda_graph
+from elmo_kernels.topk.inputs import (
     QUERY_DTYPES,
     WEIGHT_DTYPES,
     check_args,
@@ -46,8 +46,16 @@ from kernels.topk.inputs import (
     quantize_queries,
     resolve_fp8_dots,
 )
-from kernels.topk.keys import KEY_EMPTY, KEY_FULL, KEY_REAL_MIN, MAX_LABELS, keys_to_scores, merge_topk, scores_to_keys
-from kernels.topk.triton_path import triton_scores
+from elmo_kernels.topk.keys import (
+    KEY_EMPTY,
+    KEY_FULL,
+    KEY_REAL_MIN,
+    MAX_LABELS,
+    keys_to_scores,
+    merge_topk,
+    scores_to_keys,
+)
+from elmo_kernels.topk.triton_path import triton_scores
 
 __all__ = [
     "DEFAULT_MAX_PARTIAL_BYTES",

@@ -1,6 +1,6 @@
 """The head's SGD step in plain torch with torch's RNG for the rounding bits: the CPU path of `training.model.XMCHead`.
 
-The mathematics of `kernels.head_step`, chunk by chunk (Lc labels at a time, only a B x Lc tile of logits alive):
+The mathematics of `elmo_kernels.head_step`, chunk by chunk (Lc labels at a time, only a B x Lc tile of logits alive):
 
     G  = sigmoid(X W^T [+ master bias]) - Y       (Y from the positive (row, label) pairs; excluded pairs: G = 0)
     dX += G W                                     (W before its update)
@@ -8,7 +8,7 @@ The mathematics of `kernels.head_step`, chunk by chunk (Lc labels at a time, onl
                                                    error of the first H rows is kept for the next step)
 
 GEMMs run on bf16 operands on CPU (fp32 on CUDA). The rounding bits come from a `torch.Generator` (16 per element):
-the Philox stream of `kernels.reference` is drawn in numpy, ~2 s a step at 42K labels; this path is ~10x faster,
+the Philox stream of `elmo_kernels.reference` is drawn in numpy, ~2 s a step at 42K labels; this path is ~10x faster,
 at the price of a stream that cannot skip ahead (a label shard draws its own). fp32 weights take the plain update.
 
 Master bias (`MasterBias`): the last input column of X is a constant c and the last weight column is a per-label
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
-from kernels.common import FP8_E4M3, FP8_E4M3_MAX
-from kernels.head_step import HeadStepOutput
+from elmo_kernels import reference
+from elmo_kernels.common import FP8_E4M3, FP8_E4M3_MAX
+from elmo_kernels.head_step import HeadStepOutput
 
 ROUNDED_DTYPES = (torch.bfloat16, FP8_E4M3)  # storage dtypes updated with stochastic rounding
 
