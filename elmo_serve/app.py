@@ -18,6 +18,7 @@ artifact, the batched call) is `elmo_serve.model`.
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -57,6 +58,35 @@ _MAX_BODY_BYTES = [4 * 2**20]  # set by the Ingress replica of this process; rea
 # under a request, or a scorer deployment with no replica at all.
 _REPLICA_GONE = (RayActorError, DeploymentUnavailableError)
 RETRY_AFTER_S = 3  # the Retry-After of a 503: about what Serve takes to notice a dead replica and start another
+
+
+# The host each replica's inter-deployment gRPC server binds to, when set (a local `elmo serve` sets 127.0.0.1).
+REPLICA_GRPC_HOST_ENV = "ELMO_REPLICA_GRPC_HOST"
+
+
+def bind_replica_grpc(host: str | None = None) -> bool:
+    """In a Serve replica process: make the replica's inter-deployment gRPC server, started after the deployment's
+    constructor, bind `host` (default: $ELMO_REPLICA_GRPC_HOST; nothing to do when unset) instead of every interface.
+    Ray 2.60 hard-codes "[::]:0" in `ray.serve._private.replica` and has no option for it; a node on loopback
+    connects to its replicas at 127.0.0.1, so loopback is enough there. Returns whether the bind is redirected (False
+    when this Ray has no such function: the replica then binds as Ray decides)."""
+    host = host or os.environ.get(REPLICA_GRPC_HOST_ENV)
+    if not host:
+        return False
+    from ray.serve._private import replica
+
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None:
+        logger.warning(f"{REPLICA_GRPC_HOST_ENV}={host}: this Ray has no add_port_to_grpc_server; gRPC binds [::]")
+        return False
+    original = getattr(add_port, "original", add_port)
+
+    def add_port_on_host(server, address: str):
+        return original(server, f"{host}:0" if address == "[::]:0" else address)
+
+    add_port_on_host.original = original
+    replica.add_port_to_grpc_server = add_port_on_host
+    return True
 
 
 class AppArgs(BaseModel):
@@ -116,6 +146,7 @@ class ModelScorer:
         batching: dict | None = None,
         torch_threads: int | None = None,
     ):
+        bind_replica_grpc()
         if torch_threads:
             # Ray sets OMP_NUM_THREADS to the replica's num_cpus; a replica alone on a machine scores one request
             # faster on every core (2 cores, DebianDeps, 1 client: p50 6.9 vs 8.2 ms over HTTP).
@@ -221,11 +252,11 @@ class ModelScorer:
         try:
             check_predict(req, self.limits, model.num_labels, model.num_features)
         except RequestError as e:
-            return ScorerReply.refused(e)
+            return ScorerReply.refused(e, model.version)
         query = Query(req.texts or [], req.k, list(set(req.exclude or ())), features=req.features)
         res = await self._score(model, query)
         body = PredictResponse(model_version=model.version, results=[self._labels(model, *r) for r in res.answers])
-        return ScorerReply(body, batch=res.batch, texts=res.texts)
+        return ScorerReply(body, batch=res.batch, texts=res.texts, model_version=model.version)
 
     async def similar(self, req: SimilarRequest) -> ScorerReply:
         model = self.model
@@ -238,7 +269,7 @@ class ModelScorer:
             if req.mode == "text" and model.takes_features:
                 raise RequestError(422, "this model takes features, not text: ask with mode=embedding")
         except RequestError as e:
-            return ScorerReply.refused(e)
+            return ScorerReply.refused(e, model.version)
         if req.mode == "text":
             res = await self._score(model, Query([model.item_text(item)], req.k, [item]))
             (ids, scores), batch, texts = res.answers[0], res.batch, res.texts
@@ -250,7 +281,7 @@ class ModelScorer:
             item=self._labels(model, [item], [0.0])[0],
             results=self._labels(model, ids, scores),
         )
-        return ScorerReply(body, batch=batch, texts=texts)
+        return ScorerReply(body, batch=batch, texts=texts, model_version=model.version)
 
     def info(self) -> ModelInfo:
         m = self.model
@@ -279,8 +310,15 @@ app = FastAPI(
 _ERRORS = {c: {"model": ErrorBody} for c in (400, 404, 413, 422, 503)}
 
 
-def _error(status: int, message: str, detail=None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "detail": detail}, headers=headers)
+def _error(
+    status: int, message: str, detail=None, headers: dict | None = None, model_version: str | None = None
+) -> JSONResponse:
+    """A JSON error body (`ErrorBody`); one the scorer refused names its model, in the body and x-model-version."""
+    content = {"error": message, "detail": detail}
+    if model_version is not None:
+        content["model_version"] = model_version
+        headers = {**(headers or {}), "x-model-version": model_version}
+    return JSONResponse(status_code=status, content=content, headers=headers)
 
 
 class ScorerUnavailable(Exception):
@@ -414,6 +452,7 @@ def configure_guard(max_body_bytes: int) -> _Metrics:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, scorer: DeploymentHandle, max_body_bytes: int = 4 * 2**20, retry_wait_s: float = 3.0):
+        bind_replica_grpc()
         self.scorer, self.retry_wait_s = scorer, retry_wait_s
         self.metrics = configure_guard(max_body_bytes)
 
@@ -448,7 +487,7 @@ class Ingress:
         except ScorerUnavailable as e:
             return e.response()
         if reply.body is None:
-            return _error(reply.status, reply.error)
+            return _error(reply.status, reply.error, model_version=reply.model_version)
         if reply.batch:
             self.metrics.batch.observe(reply.batch)
             self.metrics.batch_texts.observe(reply.texts)

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run directory or an artifact on a dataset split")
-    ev.add_argument("path", help="run directory (checkpoint.pt) or artifact directory")
+    ev.add_argument("path", help="run directory (its checkpoint, any world size) or artifact directory")
     ev.add_argument("--data", default=None, help="dataset directory (default: the one it was trained on)")
     ev.add_argument(
         "--format",

@@ -49,6 +49,8 @@ LOCAL_RAY_ENV = {
     # Direct-ingress replicas hold their shutdown 30 s so that an external load balancer can deregister them (serve
     # shutdown took 33 s); a local service has none in front of it.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    # Each replica's inter-deployment gRPC server: Ray binds it to every interface (`elmo_serve.app.bind_replica_grpc`).
+    "ELMO_REPLICA_GRPC_HOST": "127.0.0.1",
 }
 APP, SCORER = "elmo", "ModelScorer"
 # A stopping replica checks for requests still running every graceful_shutdown_wait_loop_s (Serve's default: 2 s).

@@ -142,6 +142,7 @@ class Health(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     detail: list | dict | str | None = None
+    model_version: str | None = Field(None, description="the model that refused the request (None: refused before)")
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,11 @@ class ScorerReply:
     error: str = ""  # a refused request's message
     batch: int = 0  # requests in the scorer batch that answered it (0: scored without one, /v1/similar embedding)
     texts: int = 0  # texts in that batch
+    model_version: str = ""  # the model that answered or refused it
 
     @classmethod
-    def refused(cls, e: RequestError) -> ScorerReply:
-        return cls(status=e.status, error=e.message)
+    def refused(cls, e: RequestError, model_version: str) -> ScorerReply:
+        return cls(status=e.status, error=e.message, model_version=model_version)
 
 
 def check_predict(req: PredictRequest, limits: Limits, num_labels: int, num_features: int | None = None) -> None:

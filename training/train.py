@@ -95,6 +95,10 @@ class Parallelism(Protocol):
         """The model with the whole head on the main process (None elsewhere). Collective."""
         ...
 
+    def all_finite(self, finite: torch.Tensor) -> bool:
+        """True when every worker's `finite` (a bool tensor) is true: all stop at the same step. Collective."""
+        ...
+
     def barrier(self) -> None: ...
 
     def comm_bytes(self) -> int:
@@ -131,6 +135,9 @@ class SingleProcess:
 
     def whole_model(self, model: XMCModel) -> XMCModel:
         return model
+
+    def all_finite(self, finite: torch.Tensor) -> bool:
+        return bool(finite)
 
     def barrier(self) -> None:
         pass
@@ -241,7 +248,7 @@ def train(
             step_times.append(time.perf_counter() - t_step)
             if loss is not None and not math.isfinite(loss):
                 raise ValueError(f"step {step}: the loss is {loss}: training diverged or its inputs are corrupt")
-            if finite is not None and not finite:
+            if finite is not None and not par.all_finite(finite):
                 raise ValueError(
                     f"step {step}: the update is not finite (NaN/inf in dL/dx of the head step): the model or its "
                     "inputs are corrupt or training diverged; the run stops (its last checkpoint is from before)"

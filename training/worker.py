@@ -237,6 +237,13 @@ class LabelShards:
         model.head = whole
         return model.to("cpu")
 
+    def all_finite(self, finite: torch.Tensor) -> bool:
+        # NaN rows of one worker's batch reach only its own rows of dL/dx: without this, that worker would stop and
+        # the others would wait for it in the next step's collectives.
+        flag = finite.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
     def barrier(self) -> None:
         dist.barrier(self.group)
 

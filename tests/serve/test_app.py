@@ -147,6 +147,12 @@ def test_bad_input_gets_a_clear_4xx_and_the_replica_keeps_serving(client):
     r = client.post("/v1/predict", json={"texts": ["gcc"], "k": 3})
     assert r.status_code == 200 and len(r.json()["results"][0]) == 3
     assert "elmo_requests_total" in client.get("/metrics").text
+    # a request the scorer refuses names the model that refused it, as an answer names the one that answered
+    version = r.json()["model_version"]
+    for path, body, status in (("predict", {"texts": ["gcc"], "k": 51}, 422), ("similar", {"id": 200}, 404)):
+        r = client.post(f"/v1/{path}", json=body)
+        assert r.status_code == status and r.json()["model_version"] == version == r.headers["x-model-version"]
+    assert client.post("/v1/predict", json={"texts": "gcc"}).json().get("model_version") is None  # refused unparsed
 
 
 def test_guard_answers_413_before_reading_and_500_as_json():

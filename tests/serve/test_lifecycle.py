@@ -233,6 +233,22 @@ def test_serve_refuses_num_cpus_with_an_address(tmp_path, capsys):
     assert "--num-cpus" in capsys.readouterr().err
 
 
+def test_replica_grpc_bind_is_redirected_to_the_host(monkeypatch):
+    from ray.serve._private import replica
+
+    from elmo_serve.app import REPLICA_GRPC_HOST_ENV, bind_replica_grpc
+
+    bound = []
+    monkeypatch.setattr(replica, "add_port_to_grpc_server", lambda server, address: bound.append(address) or 7)
+    monkeypatch.delenv(REPLICA_GRPC_HOST_ENV, raising=False)
+    assert not bind_replica_grpc()  # unset: Ray's own bind
+    monkeypatch.setenv(REPLICA_GRPC_HOST_ENV, "127.0.0.1")
+    assert bind_replica_grpc() and bind_replica_grpc()  # twice (two deployments in one process): wrapped once
+    assert replica.add_port_to_grpc_server(None, "[::]:0") == 7
+    assert replica.add_port_to_grpc_server(None, "10.0.0.1:5000") == 7  # an explicit address is left alone
+    assert bound == ["127.0.0.1:0", "10.0.0.1:5000"]
+
+
 def test_failure_line_names_the_error():
     message = "A replica failed to start. Error:\nTraceback (most recent call last):\n  File x\nValueError: bad head\n"
     assert failure_line(message) == "ValueError: bad head"
@@ -308,11 +324,10 @@ def test_it_starts_its_own_node_and_listens_only_on_loopback(service):
     sockets = listening(service.pids())
     assert any(port == service.port and _loopback(ip) for _, ip, port in sockets), sockets  # the listing works
     outside = [(pid, ip, port, _cmdline(pid)[:60]) for pid, ip, port in sockets if not _loopback(ip)]
-    # Known exception: every Serve replica starts its inter-deployment gRPC server on [::]:0, hard-coded in
-    # ray/serve/_private/replica.py (no option binds it elsewhere; Ray's token authentication guards it).
-    replicas = set(service.replicas("ModelScorer") + service.replicas("Ingress"))
-    assert [x for x in outside if x[0] not in replicas] == [], outside
-    assert len(outside) <= len(replicas), outside
+    # the replicas' inter-deployment gRPC servers too (Ray binds them to [::]: elmo_serve.app.bind_replica_grpc)
+    assert outside == [], outside
+    replicas = service.replicas("ModelScorer") + service.replicas("Ingress")
+    assert len(replicas) == 3 and all(any(p == pid for p, _, _ in sockets) for pid in replicas), (replicas, sockets)
 
 
 def test_refused_swap_sticks_to_the_served_model_across_replica_restarts(service, artifacts, capsys, monkeypatch):

@@ -11,25 +11,42 @@ import torch.multiprocessing as mp
 from training.config import TrainConfig
 
 
-def _work(rank: int, world: int, init_file: str, kw: dict, results: str) -> None:
-    from training.worker import train_worker
+def _work(rank: int, world: int, init_file: str, kw: dict, results: str, nan_at: tuple[int, int] | None) -> None:
+    from training.train import train
+    from training.worker import LabelShards
+
+    class NaNFrom(LabelShards):
+        """This worker's embeddings turn NaN from its call `nan_at[1]` of encode on."""
+
+        calls = 0
+
+        def encode(self, model, inputs):
+            x = super().encode(model, inputs)
+            self.calls += 1
+            return x * float("nan") if self.calls > nan_at[1] else x
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        cfg = TrainConfig(**kw)
-        out = train_worker(cfg)
+        par = NaNFrom() if nan_at is not None and nan_at[0] == rank else LabelShards()
+        try:
+            out = train(TrainConfig(**kw), parallel=par)
+        except ValueError as e:
+            if nan_at is None:
+                raise
+            out = {"error": str(e)}
         torch.save(out, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def run_sharded(world: int, **kw) -> list[dict]:
-    """train_worker in `world` processes; each rank's returned dict."""
+def run_sharded(world: int, nan_at: tuple[int, int] | None = None, **kw) -> list[dict]:
+    """train_worker in `world` processes; each rank's returned dict. nan_at (rank, n): that rank's embeddings are NaN
+    after n steps, and each rank's ValueError comes back as {"error": message}."""
     fd, init_file = tempfile.mkstemp(prefix="elmo-init-")
     os.close(fd)
     os.unlink(init_file)
     results = str(Path(kw["out"]).with_name(Path(kw["out"]).name + "-result"))
-    mp.spawn(_work, args=(world, init_file, kw, results), nprocs=world)
+    mp.spawn(_work, args=(world, init_file, kw, results, nan_at), nprocs=world)
     return [torch.load(f"{results}.{r}", weights_only=False) for r in range(world)]
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lf_data import write_lf
 from safetensors.torch import load_file, save_file
+from sharded_runs import run_sharded
 
 from elmo_serve.cli import main
 from training.artifact import file_sha256, load_artifact
@@ -234,6 +235,16 @@ def test_nan_during_training_stops_the_run(run, tmp_path, loss_every, message):
         train(_cfg(run[0], out, loss_every=loss_every), parallel=NaNAt(5))
     assert not (out / "metrics.json").exists()
     assert read_checkpoint(out / "checkpoint").state["step"] == 4  # the last checkpoint: before the NaN, finite
+
+
+def test_nan_on_one_worker_stops_every_worker_at_that_step(run, tmp_path):
+    """NaN embeddings on rank 1 only: its rows of dL/dx are NaN, rank 0's are not; both stop at step 5 (before, rank 0
+    went on into the next step's collectives and waited for a worker that had stopped)."""
+    out = tmp_path / "run"
+    cfg = vars(_cfg(run[0], out, loss_every=0, threads=1))
+    ranks = run_sharded(2, nan_at=(1, 5), **cfg)
+    assert [r.get("error", "")[:22] for r in ranks] == ["step 5: the update is "] * 2, ranks
+    assert read_checkpoint(out / "checkpoint").state["step"] == 4
 
 
 def test_nan_during_training_is_a_cli_error(run, tmp_path, monkeypatch, capsys):
