@@ -5,10 +5,11 @@ the clients saw (the Reliability figures).
     python benchmarks/replica_kill.py --replicas 2 --clients 2 --seconds 20 --kill-at 4
     python benchmarks/replica_kill.py --artifact artifacts/deps                           # a real artifact
 
-Starts a local Ray in Serve's throughput mode (HAProxy, direct ingress, gRPC), as `elmo serve` does, serves the
-artifact (a tiny synthetic one when none is given) with N scorer replicas, and `kill -9`s the process of one of them
-at --kill-at seconds. Reports: answers by status, the stall (the longest time without a 200 answer, over the kill),
-the slowest request, 503s with and without Retry-After, and whether /metrics counted every request sent.
+Starts a local Ray as `elmo serve` does (its own node on 127.0.0.1, Serve's throughput mode with the proxy actor;
+--haproxy: HAProxy in front, a cluster's layout), serves the artifact (a tiny synthetic one when none is given) with
+N scorer replicas, and `kill -9`s the process of one of them at --kill-at seconds. Reports: answers by status, the
+stall (the longest time without a 200 answer, over the kill), the slowest request, 503s with and without Retry-After,
+and whether /metrics counted every request sent.
 A row is appended to benchmarks/results/replica_kill.json.
 """
 
@@ -88,13 +89,21 @@ def main() -> int:
     p.add_argument("--kill-at", type=float, default=4.0, help="seconds into the load to SIGKILL one scorer replica")
     p.add_argument("--bad-every", type=int, default=10, help="every n-th request of a client is a bad body (422)")
     p.add_argument("--num-cpus", type=int, default=4, help="CPUs given to the local Ray")
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="HAProxy in front (a cluster's layout); default: the local `elmo serve` node (proxy actor, loopback)",
+    )
     p.add_argument("--label", default="", help="a note stored with the row (e.g. before / after)")
     args = p.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private, loopback-only cluster
-    from elmo_serve.commands import use_throughput_mode
+    from elmo_serve.commands import LOCAL_RAY_ENV, use_throughput_mode
 
-    use_throughput_mode()
+    if not args.haproxy:  # the node a local `elmo serve` starts
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+    use_throughput_mode(haproxy=args.haproxy)
     # HAProxy's stats and metrics ports are fixed unless moved: another Serve may run on this machine.
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
@@ -106,7 +115,14 @@ def main() -> int:
 
     tmp = tempfile.TemporaryDirectory()
     artifact = str(Path(args.artifact).resolve()) if args.artifact else str(tiny_artifact(Path(tmp.name) / "art"))
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address=None if args.haproxy else "127.0.0.1",
+    )
     port = free_port()  # after ray.init: Ray's own processes take ports as they start
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -165,6 +181,7 @@ def main() -> int:
     slow = [(round(t, 2), round(d, 2), s) for t, d, s, *_ in log if d - t > 1.0]
     row = {
         "label": args.label,
+        "layout": "haproxy" if args.haproxy else "elmo serve (proxy actor, loopback)",
         "date": datetime.date.today().isoformat(),
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

@@ -1,5 +1,6 @@
 """Runs of the label-sharded trainer in W local processes (gloo), as torchrun would start them."""
 
+import datetime
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,9 @@ def _work(rank: int, world: int, init_file: str, kw: dict, results: str, nan_at:
             self.calls += 1
             return x * float("nan") if self.calls > nan_at[1] else x
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective that waits 2 minutes waits for a worker that stopped: fail instead of hanging the suite
+    group = {"timeout": datetime.timedelta(seconds=120)}
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, **group)
     try:
         par = NaNFrom() if nan_at is not None and nan_at[0] == rank else LabelShards()
         try:
