@@ -11,8 +11,8 @@ limits, the backend, and the batch size / wait. `Ingress` parses and validates b
 parsed request to the scorer, which checks it against the limits and the model and answers with a `ScorerReply` (the
 response, or the 4xx that refuses it); the ingress maps every client error to a 4xx (see `elmo_serve.schemas`),
 retries once a request whose scorer replica died (a dead replica is a 503 with Retry-After, never a 500), and exports
-Prometheus metrics on /metrics (every response counted, by endpoint and status). The model itself (loading an
-artifact, the batched call) is `elmo_serve.model`.
+Prometheus metrics on /metrics (every response counted, by endpoint and status: `elmo_serve.guard`). The model
+itself (loading an artifact, the batched call) is `elmo_serve.model`.
 """
 
 import asyncio
@@ -27,7 +27,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
@@ -35,6 +35,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from elmo_serve.guard import Guard, configure_guard, error_response
 from elmo_serve.model import Query, ServingModel, load_model
 from elmo_serve.schemas import (
     ErrorBody,
@@ -53,7 +54,6 @@ from elmo_serve.schemas import (
 )
 
 logger = logging.getLogger("ray.serve")
-_MAX_BODY_BYTES = [4 * 2**20]  # set by the Ingress replica of this process; read by the body-size guard
 # A scorer replica that died (kill -9, OOM, its node lost: ActorDiedError) or cannot be reached (ActorUnavailableError)
 # under a request, or a scorer deployment with no replica at all.
 _REPLICA_GONE = (RayActorError, DeploymentUnavailableError)
@@ -310,62 +310,11 @@ app = FastAPI(
 _ERRORS = {c: {"model": ErrorBody} for c in (400, 404, 413, 422, 503)}
 
 
-def _error(
-    status: int, message: str, detail=None, headers: dict | None = None, model_version: str | None = None
-) -> JSONResponse:
-    """A JSON error body (`ErrorBody`); one the scorer refused names its model, in the body and x-model-version."""
-    content = {"error": message, "detail": detail}
-    if model_version is not None:
-        content["model_version"] = model_version
-        headers = {**(headers or {}), "x-model-version": model_version}
-    return JSONResponse(status_code=status, content=content, headers=headers)
-
-
 class ScorerUnavailable(Exception):
     """No scorer replica answered a request (its replica died and the one retry failed or timed out): a 503."""
 
     def response(self) -> JSONResponse:
-        return _error(503, str(self), headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-class _Metrics:
-    """The ingress replica's Prometheus metrics. Requests and latency are recorded by `_Guard` for every response,
-    the ones answered before the scorer (4xx of bad bodies, 413, unknown paths) and any 5xx included."""
-
-    def __init__(self):
-        reg = self.registry = CollectorRegistry()
-        self.requests = Counter("elmo_requests", "HTTP responses", ["endpoint", "status"], registry=reg)
-        self.latency = Histogram(
-            "elmo_request_latency_seconds",
-            "request latency",
-            ["endpoint"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-            registry=reg,
-        )
-        self.batch = Histogram(
-            "elmo_batch_requests", "requests per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=reg
-        )
-        self.batch_texts = Histogram(
-            "elmo_batch_texts", "texts per scorer batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg
-        )
-
-    def record(self, scope: dict, status: int, seconds: float) -> None:
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        endpoint = _ENDPOINTS.get(path.rstrip("/") or "/", "other")  # unknown paths share one label
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
-
-
-_ENDPOINTS = {
-    "/v1/predict": "predict",
-    "/v1/similar": "similar",
-    "/v1/model": "model",
-    "/healthz": "healthz",
-    "/metrics": "metrics",
-}
-_METRICS: list[_Metrics | None] = [None]  # set by the Ingress replica of this process; written to by the guard
+        return error_response(503, str(self), headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -373,7 +322,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     msg = str(exc.detail)
     if exc.status_code == 400 and "parsing the body" in msg:
         msg = "the body is not valid JSON: it could not be decoded (send UTF-8 JSON)"
-    return _error(exc.status_code, msg)
+    return error_response(exc.status_code, msg)
 
 
 @app.exception_handler(RequestValidationError)
@@ -381,7 +330,7 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid" or isinstance(first.get("ctx", {}).get("error"), UnicodeDecodeError):
-        return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
+        return error_response(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
     msg = str(first.get("msg", "invalid request"))
     if where.startswith("features.") and first.get("type") in ("tuple_type", "too_long", "too_short", "missing"):
@@ -391,61 +340,10 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     elif first.get("type") == "model_attributes_type" and where == "body":
         msg = "the body must be a JSON object (and Content-Type: application/json)"
     detail = [{k: e.get(k) for k in ("type", "loc", "msg")} for e in errors]
-    return _error(422, f"{where}: {msg}", json.loads(json.dumps(detail, default=str)))
+    return error_response(422, f"{where}: {msg}", json.loads(json.dumps(detail, default=str)))
 
 
-class _Guard:
-    """Bodies over max_body_bytes get 413 before they are read; anything unexpected is a logged 500, never a crash;
-    every response is counted in the metrics (`_Metrics.record`).
-
-    A plain ASGI middleware: Starlette's BaseHTTPMiddleware (`@app.middleware`) costs ~0.5 ms of CPU per request.
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), None
-
-        async def send_tracked(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            limit = _MAX_BODY_BYTES[0]
-            size = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"content-length"), None)
-            if size is not None and size.isdigit() and int(size) > limit:
-                msg = f"request body of {size} bytes exceeds max_body_bytes={limit}"
-                return await _error(413, msg)(scope, receive, send_tracked)
-            try:
-                await self.app(scope, receive, send_tracked)
-            except Exception as e:
-                logger.exception("unhandled error")
-                if status is not None:  # too late for another response
-                    raise
-                await _error(500, f"internal error: {type(e).__name__}")(scope, receive, send_tracked)
-        finally:
-            # No response started: the client went away (the request was cancelled): nginx's 499.
-            if _METRICS[0] is not None:
-                _METRICS[0].record(scope, status if status is not None else 499, time.perf_counter() - t0)
-
-
-app.add_middleware(_Guard)
-
-
-def configure_guard(max_body_bytes: int) -> _Metrics:
-    """Set this process's body limit and metrics, which the guard reads; called by the Ingress replica.
-
-    A module-level function on purpose: the Ingress class reaches its replica pickled by value (the module's name
-    `Ingress` is the Deployment), with copies of the globals its methods name, so assigning `_METRICS` there would
-    set a copy that the guard (imported in the replica) never reads. This function travels by reference."""
-    _MAX_BODY_BYTES[0] = max_body_bytes
-    _METRICS[0] = _Metrics()
-    return _METRICS[0]
+app.add_middleware(Guard)
 
 
 @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})
@@ -487,7 +385,7 @@ class Ingress:
         except ScorerUnavailable as e:
             return e.response()
         if reply.body is None:
-            return _error(reply.status, reply.error, model_version=reply.model_version)
+            return error_response(reply.status, reply.error, model_version=reply.model_version)
         if reply.batch:
             self.metrics.batch.observe(reply.batch)
             self.metrics.batch_texts.observe(reply.texts)

@@ -159,10 +159,10 @@ def test_guard_answers_413_before_reading_and_500_as_json():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from elmo_serve.app import _MAX_BODY_BYTES, _Guard
+    from elmo_serve.guard import MAX_BODY_BYTES, Guard
 
     app = FastAPI()
-    app.add_middleware(_Guard)
+    app.add_middleware(Guard)
     read = []
 
     @app.post("/echo")
@@ -176,7 +176,7 @@ def test_guard_answers_413_before_reading_and_500_as_json():
 
     with TestClient(app) as c:
         assert c.post("/echo", json={"a": 1}).json() == {"a": 1}
-        r = c.post("/echo", content=b"x" * (_MAX_BODY_BYTES[0] + 1))
+        r = c.post("/echo", content=b"x" * (MAX_BODY_BYTES[0] + 1))
         assert r.status_code == 413 and "max_body_bytes" in r.json()["error"] and len(read) == 1
         r = c.get("/boom")
         assert r.status_code == 500 and r.json()["error"] == "internal error: RuntimeError"

@@ -340,15 +340,16 @@ def test_refused_swap_sticks_to_the_served_model_across_replica_restarts(service
     err = capsys.readouterr().err
     assert "refused" in err and "head.safetensors" in err and f"still serving {v2}" in err
     assert _versions(service.url, 12) == {v2}
-    # Replace both replicas, one after the other: every answer then comes from a replica started after the refusal
-    # (before the fix, they loaded the artifact the app was built with, v1).
-    first, second = service.replicas()
-    for victim in (first, second):
+    # Replace both replicas: every answer then comes from a replica started after the refusal (before the fix, they
+    # loaded the artifact the app was built with, v1).
+    old = service.replicas()
+    assert len(old) == 2
+    for victim in old:
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        while not [p for p in service.replicas() if p not in (first, second)]:
-            assert time.monotonic() < deadline, "no replacement replica"
-            time.sleep(0.2)
+    deadline = time.monotonic() + 90
+    while len([p for p in service.replicas() if p not in old]) < 2:
+        assert time.monotonic() < deadline, "no replacement replicas"
+        time.sleep(0.2)
     seen, deadline = [], time.monotonic() + 90
     with httpx.Client(base_url=service.url, timeout=10) as c:
         while len(seen) < 20:
