@@ -14,7 +14,7 @@ from training.config import TrainConfig
 
 def _work(rank: int, world: int, init_file: str, kw: dict, results: str, nan_at: tuple[int, int] | None) -> None:
     from training.train import train
-    from training.worker import LabelShards
+    from training.worker import LabelShards, train_worker
 
     class NaNFrom(LabelShards):
         """This worker's embeddings turn NaN from its call `nan_at[1]` of encode on."""
@@ -30,9 +30,9 @@ def _work(rank: int, world: int, init_file: str, kw: dict, results: str, nan_at:
     group = {"timeout": datetime.timedelta(seconds=120)}
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, **group)
     try:
-        par = NaNFrom() if nan_at is not None and nan_at[0] == rank else LabelShards()
+        cfg = TrainConfig(**kw)
         try:
-            out = train(TrainConfig(**kw), parallel=par)
+            out = train(cfg, parallel=NaNFrom()) if nan_at is not None and nan_at[0] == rank else train_worker(cfg)
         except ValueError as e:
             if nan_at is None:
                 raise
