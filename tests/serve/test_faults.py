@@ -32,7 +32,11 @@ def slow_toy(pid_dir: str):
 
         def queries(texts):
             if any(t.startswith(SLOW) for t in texts):
-                Path(pid_dir, f"{os.getpid()}-{time.monotonic_ns()}").write_text(str(os.getpid()))
+                # written then renamed: the test lists pid_dir and must never read a half-written file
+                name = f"{os.getpid()}-{time.monotonic_ns()}"
+                tmp = Path(pid_dir, f".{name}.tmp")
+                tmp.write_text(str(os.getpid()))
+                tmp.rename(Path(pid_dir, name))
                 time.sleep(SLOW_S)
             return plain(texts)
 
@@ -124,7 +128,7 @@ def _wait_pid(pid_dir: Path, known: set[str]) -> tuple[str, int]:
     """The first pid file in pid_dir not in `known`: the replica now holding a slow request."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        new = sorted(set(os.listdir(pid_dir)) - known)
+        new = sorted({n for n in os.listdir(pid_dir) if not n.startswith(".")} - known)
         if new:
             return new[0], int((pid_dir / new[0]).read_text())
         time.sleep(0.02)
