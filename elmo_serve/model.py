@@ -121,9 +121,9 @@ class ServingModel:
         return list(ids) if self._id_rows is None else self._id_rows[torch.as_tensor(ids, dtype=torch.int64)].tolist()
 
     @torch.inference_mode()
-    def predict_batch(self, queries: Sequence[Query]) -> list[list[tuple[list[int], list[float]]]]:
+    def predict_batch(self, queries: Sequence[Query], *, pad_to: int = 0) -> list[list[tuple[list[int], list[float]]]]:
         """Per query, per item (text or feature list): (label ids, scores), best first. Encodes all items at once, one
-        top-k call."""
+        top-k call (pad_to: see `Scorer.topk`)."""
         owner = [j for j, q in enumerate(queries) for _ in range(q.size)]
         if not owner:
             return [[] for _ in queries]
@@ -132,7 +132,7 @@ class ServingModel:
         if kmax + max(len(set(e)) for e in excl) > self.num_labels:
             # One call cannot give every row kmax labels: answer the queries one by one.
             return [self.predict_batch([q])[0] for q in queries] if len(queries) > 1 else self._one_by_one(queries[0])
-        scores, rows = self.scorer.topk(self._encode(queries), kmax, excl)
+        scores, rows = self.scorer.topk(self._encode(queries), kmax, excl, pad_to=pad_to)
         ids = self._to_ids(rows)
         out: list[list[tuple[list[int], list[float]]]] = [[] for _ in queries]
         for b, j in enumerate(owner):

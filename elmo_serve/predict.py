@@ -77,11 +77,11 @@ def batches(lines: Iterable[str], batch_size: int, name: str = "input") -> Itera
         yield batch
 
 
-def predict_items(model: ServingModel, items: list[Item], k: int) -> list[dict]:
+def predict_items(model: ServingModel, items: list[Item], k: int, pad_to: int = 0) -> list[dict]:
     """The output records of a batch: one `predict_batch` call, one query per item (as one /v1/predict text)."""
     from elmo_serve.model import Query
 
-    answers = model.predict_batch([Query([it.text], k) for it in items])
+    answers = model.predict_batch([Query([it.text], k) for it in items], pad_to=pad_to)
     out = []
     for it, ((ids, scores),) in zip(items, answers, strict=True):
         out.append(
@@ -114,7 +114,7 @@ def predict_stream(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     n = 0
     for batch in batches(lines, batch_size, name):
-        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_items(model, batch, k)))
+        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_items(model, batch, k, batch_size)))
         n += len(batch)
         if progress is not None:
             progress.update(len(batch))

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from elmo_kernels.common import interpreting
 from elmo_kernels.topk import CapturedTopk, ScreenedTopk, prepare_queries, topk_scores
 
 BACKENDS = ("auto", "triton", "torch", "faiss")
@@ -30,6 +31,9 @@ BACKENDS = ("auto", "triton", "torch", "faiss")
 # 1.27 / 1.43 (host launches); the scorer's whole call at B = 96 / 128 (k = 10): 1.49 / 1.65 ms vs 2.24 / 1.88 eager.
 GRAPH_MAX_BATCH = 128
 GRAPH_CACHE = 16  # captured graphs kept per scorer (least recently used dropped)
+# Eager Triton calls run on a multiple of this many rows: Triton compiles a kernel again for a batch size that is not
+# a multiple of 16 (H200, 42K labels: a first ragged B = 254 call took 6.1 s, then 1.6 ms).
+EAGER_ROW_MULTIPLE = 16
 
 
 def import_faiss():
@@ -88,10 +92,11 @@ class Scorer:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
             backend = "triton" if torch.cuda.is_available() else "torch"
-        if backend == "triton" and not torch.cuda.is_available():
-            raise ValueError("backend 'triton' needs a CUDA device")
+        if backend == "triton" and not (torch.cuda.is_available() or interpreting()):
+            raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, for tests)")
         self.backend, self.num_labels = backend, num_labels
-        self.device = torch.device(device or ("cuda" if backend == "triton" else "cpu"))
+        gpu = backend == "triton" and torch.cuda.is_available()
+        self.device = torch.device(device or ("cuda" if gpu else "cpu"))
         self.weights = weights.to(self.device)
         # CPU torch path over an fp8/bf16 head: a bf16 screen + exact fp32 rescoring (see elmo_kernels.topk.cpu), ~7x
         # faster than streaming an fp32 copy of the head, with the same answer.
@@ -103,13 +108,17 @@ class Scorer:
             self.index = build_index(weights[:num_labels].float(), faiss_index, nlist, nprobe)
         # Small batches on the GPU: an eager top-k call costs the host more than the GPU work, so they replay a CUDA
         # graph (elmo_kernels.topk.CapturedTopk) captured per (batch bucket, k, exclusion-width bucket).
-        self.cuda_graphs = cuda_graphs and backend == "triton"
+        self.cuda_graphs = cuda_graphs and backend == "triton" and self.device.type == "cuda"
         self._graphs: OrderedDict[tuple[int, int, int], CapturedTopk] = OrderedDict()
 
     def topk(
-        self, x: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None
+        self, x: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None, *, pad_to: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, D) fp32 queries -> (scores fp32 (B, k), rows int64 (B, k)) on the CPU; exclude: rows per query."""
+        """x (B, D) fp32 queries -> (scores fp32 (B, k), rows int64 (B, k)) on the CPU; exclude: rows per query.
+
+        pad_to: an eager GPU call scores at least this many rows (copies of the last query, dropped from the answer),
+        so that a stream's short last batch reuses the kernels compiled for its full ones: the screened path's
+        candidate slots, a compile-time constant, follow the batch size."""
         if exclude is not None and not any(len(r) for r in exclude):
             exclude = None
         if self.backend == "faiss":
@@ -123,9 +132,18 @@ class Scorer:
             if graph is not None:
                 s, i = graph(x.float(), excl)
                 return s.cpu(), i.cpu()
-        impl = "triton" if self.backend == "triton" else "torch"
-        s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl=impl)
-        return s.cpu(), i.cpu()
+        if self.backend != "triton":
+            s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl="torch")
+            return s.cpu(), i.cpu()
+        B = x.shape[0]
+        rows = max(B, pad_to)
+        rows += -rows % EAGER_ROW_MULTIPLE
+        if rows > B:
+            x = torch.cat([x, x[-1:].expand(rows - B, -1)])
+            if excl is not None:
+                excl = torch.cat([excl, excl[-1:].expand(rows - B, -1)])
+        s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl="triton")
+        return s[:B].cpu(), i[:B].cpu()
 
     def _graph_for(self, batch: int, k: int, width: int) -> CapturedTopk | None:
         """The captured top-k for this call's shape bucket, captured on first use; None where a graph cannot hold it

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from elmo_kernels.common import interpreting
 from elmo_kernels.topk import reference_topk
+from elmo_kernels.topk.inputs import resolve_fp8_dots
 from elmo_serve.model import Query, ServingModel
 from elmo_serve.schemas import Limits, PredictRequest, RequestError, check_predict
 from elmo_serve.scoring import Scorer, build_index
@@ -15,6 +17,11 @@ def _head(L=1009, D=48, dtype=torch.float8_e4m3fn, seed=0):
     w = torch.randn(pad, D, generator=g) * 2.0
     w[L:] = 100.0  # padding rows would win every query if they were ever scored
     return w.to(dtype)
+
+
+def _scorer_fp8_dots(w):
+    """Whether the triton backend's top-k uses fp8 x fp8 dots for this head (where its device has fp8 tensor cores)."""
+    return resolve_fp8_dots(w.to("cuda" if torch.cuda.is_available() else "cpu"), None)
 
 
 def _mismatch(a, b):
@@ -76,14 +83,41 @@ def test_faiss_bf16_head_ranks_like_the_exact_path():
     torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton backend needs CUDA")
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_triton_backend_equals_torch():
     L, D = 4099, 64
     w = _head(L, D, torch.float8_e4m3fn)
     x = torch.randn(33, D, generator=torch.Generator().manual_seed(5))
     s, i = Scorer(w, L, "triton").topk(x, 16)
-    rs, ri = reference_topk(x, w, 16, L, fp8_dots=torch.cuda.get_device_capability() >= (8, 9))
+    rs, ri = reference_topk(x, w, 16, L, fp8_dots=_scorer_fp8_dots(w))
     assert torch.equal(i, ri), _mismatch(i, ri)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("pad_to", [0, 24])
+def test_eager_triton_calls_are_padded_and_answer_only_the_real_rows(monkeypatch, pad_to):
+    """A ragged batch runs on a multiple of 16 rows (or pad_to), copies of its last query; the answer is the real
+    rows', exclusions included."""
+    import elmo_serve.scoring as scoring
+
+    L, D, B = 1009, 48, 7
+    w = _head(L, D, torch.float8_e4m3fn)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(2))
+    excl = [[0, 5, 17], [], [3], [1008], [], [2, 2], [100, 200, 300, 400]]
+    seen = []
+    real = scoring.topk_scores
+
+    def recording(q, *args, **kwargs):
+        seen.append(q.shape[0])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "topk_scores", recording)
+    s, i = Scorer(w, L, "triton", cuda_graphs=False).topk(x, 10, excl, pad_to=pad_to)
+    assert seen == [32 if pad_to > 16 else 16]
+    assert s.shape == i.shape == (B, 10)
+    rs, ri = reference_topk(x, w, 10, L, excl, fp8_dots=_scorer_fp8_dots(w))
+    assert torch.equal(i, ri), _mismatch(i, ri)
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-4)
 
 
 def test_unknown_backend_is_refused():
