@@ -125,7 +125,11 @@ def hf_encoder(cfg: TrainConfig) -> HFTextEncoder:
     if cfg.hf_checkpointing:
         if not encoder.model.supports_gradient_checkpointing:
             raise ValueError(f"hf_checkpointing: {type(encoder.model).__name__} has no gradient checkpointing")
-        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(encoder.model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the H200 has 5.17
+            encoder.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return encoder
 
 

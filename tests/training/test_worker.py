@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from lf_data import write_lf
+from lf_data import write_lf, write_tiny_bert
 from sharded_runs import run_sharded, sharded_head_weights
 
 from training.artifact import load_artifact
@@ -117,35 +117,9 @@ def test_shard_head_keeps_rows_scale_and_rounding_offset():
     assert len(part.kahan) == 4 and torch.equal(part.kahan, head.kahan[16:20])
 
 
-def _tiny_bert_dir(data, path):
-    """A 2-layer BERT (no dropout) with a word-level vocabulary of the dataset, saved as a local HF directory."""
-    transformers = pytest.importorskip("transformers", reason="the Hugging Face encoder path needs transformers")
-    from training.encoders import HFTextEncoder
-
-    words = set()
-    for name in ("trn.json", "lbl.json"):
-        for line in (data / name).read_text().splitlines():
-            words.update(json.loads(line)["title"].lower().split())
-    path.mkdir()
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    tokenizer = transformers.BertTokenizer(str(path / "vocab.txt"))
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    HFTextEncoder(transformers.BertModel(config), tokenizer, max_length=32).save_pretrained(path)
-    return path
-
-
 def test_transformer_encoder_through_ddp_matches_one_worker(data, tmp_path):
     """A dense encoder's gradients go through DDP (averaged; dL/dx is scaled by W so the step is the sum's)."""
-    bert = _tiny_bert_dir(data, tmp_path / "bert")
+    bert = write_tiny_bert(data, tmp_path / "bert")
     kw = _kw(data, tmp_path / "w1", encoder="hf", hf_path=str(bert), precision="fp32", epochs=1, train_rows=800)
     one = run_sharded(1, **kw)
     two = run_sharded(2, **{**kw, "out": str(tmp_path / "w2")})
