@@ -260,11 +260,15 @@ def _read_header(fd: int, path: Path) -> tuple[dict | None, int, int]:
     return obj, nl + 1, size
 
 
-def _read(fd: int, path: Path, offset: int, expect: int | None = None) -> LogRead:
+def _read(fd: int, path: Path, offset: int, log_id: str | None = None, expect: int | None = None) -> LogRead:
     header, first, size = _read_header(fd, path)
     if header is None:
         return LogRead([], 0, None, 0, None, pending=size)
+    if log_id is not None and header["log_id"] != log_id:  # replaced: `offset` means nothing in this file
+        return LogRead([], 0, header["log_id"], header["version"], header.get("artifact"), pending=0)
     start = max(offset, first)
+    if start > size:
+        raise CatalogueCorrupt(f"{path}: {size} bytes, shorter than the offset {offset} read before: it was truncated")
     if start == first:
         expect = header["version"] + 1
     try:
@@ -332,18 +336,20 @@ class CatalogueLog:
         self._lock = threading.Lock()
         self._tail_at: tuple[str, int, int] | None = None  # (log_id, offset, version) of the end this writer knows
 
-    def read_from(self, offset: int = 0) -> LogRead:
-        """The whole batches after byte `offset` (0, or the `offset` of an earlier read of the same `log_id`).
+    def read_from(self, offset: int = 0, log_id: str | None = None) -> LogRead:
+        """The whole batches after byte `offset` (0, or the `offset` of an earlier read, whose `log_id` to pass).
 
-        Never acts on a line being written: a line without its newline, a torn tail or an unfinished batch at the end
-        stay unread (counted in `pending`). A missing file reads as an empty log with `log_id` None. Raises
-        CatalogueCorrupt for damage before the end."""
+        When the log is no longer `log_id` (rewritten since), nothing is read and the answer carries the new
+        `log_id`, `offset` 0: the follower rebuilds its state and reads again from 0. Never acts on a line being
+        written: a line without its newline, a torn tail or an unfinished batch at the end stay unread (counted in
+        `pending`). A missing file reads as an empty log with `log_id` None. Raises CatalogueCorrupt for damage
+        before the end."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return LogRead([], 0, None, 0, None, pending=0)
         try:
-            return _read(fd, self.path, offset)
+            return _read(fd, self.path, offset, log_id)
         finally:
             os.close(fd)
 
@@ -423,7 +429,9 @@ class CatalogueLog:
         header, _, _ = _read_header(fd, self.path)
         at = self._tail_at
         if header is not None and at is not None and header["log_id"] == at[0]:
-            read = _read(fd, self.path, at[1], expect=at[2] + 1)  # only what others appended since our last write
+            read = _read(
+                fd, self.path, at[1], at[0], expect=at[2] + 1
+            )  # only what others appended since our last write
             version = read.records[-1].version if read.records else at[2]
         else:
             read = _read(fd, self.path, 0)
@@ -645,7 +653,7 @@ class Catalogue:
     def refresh(self) -> int:
         """Apply the records appended since the last read; returns how many (a cheap call when there are none)."""
         with self._lock:
-            return self._take(self.log.read_from(self._offset))
+            return self._take(self.log.read_from(self._offset, self._log_id))
 
     def change(self, changes: Sequence[Change]) -> int:
         """Check `changes` (`CatalogueState.check` with this catalogue's limits), append them as one batch and apply
@@ -653,7 +661,9 @@ class Catalogue:
         changes = list(changes)
 
         def validate(log_id: str, version: int) -> None:
-            self._take(self.log.read_from(self._offset))  # catch up: no one else writes while the lock is held
+            self._take(
+                self.log.read_from(self._offset, self._log_id)
+            )  # catch up: no one else writes while the lock is held
             if log_id != self._log_id or version != self.state.version:
                 raise CatalogueStale(f"{self.log.path} changed under this catalogue: load a new one")
             self.state.check(changes, self.limits)
@@ -661,7 +671,7 @@ class Catalogue:
         with self._lock:
             self.state.check(changes, self.limits)  # refuse early, before taking the file lock or creating the file
             version = self.log.append(changes, validate)
-            self._take(self.log.read_from(self._offset))
+            self._take(self.log.read_from(self._offset, self._log_id))
             return version
 
     def _take(self, read: LogRead) -> int:

@@ -167,7 +167,7 @@ def _follow(log, until, out, stop):
     offset, log_id = 0, None
     while True:
         done = stop.is_set()
-        read = log.read_from(offset)
+        read = log.read_from(offset, log_id)
         assert log_id is None or read.log_id == log_id
         log_id = read.log_id or log_id
         out.extend(read.records)
@@ -391,6 +391,24 @@ def test_the_rewritten_log_replays_to_the_same_state_minus_what_was_reconciled(p
     assert n.change([add("fish")]) == n.version == c.version + 8
     with pytest.raises(CatalogueError, match="written for another artifact"):
         Catalogue(path, UIDS, TITLES)  # the old artifact cannot read the reconciled log
+
+
+def test_a_follower_of_a_replaced_log_is_told_so_whatever_its_offset(path):
+    c = fresh(path)
+    c.change([add("git", "Git")])
+    c.change([add("curl", "cURL")])
+    seen = CatalogueLog(path).read_from(0)
+    offset, log_id = seen.offset, seen.log_id
+    # A longer file under a new log_id: the old offset falls mid-line in it; it must read as "replaced", not corrupt.
+    longer = [cat.Record(1 + i, "add", u, "long " * 40, 0.0, 1 + i) for i, u in enumerate(["n0", "m0", "m1", "m2"])]
+    longer += [cat.Record(5, "add", "m3", "long", 0.0, 6), cat.Record(6, "add", "m4", "long", 0.0, 6)]
+    assert CatalogueLog(path).rewrite(longer, expected_version=2, artifact=c.state.artifact_digest) == 9
+    assert path.stat().st_size > offset
+    read = CatalogueLog(path).read_from(offset, log_id)
+    assert read.log_id != log_id and read.records == [] and read.offset == 0
+    with pytest.raises(CatalogueStale, match="rewritten"):
+        c.refresh()
+    assert [r.uid for r in fresh(path).state.records] == ["n0"] + [f"m{i}" for i in range(5)]
 
 
 def test_a_rewrite_is_refused_when_the_log_moved_on(path):
