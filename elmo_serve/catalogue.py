@@ -100,6 +100,8 @@ class Record:
 
 @dataclass(frozen=True)
 class Label:
+    """A label of the catalogue: a retired one keeps its id and uid but is never served."""
+
     id: int
     uid: str
     title: str | None  # None: an artifact label whose title the state was not given
@@ -429,9 +431,8 @@ class CatalogueLog:
         header, _, _ = _read_header(fd, self.path)
         at = self._tail_at
         if header is not None and at is not None and header["log_id"] == at[0]:
-            read = _read(
-                fd, self.path, at[1], at[0], expect=at[2] + 1
-            )  # only what others appended since our last write
+            # Only what others appended since our last write.
+            read = _read(fd, self.path, at[1], at[0], expect=at[2] + 1)
             version = read.records[-1].version if read.records else at[2]
         else:
             read = _read(fd, self.path, 0)
@@ -661,9 +662,8 @@ class Catalogue:
         changes = list(changes)
 
         def validate(log_id: str, version: int) -> None:
-            self._take(
-                self.log.read_from(self._offset, self._log_id)
-            )  # catch up: no one else writes while the lock is held
+            # Catch up first: no one else can write while the file lock is held, so the check below is final.
+            self._take(self.log.read_from(self._offset, self._log_id))
             if log_id != self._log_id or version != self.state.version:
                 raise CatalogueStale(f"{self.log.path} changed under this catalogue: load a new one")
             self.state.check(changes, self.limits)
