@@ -60,6 +60,11 @@ class TrainConfig:
     kahan_labels: int = 4096  # fp8+kahan: compensated rows for the most frequent labels
     chunk_budget_mb: float = 64.0  # memory of one label chunk's step
     # --- optimisation ---
+    # auto: label_init, batch_size, head_lr and mlp_hidden (encoder hf: also encoder_lr, encoder_warmup) are chosen
+    # from the training data where neither a config file nor a flag sets them (training/recipe.py); the choice and
+    # its reasons are printed and kept in metrics.json. off: the defaults.
+    recipe: Literal["auto", "off"] = "auto"
+    recipe_keep: str = ""  # fields the recipe leaves alone, comma-separated; load_config adds each field it is given
     epochs: int = 3  # passes over the training rows
     batch_size: int = 256  # training rows per step (the global batch, split over the workers)
     head_lr: float = 0.01  # head's SGD learning rate on the batch-summed BCE, true units
@@ -150,6 +155,11 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= -1, ">= -1 (0: epoch ends only; -1: never)"),
             ("out", bool(self.out), "a directory"),
             ("stop_after", self.stop_after >= 0, ">= 0 (0: off)"),
+            (
+                "recipe_keep",
+                set(filter(None, self.recipe_keep.split(","))) <= {f.name for f in fields(TrainConfig)},
+                "field names, comma-separated",
+            ),
             ("workers", self.workers >= 0, ">= 0 (0: this process alone)"),
             ("cpus_per_worker", finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "> 0"),
             ("max_failures", self.max_failures >= -1, ">= -1 (-1: unlimited)"),
@@ -192,6 +202,9 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Train
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    given = set(values) - {"recipe_keep"}
+    if given and isinstance(values.get("recipe_keep", ""), str):  # else validate names the bad value
+        values["recipe_keep"] = ",".join(sorted(given | set(filter(None, values.get("recipe_keep", "").split(",")))))
     return TrainConfig(**values).validate()
 
 
@@ -209,6 +222,7 @@ def check_resume(saved: TrainConfig | None, new: TrainConfig) -> TrainConfig:
     `new`; fields in RESUME_HONOURED come from `new` where it sets them (more epochs stretch the lr schedule to the
     new total; an export is written at the end, even of a finished run); any other field `new` sets to a value
     other than the saved one is refused, naming it. A field of `new` left at its default counts as not set.
+    The saved run's recipe_keep stays (what its first command set); the saved config already holds its recipe.
     """
     if saved is None:
         if new.resume:
@@ -219,7 +233,7 @@ def check_resume(saved: TrainConfig | None, new: TrainConfig) -> TrainConfig:
         old, value = getattr(saved, f.name), getattr(new, f.name)
         if f.name in RESUME_FROM_NEW or (f.name in RESUME_HONOURED and value != f.default):
             changes[f.name] = value
-        elif f.name != "out" and value != old and value != f.default:
+        elif f.name not in ("out", "recipe_keep") and value != old and value != f.default:
             raise ValueError(
                 f"--resume: {_name(f.name)} is {old!r} in the run in {new.out}, not {value!r}; resume without "
                 f"--{f.name.replace('_', '-')}, or start a new run (another --out)"

@@ -35,6 +35,7 @@ from training.checkpoint import Checkpointer, DirectoryCheckpointer, read_checkp
 from training.config import TrainConfig, check_resume
 from training.evaluation import evaluate_model, propensity_of
 from training.model import XMCHead, XMCModel
+from training.recipe import recipe_for
 
 
 def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:
@@ -164,13 +165,20 @@ def train(
         torch.set_num_threads(cfg.threads)
     par = parallel or SingleProcess()
     device = par.device(cfg)
-    if cfg.batch_size < par.world:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {par.world} workers")
     checkpointer = checkpointer or DirectoryCheckpointer(cfg.out, par.rank, cfg.resume, par.barrier)
     with checkpointer.restore() as ckpt_dir:
         ckpt = read_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     cfg = check_resume(ckpt.config if ckpt is not None else None, cfg)
     train_ds, test_ds = load_data(cfg)
+    recipe = None
+    if ckpt is None:  # a resumed run's saved config already holds the recipe it started with
+        recipe = recipe_for(cfg, train_ds)
+        cfg = recipe.apply(cfg)
+        if par.is_main and recipe.levers:
+            lines = "\n  ".join(recipe.lines())
+            print(f"recipe chosen from the training data (--recipe off: the defaults):\n  {lines}", flush=True)
+    if cfg.batch_size < par.world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {par.world} workers")
     (train_ds, test_ds), order = xd.reindex_by_frequency(train_ds, test_ds)
     model = build_model(cfg, train_ds, order)
     if ckpt is not None:
@@ -178,6 +186,7 @@ def train(
     labels = par.prepare(model, device)
     opts = make_optimizers(model, cfg.encoder_lr)
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "history": [], "metrics": {}}
+    state["recipe"] = recipe.as_dict() if recipe is not None else {}
     if ckpt is not None:
         for o, s in zip(opts, ckpt.common["optimizers"], strict=True):
             o.load_state_dict(s)
@@ -295,6 +304,7 @@ def train(
         "workers": par.world,
         "out": str(cfg.out),
         "config": asdict(cfg),
+        "recipe": state.get("recipe", {}),  # {field: {"value", "reason", "user_set"}} chosen at the run's start
     }
     whole = par.whole_model(model)
     if par.is_main:
