@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import DATA, RECIPES  # noqa: E402
+from quality import DATA  # noqa: E402
 
 import training.data as xd  # noqa: E402
 from training.build import encoder_inputs, featurize, load_data  # noqa: E402
@@ -171,7 +171,6 @@ def main() -> int:
             progress=False,
             checkpoint_every=0,
             seed=args.seed,
-            **RECIPES.get(args.dataset, {}),
         )
         first = train(cfg)["metrics"]
         model, cfg, _ = model_from_checkpoint(cfg.out)

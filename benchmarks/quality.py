@@ -5,7 +5,8 @@
     python benchmarks/quality.py --datasets debian-tags --precisions fp8+kahan --by-label-count   # where misses are
 
 Reads ../shared/data/<dataset> (LF JSON lines; DebianDeps with its filter files, i.e. "filtered"), trains with
-`training.train.train` (the default recipe plus the per-dataset overrides below), evaluates on tst.json and prints a
+`training.train.train` exactly as `elmo train` runs (the recipe it chooses from the data; `--overrides` only for
+explicit experiments, marked as the user's), evaluates on tst.json and prints a
 markdown table: P@1/3/5, nDCG@5, PSP@5 (%), train seconds (data featurization + steps; evaluation and checkpoint
 writes excluded). Rows are appended to the JSON with the date, machine and versions.
 """
@@ -34,19 +35,11 @@ from training.evaluation import ranked_batches  # noqa: E402
 from training.train import train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-RECIPES = {
-    # label-feature init is the big lever on DebianDeps (labels are packages with titles)
-    "debian-deps": {},
-    # tag titles are generic facet descriptions: label-text init hurts there (QUALITY-NOTES.md); a residual MLP
-    # after the bag: +0.85 P@1 (88.30 -> 89.15 fp32); batches of 64 with head lr 0.004: +0.35 P@1 fp8 over 3 seeds
-    # (BENCHMARKS.md)
-    "debian-tags": {"label_init": False, "batch_size": 64, "head_lr": 0.004, "mlp_hidden": 2048},
-}
 PRECISIONS = ("fp32", "bf16", "fp8", "fp8+kahan")
 
 
 def run(dataset: str, precision: str, args) -> dict:
-    overrides = {**RECIPES.get(dataset, {}), **json.loads(args.overrides)}
+    overrides = json.loads(args.overrides)
     cfg = TrainConfig(
         data=str(Path(args.data) / dataset),
         precision=precision,
@@ -55,6 +48,7 @@ def run(dataset: str, precision: str, args) -> dict:
         progress=not args.quiet,
         checkpoint_every=0,
         seed=args.seed,
+        recipe_keep=",".join(sorted(overrides)),
         **overrides,
     )
     result = train(cfg)
@@ -67,6 +61,7 @@ def run(dataset: str, precision: str, args) -> dict:
         "P@5_master_bias": round(result["metrics_master_bias"]["P@5"], 2),
         "train_s": round(result["train_seconds"], 1),
         "overrides": overrides,
+        "recipe": {k: v["value"] for k, v in result["recipe"].items()},
     }
 
 
