@@ -13,19 +13,9 @@ from pathlib import Path
 import pytest
 
 from elmo_serve import catalogue as cat
-from elmo_serve.catalogue import (
-    Catalogue,
-    CatalogueCorrupt,
-    CatalogueError,
-    CatalogueLog,
-    CatalogueStale,
-    CatalogueState,
-    CatalogueWarning,
-    Change,
-    Limits,
-    reconcile,
-    reconcile_log,
-)
+from elmo_serve import catalogue_log as cat_log
+from elmo_serve.catalogue import Catalogue, CatalogueStale, CatalogueState, reconcile, reconcile_log
+from elmo_serve.catalogue_log import CatalogueCorrupt, CatalogueError, CatalogueLog, CatalogueWarning, Change, Limits
 
 UIDS = ["python3", "gcc", "make", "vim"]
 TITLES = ["Python 3", "GNU C compiler", "make utility", "Vi IMproved"]
@@ -203,7 +193,7 @@ def test_a_follower_thread_sees_whole_batches_in_order(path):
 
 _WRITER = """
 import sys
-from elmo_serve.catalogue import CatalogueLog, Change
+from elmo_serve.catalogue_log import CatalogueLog, Change
 log = CatalogueLog(sys.argv[1])
 for i in range(int(sys.argv[2])):
     log.append([Change("add", f"{sys.argv[3]}{i}-{k}", "y" * 700) for k in range(1 + i % 4)])
@@ -236,7 +226,7 @@ def test_a_follower_process_and_writer_processes(path):
 
 _READER = """
 import json, sys, time
-from elmo_serve.catalogue import CatalogueLog
+from elmo_serve.catalogue_log import CatalogueLog
 log, out, offset, log_id, deadline = CatalogueLog(sys.argv[1]), [], 0, None, time.monotonic() + 20
 while (not out or out[-1] < int(sys.argv[2])) and time.monotonic() < deadline:
     read = log.read_from(offset, log_id)
@@ -386,7 +376,9 @@ def test_the_rewritten_log_replays_to_the_same_state_minus_what_was_reconciled(p
     assert tmp_left == []
     head = json.loads(lines(path)[0][9:])
     assert (
-        head["version"] == c.version + 1 and head["log_id"] != old_id and head["artifact"] == cat.uids_digest(new_uids)
+        head["version"] == c.version + 1
+        and head["log_id"] != old_id
+        and head["artifact"] == cat_log.uids_digest(new_uids)
     )
 
     n = fresh(path, new_uids, new_titles)
@@ -421,8 +413,8 @@ def test_a_follower_of_a_replaced_log_is_told_so_whatever_its_offset(path):
     seen = CatalogueLog(path).read_from(0)
     offset, log_id = seen.offset, seen.log_id
     # A longer file under a new log_id: the old offset falls mid-line in it; it must read as "replaced", not corrupt.
-    longer = [cat.Record(1 + i, "add", u, "long " * 40, 0.0, 1 + i) for i, u in enumerate(["n0", "m0", "m1", "m2"])]
-    longer += [cat.Record(5, "add", "m3", "long", 0.0, 6), cat.Record(6, "add", "m4", "long", 0.0, 6)]
+    longer = [cat_log.Record(1 + i, "add", u, "long " * 40, 0.0, 1 + i) for i, u in enumerate(["n0", "m0", "m1", "m2"])]
+    longer += [cat_log.Record(5, "add", "m3", "long", 0.0, 6), cat_log.Record(6, "add", "m4", "long", 0.0, 6)]
     assert CatalogueLog(path).rewrite(longer, expected_version=2, artifact=c.state.artifact_digest) == 9
     assert path.stat().st_size > offset
     read = CatalogueLog(path).read_from(offset, log_id)
@@ -472,7 +464,7 @@ def test_a_failed_write_leaves_no_half_batch(path, monkeypatch):
         real(fd, bytes(data[: len(data) // 2]))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cat.os, "write", half_then_fail)
+    monkeypatch.setattr(cat_log.os, "write", half_then_fail)
     with pytest.raises(OSError, match="No space"):
         c.change([add("curl"), add("emacs")])
     monkeypatch.undo()
