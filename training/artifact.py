@@ -15,6 +15,9 @@ A directory:
                         sentence embeddings, TrainConfig.frozen_encoder): that pretrained model's Hugging Face
                         directory; encoder.safetensors then holds "bag.*" (the bag) and "proj.*" (the projection)
     labels.jsonl        line i: {"id": i, "uid": ..., "title": ...}
+manifest.json "zero_shot" (optional, written by save_artifact): {gain, bias, method, details}, the calibration of the
+head rows `Artifact.zero_shot_rows` gives a new label's title (`training.zero_shot`); an artifact without it uses the
+training config's label_init_gain and the prior bias of a label with 0 training points.
 manifest.json "files" maps every other file's relative path to its sha256: `load_artifact` checks each (a file changed
 in place, torn or bit-rotted is refused, naming it) and that the loaded weights are finite; an artifact without
 "files" (written before checksums) loads unverified, with a warning. `Artifact.version` derives from the content.
@@ -51,6 +54,7 @@ from training.encoders import (
     HFTextEncoder,
 )
 from training.model import LABEL_ALIGN, HeadConfig, XMCHead, XMCModel, padded
+from training.zero_shot import ZERO_SHOT_KEY, Calibration, calibrate, config_calibration, stored_rows
 
 FORMAT = "elmo-artifact"
 FORMAT_VERSION = 1
@@ -150,6 +154,35 @@ class Artifact:
         m = self.model
         return m.head.head_input(m.embed(*m.encoder_inputs(list(texts)))).float()
 
+    @property
+    def zero_shot(self) -> Calibration:
+        """The calibration of zero-shot rows: the manifest's ZERO_SHOT_KEY, else the training config's label_init_gain
+        and the prior bias of a label with 0 training points (`fallback_calibration`)."""
+        if ZERO_SHOT_KEY in self.manifest:
+            return Calibration.from_dict(self.manifest[ZERO_SHOT_KEY])
+        return fallback_calibration(self.manifest)
+
+    def zero_shot_rows(self, titles: Sequence[str]) -> torch.Tensor:
+        """(n, in_dim) head rows for new labels' titles, in the stored dtype (float8_e4m3fn / bfloat16, times the
+        scale s, on the head's device): the trained encoder's zero-shot vector of each title and the unseen-label bias
+        (`training.zero_shot.stored_rows`), so that queries(texts) @ rows^T are their scores."""
+        return stored_rows(self.model, titles, self.zero_shot)
+
+
+def fallback_calibration(manifest: dict) -> Calibration:
+    """The zero-shot calibration of an artifact written without ZERO_SHOT_KEY: the training config's label_init_gain
+    (the TrainConfig default without one) and the prior bias of a label with 0 points among the training rows; such an
+    artifact does not record its training rows, so the config's train_rows, else num_labels, stands in (logged)."""
+    from training.config import TrainConfig
+
+    training = manifest.get("training") or {}
+    gain = training.get("label_init_gain", TrainConfig.label_init_gain)
+    rows = training.get("train_rows") or 0
+    if not rows:
+        rows = manifest["num_labels"]
+        log.warning("artifact without %r nor training rows: the unseen bias assumes %d rows", ZERO_SHOT_KEY, rows)
+    return config_calibration(float(gain), int(rows))
+
 
 def _table_keys(encoder: torch.nn.Module) -> set[str]:
     """State keys of the encoder's embedding tables (the EmbeddingBag weights: nearly all of a hashed encoder)."""
@@ -174,8 +207,11 @@ def save_artifact(
     *,
     metrics: dict | None = None,
     config: dict | None = None,
+    zero_shot: Calibration | None = None,
 ) -> Path:
-    """Write the artifact of `model` (trained on `train_ds`, labels possibly re-indexed) to `path`, atomically."""
+    """Write the artifact of `model` (trained on `train_ds`, labels possibly re-indexed) to `path`, atomically.
+
+    zero_shot: the calibration recorded for new labels' rows; None measures it (`export_calibration`)."""
     from training.data import data_fingerprint
 
     path = Path(path)
@@ -250,6 +286,7 @@ def save_artifact(
             **({"frozen": frozen} if frozen else {}),
         },
         "metrics": metrics or {},
+        ZERO_SHOT_KEY: (zero_shot or export_calibration(model, train_ds, config or {})).as_dict(),
         "data_fingerprint": data_fingerprint(train_ds),
         "training": config or {},
         "files": file_digests(tmp),  # written last: every other file is in place
@@ -261,6 +298,22 @@ def save_artifact(
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def export_calibration(model: XMCModel, train_ds, config: dict) -> Calibration:
+    """The zero-shot calibration measured on the trained model (`training.zero_shot.calibrate`, its default
+    method), over `train_ds` in the model's head order; without label titles, the config's."""
+    from training.config import TrainConfig
+
+    gain = float(config.get("label_init_gain", TrainConfig.label_init_gain))
+    if train_ds.label_titles is None:
+        return config_calibration(gain, train_ds.num_rows)
+    was_training = model.training
+    model.eval()
+    try:
+        return calibrate(model, train_ds.label_titles, train_ds.label_counts(), gain=gain, num_rows=train_ds.num_rows)
+    finally:
+        model.train(was_training)
 
 
 def _fail(path: Path, problem: str) -> ValueError:
@@ -300,6 +353,11 @@ def _read_manifest(path: Path) -> dict:
     scale = float(head["scale"])
     if not (scale > 0 and math.isfinite(scale) and math.log2(scale).is_integer()):
         raise _fail(path, f"head scale {scale} is not a power of two")
+    if ZERO_SHOT_KEY in manifest:
+        try:
+            Calibration.from_dict(manifest[ZERO_SHOT_KEY], f"manifest.json {ZERO_SHOT_KEY!r}")
+        except ValueError as e:
+            raise _fail(path, str(e)) from None
     encoder = _require(manifest, "encoder", dict, path)
     if encoder.get("kind") not in ENCODER_KINDS:
         raise _fail(path, f"encoder kind {encoder.get('kind')!r} is not one of {ENCODER_KINDS}")

@@ -26,6 +26,7 @@ from training.encoders import (
     resolve_pretrained,
 )
 from training.model import HeadConfig, XMCHead, XMCModel
+from training.zero_shot import frequency_prior, title_embeddings, title_vectors
 
 
 def load_data(cfg: TrainConfig) -> tuple[xd.XMCDataset, xd.XMCDataset]:
@@ -92,16 +93,9 @@ def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) ->
     head = XMCHead(head_config(cfg, train_ds.num_labels, encoder.dim))
     model = XMCModel(encoder, head, featurizer, order, frozen=frozen)
     vectors = None
-    if cfg.label_init and train_ds.label_titles is not None:
-        with torch.no_grad():
-            e = torch.cat(
-                [
-                    model.embed(*model.encoder_inputs(train_ds.label_titles[i : i + 4096]))
-                    for i in range(0, train_ds.num_labels, 4096)
-                ]
-            )
-        vectors = cfg.label_init_gain * e / e.pow(2).sum(1, keepdim=True).clamp_min(1e-6)
-    prior = (train_ds.label_counts() + 0.5) / (train_ds.num_rows + 1.0)
+    if cfg.label_init and train_ds.label_titles is not None:  # the zero-shot vectors of the titles (training.zero_shot)
+        vectors = title_vectors(title_embeddings(model, train_ds.label_titles), cfg.label_init_gain)
+    prior = frequency_prior(train_ds.label_counts(), train_ds.num_rows)
     model.head.init_weights(vectors, prior, seed=cfg.seed)
     return model
 

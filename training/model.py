@@ -183,12 +183,23 @@ class XMCHead(nn.Module):
         if cfg.precision.startswith("fp8") and cfg.scale <= 0:
             self.scale.fill_(power_of_two_scale(float(w.pow(2).mean().sqrt())))
         full = torch.zeros(self.weight.shape)
-        full[: cfg.num_labels] = w * self.scale
-        self.weight.copy_(full.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX) if self.weight.dtype == FP8_E4M3 else full)
+        full[: cfg.num_labels] = w
+        self.weight.copy_(self.stored_rows(full))
         self.kahan.zero_()
         if cfg.bias:
             self.bias.zero_()
             self.bias[: cfg.num_labels] = b
+
+    @torch.no_grad()
+    def stored_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (n, D_in) in true units (bias column = bias / bias_input) as the head stores them: times the scale s,
+        rounded to nearest in the storage dtype (e4m3 saturated at +-448 first: a cast would give NaN)."""
+        if rows.dim() != 2 or rows.shape[1] != self.in_dim:
+            raise ValueError(f"rows must be (n, {self.in_dim}), got {tuple(rows.shape)}")
+        w = rows.float() * float(self.scale)
+        if self.weight.dtype == FP8_E4M3:
+            w = w.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+        return w.to(self.weight.dtype)
 
     @property
     def _bias_unit(self) -> float:
