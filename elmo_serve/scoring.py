@@ -45,27 +45,79 @@ def import_faiss():
     return faiss
 
 
-def build_index(vectors: torch.Tensor, kind: str = "flat", nlist: int = 0, nprobe: int = 8):
-    """An inner-product faiss index over (N, D) vectors: "flat" (exact) or "ivf" (IndexIVFFlat, nlist lists).
+def spare_rows(num_labels: int) -> int:
+    """The spare head rows kept for live labels: max(1024, 25 % of the labels) (`Scorer(spare=...)`)."""
+    return max(1024, num_labels // 4)
 
-    Moved to GPU 0 only when faiss reports a GPU (faiss-cpu and CPU machines keep it on the CPU).
-    """
-    faiss = import_faiss()
-    v = vectors.detach().float().cpu().contiguous().numpy()
-    n, d = v.shape
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = nlist or max(1, min(4096, int(4 * math.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, min(nlist, n), faiss.METRIC_INNER_PRODUCT)
-        index.train(v)
-        index.nprobe = nprobe
-    else:
-        raise ValueError(f"faiss index kind must be 'flat' or 'ivf', got {kind!r}")
-    index.add(v)
-    if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+
+def padded_rows(n: int) -> int:
+    """`n` head rows rounded up to a multiple of 16, the padding rule of artifact heads (fp8 GEMM alignment)."""
+    return -(-n // 16) * 16
+
+
+class VectorIndex:
+    """An inner-product faiss index over vectors keyed by integer ids that takes and drops vectors in place.
+
+    kind "flat" (IndexFlatIP: exact) or "ivf" (IndexIVFFlat, `nlist` lists trained on the first vectors; vectors added
+    later go to the nearest of those lists). Moved to GPU 0 only when faiss reports a GPU (faiss-cpu and CPU machines
+    keep it on the CPU); there the CPU index is the one changed, and the GPU copy is made again after a change."""
+
+    def __init__(
+        self,
+        vectors: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        kind: str = "flat",
+        nlist: int = 0,
+        nprobe: int = 8,
+    ):
+        faiss = self._faiss = import_faiss()
+        v = _np32(vectors)
+        n, d = v.shape
+        if kind == "flat":
+            inner = faiss.IndexFlatIP(d)
+        elif kind == "ivf":
+            nlist = nlist or max(1, min(4096, int(4 * math.sqrt(n))))
+            inner = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, min(nlist, n), faiss.METRIC_INNER_PRODUCT)
+            inner.train(v)
+            inner.nprobe = nprobe
+        else:
+            raise ValueError(f"faiss index kind must be 'flat' or 'ivf', got {kind!r}")
+        self._inner = inner  # owned by the IDMap, which does not keep it alive from Python
+        self.cpu = faiss.IndexIDMap2(inner)
+        self.add(torch.arange(n) if ids is None else ids, vectors)
+
+    @property
+    def ntotal(self) -> int:
+        return self.cpu.ntotal
+
+    def add(self, ids: torch.Tensor | Sequence[int], vectors: torch.Tensor) -> None:
+        """Add vectors (n, D) under `ids` (n ids not in the index)."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).contiguous().numpy()
+        self.cpu.add_with_ids(_np32(vectors), ids)
+        self._gpu = None
+
+    def remove(self, ids: torch.Tensor | Sequence[int]) -> None:
+        ids = torch.as_tensor(ids, dtype=torch.int64).contiguous().numpy()
+        self.cpu.remove_ids(self._faiss.IDSelectorBatch(ids))
+        self._gpu = None
+
+    def search(self, q, k: int):
+        """(scores (B, k) float32, ids (B, k) int64) numpy arrays, best first; id -1 where fewer than k vectors."""
+        index = self.cpu
+        if self._faiss.get_num_gpus() > 0:
+            if self._gpu is None:
+                self._gpu = self._faiss.index_cpu_to_gpu(self._faiss.StandardGpuResources(), 0, self.cpu)
+            index = self._gpu
+        return index.search(q, k)
+
+
+def _np32(v: torch.Tensor):
+    return v.detach().float().cpu().contiguous().numpy()
+
+
+def build_index(vectors: torch.Tensor, kind: str = "flat", nlist: int = 0, nprobe: int = 8) -> VectorIndex:
+    """An inner-product index over (N, D) vectors, ids 0..N-1 (`VectorIndex`)."""
+    return VectorIndex(vectors, None, kind, nlist, nprobe)
 
 
 def _pad_rows(rows: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -74,7 +126,14 @@ def _pad_rows(rows: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 class Scorer:
-    """Top-k head rows of queries against a padded (L_pad, D) head; rows >= num_labels are never returned."""
+    """Top-k head rows of queries against a (capacity, D) head whose first `num_labels` rows are in use.
+
+    Rows marked in `dead` (retired labels, and the spare rows >= num_labels) are never returned. A live catalogue
+    writes rows in place (`write_rows`: an added label takes row num_labels, the first spare row; a retitled one
+    keeps its row) and retires them (`retire_rows`: masked, never re-packed); the head is reallocated, bigger, only
+    when its spare rows run out. `spare`: spare rows allocated beyond num_labels at the start (0: only the
+    artifact's padding). Changes are not thread-safe against a running `topk`: the caller serialises them
+    (`elmo_serve.model.ServingModel` does)."""
 
     def __init__(
         self,
@@ -82,6 +141,7 @@ class Scorer:
         num_labels: int,
         backend: str = "auto",
         *,
+        spare: int = 0,
         faiss_index: str = "flat",
         nlist: int = 0,
         nprobe: int = 8,
@@ -94,22 +154,98 @@ class Scorer:
             backend = "triton" if torch.cuda.is_available() else "torch"
         if backend == "triton" and not (torch.cuda.is_available() or interpreting()):
             raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, for tests)")
+        if not 1 <= num_labels <= weights.shape[0]:
+            raise ValueError(f"num_labels={num_labels} must be in [1, {weights.shape[0]}] (the head's rows)")
         self.backend, self.num_labels = backend, num_labels
         gpu = backend == "triton" and torch.cuda.is_available()
         self.device = torch.device(device or ("cuda" if gpu else "cpu"))
-        self.weights = weights.to(self.device)
-        # CPU torch path over an fp8/bf16 head: a bf16 screen + exact fp32 rescoring (see elmo_kernels.topk.cpu), ~7x
-        # faster than streaming an fp32 copy of the head, with the same answer.
-        self._screened = None
-        if backend == "torch" and self.device.type == "cpu" and self.weights.dtype != torch.float32:
-            self._screened = ScreenedTopk(self.weights, num_labels)
+        capacity = max(weights.shape[0], padded_rows(num_labels + spare))
+        self.weights = self._allocate(weights, capacity)
+        self.dead = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.dead[num_labels:] = True
+        self.num_retired = 0
         self.index = None
         if backend == "faiss":
-            self.index = build_index(weights[:num_labels].float(), faiss_index, nlist, nprobe)
+            self._index_args = (faiss_index, nlist, nprobe)
+            self.index = VectorIndex(self.weights[:num_labels], None, faiss_index, nlist, nprobe)
         # Small batches on the GPU: an eager top-k call costs the host more than the GPU work, so they replay a CUDA
         # graph (elmo_kernels.topk.CapturedTopk) captured per (batch bucket, k, exclusion-width bucket).
         self.cuda_graphs = cuda_graphs and backend == "triton" and self.device.type == "cuda"
         self._graphs: OrderedDict[tuple[int, int, int], CapturedTopk] = OrderedDict()
+        self._screened = None
+        self._screen()
+
+    def _allocate(self, weights: torch.Tensor, capacity: int) -> torch.Tensor:
+        if weights.shape[0] == capacity:
+            return weights.to(self.device)
+        out = torch.zeros((capacity, weights.shape[1]), dtype=weights.dtype, device=self.device)
+        out[: weights.shape[0]] = weights.to(self.device)
+        return out
+
+    def _screen(self) -> None:
+        # CPU torch path over an fp8/bf16 head: a bf16 screen + exact fp32 rescoring (see elmo_kernels.topk.cpu), ~7x
+        # faster than streaming an fp32 copy of the head, with the same answer. It packs a copy of the rows in use:
+        # made again after every change.
+        if self.backend == "torch" and self.device.type == "cpu" and self.weights.dtype != torch.float32:
+            self._screened = ScreenedTopk(self.weights, self.num_labels, **self._dead())
+
+    def _dead(self) -> dict:
+        """The `dead` keyword of calls over the rows in use: none while no row among them is retired."""
+        return {"dead": self.dead} if self.num_retired else {}
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated: rows in use plus spare ones."""
+        return self.weights.shape[0]
+
+    @property
+    def num_live(self) -> int:
+        """Rows in use that are not retired: the labels a query can get."""
+        return self.num_labels - self.num_retired
+
+    def write_rows(self, rows: Sequence[int], values: torch.Tensor) -> None:
+        """Write head rows: rows in use (a retitled label's row, rewritten in place) or new ones, which must be
+        num_labels, num_labels + 1, ... in order (added labels; num_labels grows, and the head is reallocated with
+        more spare rows when it has too few: on the GPU its captured graphs are then dropped). values: (n, D), cast
+        to the head's dtype. A retired row cannot be written."""
+        rows = [int(r) for r in rows]
+        if values.dim() != 2 or values.shape != (len(rows), self.weights.shape[1]):
+            raise ValueError(f"values must be ({len(rows)}, {self.weights.shape[1]}), got {tuple(values.shape)}")
+        new = [r for r in rows if r >= self.num_labels]
+        if new != list(range(self.num_labels, self.num_labels + len(new))):
+            raise ValueError(f"new rows must follow the {self.num_labels} in use in order, got {new[:5]}")
+        old = torch.tensor([r for r in rows if r < self.num_labels], dtype=torch.int64)
+        if len(old) and (
+            int(old.min()) < 0 or len(old.unique()) < len(old) or bool(self.dead[old.to(self.device)].any())
+        ):
+            raise ValueError(f"rows {old.tolist()[:5]}: negative, repeated or retired rows cannot be written")
+        need = self.num_labels + len(new)
+        if need > self.capacity:
+            grown = padded_rows(max(need, self.capacity + spare_rows(self.capacity)))
+            self.weights = self._allocate(self.weights, grown)
+            self.dead = torch.cat([self.dead, torch.ones(grown - len(self.dead), dtype=torch.bool, device=self.device)])
+            self._graphs.clear()  # captured on the old head's address
+        idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        self.weights[idx] = values.to(device=self.device, dtype=self.weights.dtype)
+        self.dead[idx] = False
+        self.num_labels = need
+        if self.index is not None:
+            self.index.remove(old)
+            self.index.add(rows, self.weights[idx])
+        self._screen()
+
+    def retire_rows(self, rows: Sequence[int]) -> None:
+        """Mark rows in use as dead: never returned again (their weights stay, nothing is re-packed)."""
+        idx = torch.tensor([int(r) for r in rows], dtype=torch.int64)
+        if len(idx) and not (0 <= int(idx.min()) and int(idx.max()) < self.num_labels):
+            raise ValueError(f"rows {idx.tolist()[:5]}: not rows in use [0, {self.num_labels})")
+        idx = idx.unique()
+        fresh = idx[~self.dead[idx.to(self.device)].cpu()]
+        self.dead[fresh.to(self.device)] = True
+        self.num_retired += len(fresh)
+        if self.index is not None and len(fresh):
+            self.index.remove(fresh)
+        self._screen()
 
     def topk(
         self, x: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None, *, pad_to: int = 0
@@ -133,7 +269,7 @@ class Scorer:
                 s, i = graph(x.float(), excl)
                 return s.cpu(), i.cpu()
         if self.backend != "triton":
-            s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl="torch")
+            s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl="torch", **self._dead())
             return s.cpu(), i.cpu()
         B = x.shape[0]
         rows = max(B, pad_to)
@@ -142,7 +278,7 @@ class Scorer:
             x = torch.cat([x, x[-1:].expand(rows - B, -1)])
             if excl is not None:
                 excl = torch.cat([excl, excl[-1:].expand(rows - B, -1)])
-        s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl="triton")
+        s, i = topk_scores(x, self.weights, k, self.num_labels, excl, impl="triton", **self._dead())
         return s[:B].cpu(), i[:B].cpu()
 
     def _graph_for(self, batch: int, k: int, width: int) -> CapturedTopk | None:
@@ -150,13 +286,14 @@ class Scorer:
         (too many exclusions for the bucket's width)."""
         bucket = 1 << max(0, (batch - 1).bit_length())
         wbucket = 0 if width == 0 else 1 << max(0, (width - 1).bit_length())
-        if wbucket > self.num_labels - k:
+        if wbucket > self.num_live - k:
             return None
         key = (bucket, k, wbucket)
         graph = self._graphs.get(key)
         if graph is None:
+            # Over every allocated row, spare ones dead: an added label flips its bit in place (no recapture).
             graph = CapturedTopk(
-                self.weights, k, self.num_labels, bucket, exclude_width=wbucket, query_dtype=torch.float32
+                self.weights, k, self.capacity, bucket, exclude_width=wbucket, query_dtype=torch.float32, dead=self.dead
             )
             self._graphs[key] = graph
             while len(self._graphs) > GRAPH_CACHE:
@@ -169,7 +306,7 @@ class Scorer:
         xq, inv = prepare_queries(x.float(), self.weights.dtype, False)
         q = (xq.float() * inv[:, None]).cpu().contiguous().numpy()
         extra = max((len(r) for r in exclude), default=0) if exclude is not None else 0
-        scores, rows = self.index.search(q, min(k + extra, self.num_labels))
+        scores, rows = self.index.search(q, min(k + extra, self.index.ntotal))
         scores, rows = torch.from_numpy(scores), torch.from_numpy(rows)
         if exclude is None:
             return scores[:, :k].contiguous(), rows[:, :k].contiguous()
