@@ -41,6 +41,7 @@ from elmo_kernels.topk.inputs import (
     QUERY_DTYPES,
     WEIGHT_DTYPES,
     check_args,
+    check_dead,
     check_exclude,
     prepare_queries,
     quantize_queries,
@@ -91,6 +92,7 @@ def topk_scores(
     fp8_dots: bool | None = None,
     config: TopkConfig | None = None,
     chunk_size: int | None = None,
+    dead: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k labels of each query: (scores fp32 (B, k) sorted descending, ids int64 (B, k)).
 
@@ -99,6 +101,9 @@ def topk_scores(
     -1 or a list of B lists; each row must keep >= k labels. impl: "triton" (GPU, or CPU under TRITON_INTERPRET=1),
     "torch" (chunked matmul + topk, bounded memory), "auto" (triton on CUDA, torch otherwise). fp8_dots: quantize x
     to e4m3 and use fp8 x fp8 dots (needs fp8 weights); None = where the GPU has fp8 tensor cores (sm_89+).
+    dead: (>= num_labels,) bool or uint8 on the weights' device, nonzero = a row never returned (like padding), for
+    every query; each query must keep >= k labels neither dead nor excluded (checked: one host synchronisation when
+    there are dead rows and no exclusions, none more with exclusions). Live labels rank exactly as without the mask.
     Scores and tie rule: see the package docstring.
     """
     check_args(x, weights, k, num_labels)
@@ -112,7 +117,8 @@ def topk_scores(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B = x.shape[0]
-    exclude = check_exclude(exclude, B, k, num_labels, x.device)
+    dead = check_dead(dead, num_labels, weights.device)
+    exclude = check_exclude(exclude, B, k, num_labels, x.device, dead)
     if B == 0:
         return torch.empty((0, k), dtype=torch.float32, device=x.device), torch.empty(
             (0, k), dtype=torch.int64, device=x.device
@@ -121,11 +127,11 @@ def topk_scores(
         weights = weights.contiguous()
     if impl == "torch":
         xq, inv_scale = prepare_queries(x, weights.dtype, fp8_dots)
-        return _topk_torch(xq.contiguous(), inv_scale, weights, k, num_labels, exclude, chunk_size)
-    return triton_scores(x, weights, k, num_labels, exclude, fp8_dots, config or TopkConfig())
+        return _topk_torch(xq.contiguous(), inv_scale, weights, k, num_labels, exclude, chunk_size, dead)
+    return triton_scores(x, weights, k, num_labels, exclude, fp8_dots, config or TopkConfig(), dead)
 
 
-def _topk_torch(xq, inv_scale, weights, k, num_labels, exclude, chunk_size):
+def _topk_torch(xq, inv_scale, weights, k, num_labels, exclude, chunk_size, dead=None):
     """The torch path: fp32 logits a chunk of labels at a time, each chunk's top-k merged into the running one."""
     B = xq.shape[0]
     chunk = chunk_size or max(1024, min(1 << 20, (1 << 24) // max(B, 1)))
@@ -141,6 +147,8 @@ def _topk_torch(xq, inv_scale, weights, k, num_labels, exclude, chunk_size):
             hit = (local >= 0) & (local < stop - start)
             rows, cols = hit.nonzero(as_tuple=True)
             keys[rows, local[rows, cols]] = KEY_EMPTY
+        if dead is not None:
+            keys.masked_fill_(dead[None, start:stop] != 0, KEY_EMPTY)
         keys = torch.topk(keys, min(k, stop - start), dim=1).values
         best = keys if best is None else torch.topk(torch.cat([best, keys], dim=1), k, dim=1).values
     return keys_to_scores(best)
@@ -153,14 +161,23 @@ def reference_topk(
     num_labels: int,
     exclude: torch.Tensor | Sequence[Sequence[int]] | None = None,
     fp8_dots: bool = False,
+    *,
+    dead: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain reference: full (B, num_labels) fp32 logits, excluded ids set to -inf, stable descending sort."""
+    """Plain reference: full (B, num_labels) fp32 logits, stable descending sort, excluded ids and dead rows (as in
+    `topk_scores`) after every other label; slots that only they could fill come back as (-inf, -1)."""
     xq, inv_scale = prepare_queries(x, weights.dtype, fp8_dots)
     logits = (xq.float() @ weights[:num_labels].float().T) * inv_scale[:, None]
+    blocked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
     if exclude is not None:
         for b, row in enumerate(exclude.tolist() if isinstance(exclude, torch.Tensor) else exclude):
             for i in row:
                 if i >= 0:
-                    logits[b, i] = float("-inf")
-    order = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
-    return logits.gather(1, order), order
+                    blocked[b, i] = True
+    dead = check_dead(dead, num_labels, weights.device)
+    if dead is not None:
+        blocked |= dead[None, :] != 0
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(blocked.gather(1, order).to(torch.uint8), dim=1, stable=True).indices)[:, :k]
+    scores = logits.gather(1, order).masked_fill(blocked.gather(1, order), float("-inf"))
+    return scores, order.masked_fill(blocked.gather(1, order), -1)

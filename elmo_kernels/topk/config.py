@@ -56,8 +56,8 @@ def descriptors_fit(xq: torch.Tensor, weights: torch.Tensor) -> bool:
     )
 
 
-def tile_meta(c: TopkConfig, D: int, fp8_dots: bool, has_excl: bool) -> dict:
-    """Launch options shared by the scoring kernels (tile sizes, dot flavour, warps and stages)."""
+def tile_meta(c: TopkConfig, D: int, fp8_dots: bool, has_excl: bool, has_dead: bool) -> dict:
+    """Launch options shared by the scoring kernels (tile sizes, dot flavour, masks, warps and stages)."""
     return {
         "BLOCK_B": c.block_b,
         "BLOCK_L": c.block_l,
@@ -65,6 +65,7 @@ def tile_meta(c: TopkConfig, D: int, fp8_dots: bool, has_excl: bool) -> dict:
         "FP8_DOTS": fp8_dots,
         "HAS_SCALE": fp8_dots,
         "HAS_EXCL": has_excl,
+        "HAS_DEAD": has_dead,
         "EVEN_D": D % c.block_d == 0,
         "UPCAST": interpreting(),
         "num_warps": c.num_warps,

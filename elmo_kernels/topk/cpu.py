@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from elmo_kernels.topk.inputs import check_exclude
+from elmo_kernels.topk.inputs import check_dead, check_exclude
 from elmo_kernels.topk.keys import KEY_EMPTY, keys_to_scores, scores_to_keys
 
 _REL, _TINY = 2.0**-6, 2.0**-100  # the bounds above
@@ -39,7 +39,12 @@ def _prepack(w: torch.Tensor):
 
 
 class ScreenedTopk:
-    """Exact top-k rows of bf16-rounded queries against the first `num_labels` rows of an fp8/bf16 head."""
+    """Exact top-k rows of bf16-rounded queries against the first `num_labels` rows of an fp8/bf16 head.
+
+    The dead-row mask is an argument of each call, as for `topk_scores` (one code path; a caller that keeps one mask
+    and flips it in place passes the same tensor every time). The head is copied to bf16 and prepacked here: rows
+    rewritten later (labels added into spare rows) need a new ScreenedTopk.
+    """
 
     def __init__(self, weights: torch.Tensor, num_labels: int):
         if weights.dtype not in (torch.float8_e4m3fn, torch.bfloat16) or weights.device.type != "cpu":
@@ -52,20 +57,25 @@ class ScreenedTopk:
         self._screen = _prepack(w)
 
     def __call__(
-        self, xq: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+        self, xq: torch.Tensor, k: int, exclude: torch.Tensor | None = None, *, dead: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """xq (B, D) bf16, exclude (B, E) int64 ids padded with -1 (or B lists) -> (scores fp32 (B, k), rows int64
-        (B, k))."""
+        """xq (B, D) bf16, exclude (B, E) int64 ids padded with -1 (or B lists), dead (>= num_labels,) bool/uint8
+        rows never returned (as in `topk_scores`) -> (scores fp32 (B, k), rows int64 (B, k)). Each query must keep
+        >= k labels neither excluded nor dead (ValueError)."""
         if not 1 <= k <= self.num_labels:
             raise ValueError(f"k must be in [1, num_labels={self.num_labels}], got {k}")
         B = xq.shape[0]
+        dead = check_dead(dead, self.num_labels, self.weights.device)
         if B == 0:
             return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
-        exclude = check_exclude(exclude, B, k, self.num_labels, xq.device)
+        exclude = check_exclude(exclude, B, k, self.num_labels, xq.device, dead)
         a = self._screen(xq)
+        # Excluded and dead labels screen at -inf: they bound nothing, and the final mask drops them.
         if exclude is not None:
             rows, cols = (exclude >= 0).nonzero(as_tuple=True)
             a[rows, exclude[rows, cols]] = float("-inf")
+        if dead is not None:
+            a.masked_fill_(dead[None, :] != 0, float("-inf"))
         qn = xq.float().norm(dim=1, keepdim=True)
         # Usually every label that can be in the top-k is among the first 2k + 32 by screened score: the k first score
         # at least `floor`, and any label after the subset at most `beyond` (the bound grows with the score).
@@ -82,7 +92,7 @@ class ScreenedTopk:
             n = max(k, int((upper >= kth).sum(dim=1).max()))  # the widest row's candidate count
             top_a, cand = upper.topk(n, dim=1)  # holds every candidate of every row
         exact = torch.bmm(self.weights[cand].float(), xq.float().unsqueeze(2)).squeeze(2)
-        keys = scores_to_keys(exact, cand).masked_fill_(top_a == float("-inf"), KEY_EMPTY)  # an excluded label
+        keys = scores_to_keys(exact, cand).masked_fill_(top_a == float("-inf"), KEY_EMPTY)  # excluded or dead
         return keys_to_scores(keys.topk(k, dim=1).values)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from elmo_kernels.topk.config import TopkConfig
-from elmo_kernels.topk.inputs import check_args, check_exclude, resolve_fp8_dots
+from elmo_kernels.topk.inputs import check_args, check_dead, check_exclude, resolve_fp8_dots
 from elmo_kernels.topk.triton_path import triton_scores
 
 
@@ -38,6 +38,13 @@ class CapturedTopk:
     scored and dropped).
     `exclude_width` > 0 reserves that many exclusion slots per query. The head must stay at the same address
     (weights updated in place are fine).
+    `dead`: the caller's (>= num_labels,) bool/uint8 buffer on the head's device (nonzero = row never returned, as in
+    `topk_scores`), read by address at every replay: flip entries in place (dead[i] = True, dead.copy_(...)) to
+    retire labels or bring spare rows live, with no recapture. Never replace the tensor. Without it, the graph has no
+    mask (and none can be added later: capture with an all-False buffer to keep the option). Checked at capture:
+    >= k live rows; at a replay with exclusions, >= k rows neither dead nor excluded per query (the exclusion check's
+    host synchronisation, no extra one). A replay without exclusions reads the buffer without synchronising: a query
+    left with fewer than k returnable rows gets (-inf, -1) in the slots past them.
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class CapturedTopk:
         query_dtype: torch.dtype = torch.bfloat16,
         fp8_dots: bool | None = None,
         config: TopkConfig | None = None,
+        dead: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(weights, torch.Tensor) or not weights.is_cuda:
             raise ValueError("CapturedTopk needs the head as a CUDA tensor (CUDA graphs)")
@@ -64,7 +72,10 @@ class CapturedTopk:
         fp8_dots = resolve_fp8_dots(weights, fp8_dots)
         if weights.stride(1) != 1:
             raise ValueError("weights must be contiguous along D")
+        self._dead = check_dead(dead, num_labels, weights.device)
+        check_exclude(None, batch_size, k, num_labels, weights.device, self._dead)
         self.weights, self.k, self.num_labels, self.batch_size = weights, k, num_labels, batch_size
+        self.dead = dead
         with torch.inference_mode():  # the graph's buffers are inference tensors: every call runs in inference mode
             self._capture(x.to(weights.device), exclude_width, fp8_dots, config)
 
@@ -77,7 +88,7 @@ class CapturedTopk:
             else None
         )
         cfg = config or TopkConfig(screen=True)
-        run = lambda: triton_scores(self._x, weights, k, num_labels, self._exclude, fp8_dots, cfg)  # noqa: E731
+        run = lambda: triton_scores(self._x, weights, k, num_labels, self._exclude, fp8_dots, cfg, self._dead)  # noqa: E731
         self._graph, (self._scores, self._ids) = capture_cuda_graph(run, weights.device)
 
     @torch.inference_mode()
@@ -96,7 +107,7 @@ class CapturedTopk:
         if exclude is not None:
             if self._exclude is None:
                 raise ValueError("this graph was captured without exclusion slots (exclude_width=0)")
-            ex = check_exclude(exclude, B, self.k, self.num_labels, self._x.device)
+            ex = check_exclude(exclude, B, self.k, self.num_labels, self._x.device, self._dead)
             if ex is not None and ex.shape[1] > self._exclude.shape[1]:
                 raise ValueError(f"{ex.shape[1]} exclusions per query; this graph has {self._exclude.shape[1]} slots")
         self._x[:B].copy_(x)

@@ -43,9 +43,36 @@ def check_args(x, weights, k, num_labels) -> None:
         raise ValueError(f"k must be in [1, num_labels={num_labels}], got {k}")
 
 
-def check_exclude(exclude, B: int, k: int, num_labels: int, device: torch.device) -> torch.Tensor | None:
-    """(B, E) int64 on `device`, -1 = no entry; or None. Raises ValueError when a row would keep fewer than k labels."""
+def check_dead(dead, num_labels: int, device: torch.device) -> torch.Tensor | None:
+    """The rows that may never be returned, as a uint8 view (0 = live) of dead's first num_labels entries, or None.
+
+    dead: a 1-D bool or uint8 tensor (nonzero = dead) of length >= num_labels, contiguous, on `device`. The view
+    shares dead's storage, so a caller that flips entries in place is seen by every later read (`CapturedTopk`)."""
+    if dead is None:
+        return None
+    if not isinstance(dead, torch.Tensor):
+        raise ValueError(f"dead must be a torch tensor of bool or uint8, got {type(dead).__name__}")
+    if dead.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"dead must be bool or uint8 (nonzero = never returned), got {dead.dtype}")
+    if dead.dim() != 1 or dead.shape[0] < num_labels:
+        raise ValueError(f"dead must be 1-D with at least num_labels={num_labels} entries, got {tuple(dead.shape)}")
+    if dead.device != device:
+        raise ValueError(f"dead is on {dead.device} but weights are on {device}")
+    if dead.stride(0) != 1:
+        raise ValueError("dead must be contiguous (the kernels read it in place)")
+    return dead[:num_labels].view(torch.uint8)
+
+
+def check_exclude(
+    exclude, B: int, k: int, num_labels: int, device: torch.device, dead: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """(B, E) int64 on `device`, -1 = no entry; or None. Raises ValueError when a row would keep fewer than k labels
+    that are neither excluded nor dead (dead: as `check_dead` returns it). Host synchronisations: none without
+    exclusions and dead rows; one for the dead count alone; with exclusions, the dead count joins their count."""
+    n_dead = None if dead is None else dead.count_nonzero()
     if exclude is None:
+        if n_dead is not None and k > num_labels - int(n_dead):
+            raise ValueError(f"k={k} exceeds the {num_labels - int(n_dead)} labels left after dead rows")
         return None
     if not isinstance(exclude, torch.Tensor):
         if len(exclude) != B:
@@ -58,14 +85,18 @@ def check_exclude(exclude, B: int, k: int, num_labels: int, device: torch.device
         raise ValueError(f"exclude must hold integer label ids, got {exclude.dtype}")
     exclude = exclude.to(device=device, dtype=torch.int64).contiguous()
     if exclude.shape[1] == 0:
-        return None
+        return check_exclude(None, B, k, num_labels, device, dead)
     if bool(((exclude < -1) | (exclude >= num_labels)).any()):
         raise ValueError(f"exclude ids must be -1 (padding) or in [0, num_labels={num_labels})")
     srt = exclude.sort(dim=1).values
     distinct = (srt >= 0) & torch.cat([torch.ones_like(srt[:, :1], dtype=torch.bool), srt[:, 1:] != srt[:, :-1]], 1)
-    most = int(distinct.sum(dim=1).max())
+    if dead is not None:  # an excluded dead row is counted once, with the dead rows
+        distinct &= dead[srt.clamp(min=0)] == 0
+    most = distinct.sum(dim=1).max()
+    most = int(most if n_dead is None else most + n_dead)
     if k > num_labels - most:
-        raise ValueError(f"k={k} exceeds the {num_labels - most} labels left after exclusions in some query")
+        what = "exclusions and dead rows" if dead is not None else "exclusions"
+        raise ValueError(f"k={k} exceeds the {num_labels - most} labels left after {what} in some query")
     return exclude
 
 

@@ -32,11 +32,13 @@ def scores_to_keys(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def keys_to_scores(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `scores_to_keys`: (fp32 scores, int64 ids)."""
+    """Inverse of `scores_to_keys`: (fp32 scores, int64 ids). A sentinel key (below KEY_REAL_MIN: a slot no label
+    filled, where a row has fewer than k returnable labels) becomes (-inf, -1)."""
     ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
     mono = (keys >> 32).to(torch.int32)
     bits = mono ^ ((mono >> 31) & 0x7FFFFFFF)
-    return bits.view(torch.float32), ids
+    empty = keys < KEY_REAL_MIN
+    return bits.view(torch.float32).masked_fill(empty, float("-inf")), ids.masked_fill(empty, -1)
 
 
 def merge_topk(

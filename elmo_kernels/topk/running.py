@@ -52,11 +52,11 @@ def _merge_bitonic(R, key, fillers, KEEP: tl.constexpr, KP: tl.constexpr, BLOCK_
 
 @triton.jit
 def _running_topk(
-    x_ptr, w_ptr, inv_scale_ptr, excl_ptr, part_ptr, rows, row_ok, split, lo, hi, D, E,
+    x_ptr, w_ptr, inv_scale_ptr, dead_ptr, excl_ptr, part_ptr, rows, row_ok, split, lo, hi, D, E,
     stride_xb, stride_wl, stride_eb, stride_pb, stride_ps,
     KEEP: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     SORT_MIN: tl.constexpr, FP8_DOTS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, HAS_DEAD: tl.constexpr,
 ):  # fmt: skip
     cols = tl.arange(0, KP)
     fillers = TL_KEY_EMPTY + 1 + cols.to(tl.int64)
@@ -66,8 +66,8 @@ def _running_topk(
 
     for start in range(lo, hi, BLOCK_L):
         s, labs, lab_ok = score_tile(
-            x_ptr, w_ptr, inv_scale_ptr, rows, row_ok, 0, start, hi, D, stride_xb, stride_wl,
-            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOTS, HAS_SCALE, EVEN_D, UPCAST, False, False,
+            x_ptr, w_ptr, inv_scale_ptr, dead_ptr, rows, row_ok, 0, start, hi, D, stride_xb, stride_wl,
+            BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOTS, HAS_SCALE, EVEN_D, UPCAST, False, False, HAS_DEAD,
         )  # fmt: skip
         key = score_keys(s, labs[None, :])
         valid = valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL)
@@ -94,6 +94,7 @@ def _topk_kernel(
     x_ptr,
     w_ptr,
     inv_scale_ptr,
+    dead_ptr,
     excl_ptr,
     part_ptr,
     flag_ptr,
@@ -119,6 +120,7 @@ def _topk_kernel(
     HAS_EXCL: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_DEAD: tl.constexpr,
     HAS_FLAG: tl.constexpr,
 ):
     # Program (query block qb, label split): consecutive programs share a split, so the weight tiles they stream are
@@ -137,9 +139,9 @@ def _topk_kernel(
         run = True
     if run:
         _running_topk(
-            x_ptr, w_ptr, inv_scale_ptr, excl_ptr, part_ptr, rows, row_ok, split, lo, hi, D, E,
+            x_ptr, w_ptr, inv_scale_ptr, dead_ptr, excl_ptr, part_ptr, rows, row_ok, split, lo, hi, D, E,
             stride_xb, stride_wl, stride_eb, stride_pb, stride_ps,
-            KEEP, KP, BLOCK_B, BLOCK_L, BLOCK_D, SORT_MIN, FP8_DOTS, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST,
+            KEEP, KP, BLOCK_B, BLOCK_L, BLOCK_D, SORT_MIN, FP8_DOTS, HAS_SCALE, HAS_EXCL, EVEN_D, UPCAST, HAS_DEAD,
         )  # fmt: skip
 
 
@@ -184,16 +186,16 @@ def _resolve_config(cfg: TopkConfig, B: int, D: int, k: int, num_labels: int, de
     return TopkConfig(block_b, block_l, block_d, splits, sort_min, num_warps, num_stages, cfg.max_partial_bytes, False)
 
 
-def topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig) -> torch.Tensor:
-    """Sorted top-k keys (B, k) from the running top-k kernel."""
-    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg)
+def topk_running(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig, dead=None) -> torch.Tensor:
+    """Sorted top-k keys (B, k) from the running top-k kernel; dead: (num_labels,) uint8 or None."""
+    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg, dead=dead)
     keys = part.view(part.shape[0], -1)
     if part.shape[1] > 1:
         return torch.topk(keys, k, dim=1).values
     return keys.sort(dim=1, descending=True).values
 
 
-def _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig, flag=None):
+def _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig, flag=None, dead=None):
     """Partial top-k key lists (B, splits, k) of the running top-k kernel, one per label range (unsorted); with
     `flag` (B,) int32, only rows in query blocks holding a flagged row are computed."""
     B, D = xq.shape
@@ -209,6 +211,7 @@ def _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg
         xq,
         weights,
         inv_scale,
+        dead if dead is not None else part,
         excl,
         part,
         flag if flag is not None else part,
@@ -227,18 +230,20 @@ def _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg
         KP=next_pow2(k),
         SORT_MIN=c.sort_min,
         HAS_FLAG=flag is not None,
-        **tile_meta(c, D, fp8_dots, has_excl),
+        **tile_meta(c, D, fp8_dots, has_excl, dead is not None),
     )
     return part
 
 
-def recompute_flagged(best, flag, xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, partial_bytes: int):
+def recompute_flagged(
+    best, flag, xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, partial_bytes: int, dead=None
+):  # fmt: skip
     """best (B, k) keys with the rows flagged (B,) int32 replaced by the running kernel's exact answer. The kernel is
     launched every call but computes only query blocks holding a flagged row (no host synchronisation)."""
     B = best.shape[0]
     kp = max(16, next_pow2(k))
     fallback = TopkConfig(splits=max(1, min(16, partial_bytes // (8 * B * k))))  # partial lists within the bytes
-    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, fallback, flag=flag)
+    part = _running_parts(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, fallback, flag=flag, dead=dead)
     # The flagged rows' best lists become the top-k of their partial lists; the others are left alone (no torch.topk
     # over every row: at B = 1, k = 100 it took 22 us of GPU time, 44-45 at B = 2-64).
     _replace_flagged_kernel[(B,)](

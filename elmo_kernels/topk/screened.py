@@ -18,12 +18,12 @@ from elmo_kernels.topk.tl_utils import TL_KEY_EMPTY, fold_block, score_keys, sco
 
 @triton.jit
 def _screen_kernel(
-    x, w, inv_scale_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+    x, w, inv_scale_ptr, dead_ptr, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
     B, first_label, end_label, D, num_qblocks, E, cap, kth,
     stride_xb, stride_wl, stride_eb, stride_bb, stride_cb,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOTS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr, GATE: tl.constexpr,
+    USE_DESC: tl.constexpr, GATE: tl.constexpr, HAS_DEAD: tl.constexpr,
 ):  # fmt: skip
     """One (query block, label tile) job per program, scored and screened (`screen_epilogue`). x and w are
     pointers, or tensor descriptors with USE_DESC.
@@ -35,8 +35,9 @@ def _screen_kernel(
     rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     s, labs, lab_ok = score_tile(
-        x, w, inv_scale_ptr, rows, row_ok, qb * BLOCK_B, first_label + tile * BLOCK_L, end_label, D,
+        x, w, inv_scale_ptr, dead_ptr, rows, row_ok, qb * BLOCK_B, first_label + tile * BLOCK_L, end_label, D,
         stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOTS, HAS_SCALE, EVEN_D, UPCAST, USE_DESC, USE_DESC,
+        HAS_DEAD,
     )  # fmt: skip
     screen_epilogue(
         s, rows, row_ok, labs, lab_ok, best_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, kth,
@@ -158,7 +159,7 @@ def screen_cap(cfg: TopkConfig, B: int, k: int) -> int | None:
     return max(cap, k)
 
 
-def topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig, cap: int):
+def topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig, cap: int, dead=None):
     """Exact top-k as a GEMM with a threshold epilogue, over label ranges of growing size (`screen_levels`).
 
     After each range, the row's threshold is the score of its k-th best label so far: a label of a later range can
@@ -189,10 +190,10 @@ def topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg:
         w_arg = TensorDescriptor.from_tensor(weights, [c.block_l, c.block_d])
     for i, (lo, hi) in enumerate(levels):
         _screen_kernel[(qblocks * triton.cdiv(hi - lo, c.block_l),)](
-            x_arg, w_arg, inv_scale, best, excl, cand_score, cand_id, counts[i],
+            x_arg, w_arg, inv_scale, dead if dead is not None else counts, best, excl, cand_score, cand_id, counts[i],
             B, lo, hi, D, qblocks, excl.shape[1] if has_excl else 0, cap, k - 1,
             xq.stride(0), weights.stride(0), excl.stride(0) if has_excl else 0, best.stride(0), cand_score.stride(0),
-            USE_DESC=use_desc, GATE=c.gate, **tile_meta(c, D, fp8_dots, has_excl),
+            USE_DESC=use_desc, GATE=c.gate, **tile_meta(c, D, fp8_dots, has_excl, dead is not None),
         )  # fmt: skip
         # 8 merge warps: H200 CUDA graphs, k = 100, B = 1 / 8 / 64: 0.592 / 0.612 / 0.953 ms vs 0.605 / 0.628 / 0.970
         # with 4; 16 warps, blocks of 256 or 1024-2048 candidates: no better.
@@ -200,4 +201,4 @@ def topk_screened(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg:
         merge_candidates(best, cand_score, cand_id, counts[i], cap, block, cfg.merge_warps or 8)
     overflow = (counts > cap).any(dim=0).to(torch.int32)
     budget = cfg.max_partial_bytes // 2
-    return recompute_flagged(best, overflow, xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, budget)
+    return recompute_flagged(best, overflow, xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, budget, dead)

@@ -31,18 +31,26 @@ def accumulate(acc, xt, wt, FP8_DOTS: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def score_tile(
-    x, w, inv_scale_ptr, rows, row_ok, row0, lab0, lab_end, D, stride_xb, stride_wl,
+    x, w, inv_scale_ptr, dead_ptr, rows, row_ok, row0, lab0, lab_end, D, stride_xb, stride_wl,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOTS: tl.constexpr,
     HAS_SCALE: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, X_DESC: tl.constexpr, W_DESC: tl.constexpr,
+    HAS_DEAD: tl.constexpr,
 ):  # fmt: skip
     """fp32 scores of a (query block, label tile): the one place scores are computed, so every kernel ranks the same
     numbers. Returns (scores (BLOCK_B, BLOCK_L), the tile's label ids lab0 + j, which of them are below lab_end).
     The query rows through a tensor descriptor x with X_DESC (the block's rows row0..), else by pointers (`rows`: any
     rows, gathered ones too); the labels through a tensor descriptor w with W_DESC, else by pointers. Descriptors are
     TMA on Hopper; rows, labels and D columns past a tensor's end read as zeros. With HAS_SCALE, the sums are
-    multiplied by the rows' inv_scale (the fp8 query scales)."""
+    multiplied by the rows' inv_scale (the fp8 query scales). With HAS_DEAD, labels whose dead_ptr byte is nonzero
+    are not valid either: the one place the dead-row mask enters, so every use of the validity (running lists, tile
+    maxima, screening thresholds and candidates) ignores dead rows. Their weights are still loaded: the tile's loads
+    stay those of the kernel without the mask."""
     labs = lab0 + tl.arange(0, BLOCK_L)
-    lab_ok = labs < lab_end
+    in_range = labs < lab_end
+    if HAS_DEAD:
+        lab_ok = in_range & (tl.load(dead_ptr + labs, mask=in_range, other=1) == 0)
+    else:
+        lab_ok = in_range
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr + rows, mask=row_ok, other=1.0)
     acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
@@ -61,9 +69,9 @@ def score_tile(
         else:
             w_ptrs = w + labs[None, :].to(tl.int64) * stride_wl + ds[:, None]
             if EVEN_D:
-                wt = tl.load(w_ptrs, mask=lab_ok[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=in_range[None, :], other=0.0)
             else:
-                wt = tl.load(w_ptrs, mask=lab_ok[None, :] & (ds[:, None] < D), other=0.0)
+                wt = tl.load(w_ptrs, mask=in_range[None, :] & (ds[:, None] < D), other=0.0)
         acc = accumulate(acc, xt, wt, FP8_DOTS, UPCAST)
     if HAS_SCALE:
         acc = acc * inv_scale[:, None]

@@ -26,12 +26,12 @@ from elmo_kernels.topk.tl_utils import TL_KEY_EMPTY, fold_block, score_keys, sco
 
 @triton.jit
 def _tile_max_kernel(
-    x, w, inv_scale_ptr, excl_ptr, max_ptr, B, num_labels, D, num_qblocks, num_jobs, E, stride_xb, stride_wl,
+    x, w, inv_scale_ptr, dead_ptr, excl_ptr, max_ptr, B, num_labels, D, num_qblocks, num_jobs, E, stride_xb, stride_wl,
     stride_eb, stride_mb, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOTS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    USE_DESC: tl.constexpr,
+    USE_DESC: tl.constexpr, HAS_DEAD: tl.constexpr,
 ):  # fmt: skip
-    """The two-pass path's first pass: each query row's largest score in each label tile (excluded and padding
+    """The two-pass path's first pass: each query row's largest score in each label tile (excluded, dead and padding
     labels count as -inf), scored exactly as `_screen_kernel` scores the same tile. Program p takes the (query block,
     tile) jobs p, p + programs, ...: one job each on a grid of num_jobs, or persistent on a grid of one program per SM
     (the loads of the next job overlap the epilogue of this one)."""
@@ -41,14 +41,18 @@ def _tile_max_kernel(
         rows = qb * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         s, labs, lab_ok = score_tile(
-            x, w, inv_scale_ptr, rows, row_ok, qb * BLOCK_B, tile * BLOCK_L, num_labels, D,
+            x, w, inv_scale_ptr, dead_ptr, rows, row_ok, qb * BLOCK_B, tile * BLOCK_L, num_labels, D,
             stride_xb, stride_wl, BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOTS, HAS_SCALE, EVEN_D, UPCAST, USE_DESC, USE_DESC,
+            HAS_DEAD,
         )  # fmt: skip
-        # Masks only where needed (they cost GEMM time): exclusions, the last tile's padding labels. Rows past B are
-        # not stored. A NaN score is skipped by the max unless the whole row of the tile is NaN; then the row's
+        # Masks only where needed (they cost GEMM time): exclusions, dead rows (in any tile: a dead row's score must
+        # not raise the tile maximum that chooses tiles and sets thresholds), the last tile's padding labels. Rows past
+        # B are not stored. A NaN score is skipped by the max unless the whole row of the tile is NaN; then the row's
         # candidates fall short and the caller recomputes it.
         if HAS_EXCL:
             s = tl.where(valid_pairs(rows, row_ok, labs, lab_ok, excl_ptr, stride_eb, E, HAS_EXCL), s, float("-inf"))
+        elif HAS_DEAD:
+            s = tl.where(lab_ok[None, :], s, float("-inf"))
         elif (tile + 1) * BLOCK_L > num_labels:
             s = tl.where(lab_ok[None, :], s, float("-inf"))
         tl.store(max_ptr + rows.to(tl.int64) * stride_mb + tile, tl.max(s, axis=1), mask=row_ok)
@@ -142,12 +146,12 @@ def _tile_jobs_kernel(
 
 @triton.jit
 def _tile_rows_screen_kernel(
-    x, w, inv_scale_ptr, thr_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
+    x, w, inv_scale_ptr, dead_ptr, thr_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr,
     job_tile_ptr, job_first_ptr, job_rows_ptr, pair_rows_ptr, num_labels, D, E, cap,
     stride_xb, stride_wl, stride_eb, stride_cb, SUB: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, FP8_DOTS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_EXCL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-    W_DESC: tl.constexpr, GATE: tl.constexpr,
+    W_DESC: tl.constexpr, GATE: tl.constexpr, HAS_DEAD: tl.constexpr,
 ):  # fmt: skip
     """The two-pass path's second pass: program p scores part p % SUB (BLOCK_L labels) of the first-pass tile of job
     p // SUB against the job's rows (gathered: the rows that chose the tile), and appends the labels at or above each
@@ -161,8 +165,8 @@ def _tile_rows_screen_kernel(
     rows = tl.load(pair_rows_ptr + tl.load(job_first_ptr + job) + slot, mask=row_ok, other=0)
     lab0 = (tile * SUB + tl.program_id(0) % SUB) * BLOCK_L
     s, labs, lab_ok = score_tile(
-        x, w, inv_scale_ptr, rows, row_ok, 0, lab0, num_labels, D, stride_xb, stride_wl,
-        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOTS, HAS_SCALE, EVEN_D, UPCAST, False, W_DESC,
+        x, w, inv_scale_ptr, dead_ptr, rows, row_ok, 0, lab0, num_labels, D, stride_xb, stride_wl,
+        BLOCK_B, BLOCK_L, BLOCK_D, FP8_DOTS, HAS_SCALE, EVEN_D, UPCAST, False, W_DESC, HAS_DEAD,
     )  # fmt: skip
     screen_epilogue(
         s, rows, row_ok, labs, lab_ok, thr_ptr, excl_ptr, cand_score_ptr, cand_id_ptr, count_ptr, E, cap, 0,
@@ -209,7 +213,7 @@ def _resolve_two_pass_config(cfg: TopkConfig, D: int, weight_bytes: int) -> Topk
     )
 
 
-def topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig, tiles: int):
+def topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg: TopkConfig, tiles: int, dead=None):
     """Exact top-k in two passes over the head, for many queries.
 
     First pass: a plain GEMM whose epilogue keeps each row's largest score per label tile (B x tiles floats; no
@@ -240,6 +244,8 @@ def topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg:
     maxes = torch.empty((B, round_up(tiles, group)), dtype=torch.float32, device=dev)
     maxes[:, tiles:] = float("-inf")
     excl = exclude if has_excl else maxes
+    has_dead = dead is not None
+    dead_arg = dead if has_dead else maxes
     descriptors = bool(cfg.tma) and descriptors_fit(xq, weights)
 
     q1 = triton.cdiv(B, c1.block_b)
@@ -255,9 +261,9 @@ def topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg:
     else:  # one program per SM (3 under the interpreter: each loops over several jobs)
         programs = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 3
     _tile_max_kernel[(min(programs, q1 * tiles),)](
-        x_arg, w_arg, inv_scale, excl, maxes, B, num_labels, D, q1, q1 * tiles, excl_args[0],
+        x_arg, w_arg, inv_scale, dead_arg, excl, maxes, B, num_labels, D, q1, q1 * tiles, excl_args[0],
         xq.stride(0), weights.stride(0), excl_args[1], maxes.stride(0),
-        USE_DESC=descriptors, **tile_meta(c1, D, fp8_dots, has_excl),
+        USE_DESC=descriptors, **tile_meta(c1, D, fp8_dots, has_excl, has_dead),
     )  # fmt: skip
     # The threshold: the k-th largest maximum of groups of tiles. k groups reach it, so k distinct labels do: the row's
     # k-th best score is at least that (a little below the k-th tile maximum at most; 16x less to select from).
@@ -294,9 +300,10 @@ def topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg:
     cand_id = torch.empty((B, cap), dtype=torch.int32, device=dev)
     w_arg = TensorDescriptor.from_tensor(weights, [c2.block_l, c2.block_d]) if descriptors else weights
     _tile_rows_screen_kernel[(max_jobs * sub,)](
-        xq, w_arg, inv_scale, thr, excl, cand_score, cand_id, counts, job_tile, job_first, job_rows, pair_rows,
-        num_labels, D, excl_args[0], cap, xq.stride(0), weights.stride(0), excl_args[1], cand_score.stride(0),
-        SUB=sub, W_DESC=descriptors, GATE=c2.gate, **tile_meta(c2, D, fp8_dots, has_excl),
+        xq, w_arg, inv_scale, dead_arg, thr, excl, cand_score, cand_id, counts, job_tile, job_first, job_rows,
+        pair_rows, num_labels, D, excl_args[0], cap, xq.stride(0), weights.stride(0), excl_args[1],
+        cand_score.stride(0),
+        SUB=sub, W_DESC=descriptors, GATE=c2.gate, **tile_meta(c2, D, fp8_dots, has_excl, has_dead),
     )  # fmt: skip
     best = torch.full((B, k), KEY_EMPTY, dtype=torch.int64, device=dev)
     merge_candidates(best, cand_score, cand_id, counts, cap, min(512, cap), cfg.merge_warps or 8)
@@ -304,4 +311,4 @@ def topk_two_pass(xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, cfg:
     # or fewer than k groups with a finite maximum).
     overflow = ((counts > cap) | (counts < k)).to(torch.int32)
     budget = cfg.max_partial_bytes // 8
-    return recompute_flagged(best, overflow, xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, budget)
+    return recompute_flagged(best, overflow, xq, inv_scale, weights, k, num_labels, exclude, fp8_dots, budget, dead)
