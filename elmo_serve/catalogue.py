@@ -33,6 +33,14 @@ from elmo_serve.catalogue_log import (
 )
 
 
+class CatalogueConflict(CatalogueError):
+    """A change that conflicts with the catalogue: an add of an existing or retired uid, a change of a retired one."""
+
+
+class CatalogueUnknown(CatalogueError):
+    """An update or retirement of a uid the catalogue does not hold."""
+
+
 class CatalogueStale(CatalogueError):
     """The log was rewritten (reconciled with another artifact) under a catalogue that follows it: build a new one."""
 
@@ -116,22 +124,22 @@ class CatalogueState:
                 seen[c.uid] = n
                 self._check_one(c.op, c.uid)
             except CatalogueError as e:
-                raise CatalogueError(f"change {n}: {e}") from None
+                raise type(e)(f"change {n}: {e}") from None
 
     def _check_one(self, op: str, uid: str) -> None:
         # One change per uid in a batch, so each change is checked against the state alone.
         id = self._ids.get(uid)
         if op == "add" and id is not None:
             if id in self._retired:
-                raise CatalogueError(
+                raise CatalogueConflict(
                     f"add {uid!r}: the uid was retired (label id {id}); a retired uid is never "
                     "reused: add the label under a new uid"
                 )
-            raise CatalogueError(f"add {uid!r}: the uid exists (label id {id}); update it to change its title")
+            raise CatalogueConflict(f"add {uid!r}: the uid exists (label id {id}); update it to change its title")
         if op != "add" and id is None:
-            raise CatalogueError(f"{op} {uid!r}: unknown uid")
+            raise CatalogueUnknown(f"{op} {uid!r}: unknown uid")
         if op != "add" and id in self._retired:
-            raise CatalogueError(f"{op} {uid!r}: the label is retired (label id {id})")
+            raise CatalogueConflict(f"{op} {uid!r}: the label is retired (label id {id})")
 
     def apply(self, records: Iterable[Record]) -> int:
         """Apply records read from a log, batch by batch; returns how many were applied.

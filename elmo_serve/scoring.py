@@ -185,9 +185,9 @@ class Scorer:
     def _screen(self) -> None:
         # CPU torch path over an fp8/bf16 head: a bf16 screen + exact fp32 rescoring (see elmo_kernels.topk.cpu), ~7x
         # faster than streaming an fp32 copy of the head, with the same answer. It packs a copy of the rows in use:
-        # made again after every change.
+        # made again after rows are written (a retirement only flips the mask it is called with).
         if self.backend == "torch" and self.device.type == "cpu" and self.weights.dtype != torch.float32:
-            self._screened = ScreenedTopk(self.weights, self.num_labels, **self._dead())
+            self._screened = ScreenedTopk(self.weights, self.num_labels)
 
     def _dead(self) -> dict:
         """The `dead` keyword of calls over the rows in use: none while no row among them is retired."""
@@ -245,7 +245,6 @@ class Scorer:
         self.num_retired += len(fresh)
         if self.index is not None and len(fresh):
             self.index.remove(fresh)
-        self._screen()
 
     def topk(
         self, x: torch.Tensor, k: int, exclude: Sequence[Sequence[int]] | None = None, *, pad_to: int = 0
@@ -262,7 +261,7 @@ class Scorer:
         excl = None if exclude is None else _pad_rows(exclude)
         x = x.to(self.device)
         if self._screened is not None:  # queries rounded as `topk_scores` rounds them for an fp8/bf16 head
-            return self._screened(prepare_queries(x.float(), self.weights.dtype, False)[0], k, excl)
+            return self._screened(prepare_queries(x.float(), self.weights.dtype, False)[0], k, excl, **self._dead())
         if self.cuda_graphs and x.shape[0] <= GRAPH_MAX_BATCH:
             graph = self._graph_for(x.shape[0], k, 0 if excl is None else excl.shape[1])
             if graph is not None:

@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import toy_model
 
+from elmo_kernels.common import interpreting
 from elmo_kernels.topk import reference_topk
+from elmo_kernels.topk.inputs import resolve_fp8_dots
 from elmo_serve.catalogue_log import Change
 from elmo_serve.model import Query, ServingModel
 from elmo_serve.scoring import Scorer, padded_rows, spare_rows
@@ -189,3 +191,26 @@ def test_changes_land_between_concurrent_predictions():
     assert all(len(ids) == 10 and len(set(ids)) == 10 for ids in answers)
     retired = {m.id_of(f"cc{j - 1}") for j in range(3, 40, 4)}
     assert m.retired == retired and not retired & set(top(m, "GNU C compiler gcc", 60))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_backend_masks_retired_and_spare_rows():
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(48, 32, generator=g) * 2).to(FP8)
+    scorer = Scorer(w, 37, "triton", spare=20, cuda_graphs=False)
+    assert scorer.capacity == 64 and bool(scorer.dead[37:].all())
+    scorer.write_rows([37, 38], (torch.randn(2, 32, generator=g) * 4).to(FP8))
+    scorer.retire_rows([3, 38, 10])
+    x = torch.randn(5, 32, generator=g)
+    s, i = scorer.topk(x, 7, [[0], [], [5, 6], [], [1]])
+    dead = [3, 10, 38]
+    rs, ri = reference_topk(
+        x,
+        scorer.weights,
+        7,
+        39,
+        [[0, *dead], dead, [5, 6, *dead], dead, [1, *dead]],
+        fp8_dots=resolve_fp8_dots(scorer.weights, None),
+    )
+    assert torch.equal(i, ri), (i, ri)
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-4)
