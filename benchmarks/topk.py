@@ -8,6 +8,10 @@ shape (the best is reported, all are kept in the JSON).
 --cpu: our chunked torch path (fp32 / bf16 / fp8 heads) and the serving CPU path (`elmo_kernels.topk.ScreenedTopk`, fp8)
 against faiss-cpu IndexFlatIP (exact inner product) at L = 100K, D = 256, all over the same head values.
 --small: the GPU script's logic at toy sizes (runs on CPU under TRITON_INTERPRET=1).
+--dead: the dead-row mask (`dead=`, rows never returned): a check at L = 200K where the dead rows score highest (eager
+paths and a CUDA-graph replay whose buffer is flipped in place between replays, against eager calls and exact fp32),
+then at L = 2,812,281 with --dead-frac of the rows dead, B in {1, 1024}, k in {5, 100}: the masked call against the
+plain one, eager (its one host synchronisation included) and replayed, median ms and their ratio.
 
 Needs only torch and triton: the repository root is put on sys.path here.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -84,7 +89,7 @@ def _fp8_dots(w, device) -> bool:
     return w.dtype == torch.float8_e4m3fn and has_fp8_tensor_cores(device)
 
 
-def verdict(got, x, w, k: int, L: int, exclude, fp8: bool) -> dict:
+def verdict(got, x, w, k: int, L: int, exclude, fp8: bool, dead=None) -> dict:
     """Judge a top-k answer against exact fp32 scores of the same quantized queries.
 
     Hopper's fp8 MMA accumulates with fewer mantissa bits than fp32 (measured: score errors up to 0.01 on scores of
@@ -98,6 +103,8 @@ def verdict(got, x, w, k: int, L: int, exclude, fp8: bool) -> dict:
     exact = (xq.float() @ w[:L].float().T) * inv[:, None]
     if exclude is not None:
         exact.scatter_(1, exclude.clamp_min(0), float("-inf"))  # -1 padding would hit label 0: none used here
+    if dead is not None:  # dead rows (never returned) like exclusions of every row
+        exact.masked_fill_(dead[None, :L].bool(), float("-inf"))
     tol = float(exact[exact.isfinite()].abs().max()) * (8e-3 if fp8 else 1e-4)
     valid = bool(((i >= 0) & (i < L)).all())
     mine = exact.gather(1, i.clamp(0, L - 1))
@@ -110,11 +117,12 @@ def verdict(got, x, w, k: int, L: int, exclude, fp8: bool) -> dict:
         "distinct": all(len(set(r)) == len(r) for r in i.tolist()),
         "sorted": bool((s[:, 1:] <= s[:, :-1]).all()),
         "excluded_returned": exclude is not None and bool((i[:, :, None] == exclude[:, None, :]).any()),
+        "dead_returned": dead is not None and bool(dead[i.clamp(0, L - 1)].any()),
     }
     want = torch.sort(exact, dim=1, descending=True, stable=True)
     rec["mismatches_beyond_2tol"] = check_ids(got, (want.values[:, :k], want.indices[:, :k]), 2 * tol)[0]
     rec["ok"] = (
-        valid and rec["distinct"] and rec["sorted"] and not rec["excluded_returned"]
+        valid and rec["distinct"] and rec["sorted"] and not rec["excluded_returned"] and not rec["dead_returned"]
         and rec["score_err"] <= tol and rec["regret"] <= 2 * tol
     )  # fmt: skip
     return rec
@@ -419,6 +427,138 @@ def graphs(args) -> dict:
     return {"env": env(device), "graphs": rows}
 
 
+def dead_rows(L: int, frac: float, device, pad_to: int) -> torch.Tensor:
+    """A (pad_to,) bool mask with round(frac * L) random rows of the first L dead (at least one)."""
+    dead = torch.zeros(pad_to, dtype=torch.bool, device=device)
+    dead[torch.randperm(L, device=device)[: max(1, round(frac * L))]] = True
+    return dead
+
+
+def dead_checks(device, small: bool, frac: float) -> list[dict]:
+    """The mask at L = 200K where it matters: positive queries and dead rows of 0.25s (they would outscore every live
+    row, as padding would), every Triton path eager, and a CUDA-graph replay whose buffer is flipped in place between
+    replays (a retired row and a row brought back), each against exact fp32 scores and the graph against the eager call
+    of its own configuration."""
+    L = 601 if small else MID_L - 3
+    D = 32 if small else DIM
+    w8 = make_head(L, D, device)
+    dead = dead_rows(L, frac, device, w8.shape[0])
+    w8.view(torch.uint8)[dead] = torch.full((1,), 0.25).to(w8.dtype).view(torch.uint8).to(device)
+    fp8 = _fp8_dots(w8, device)
+    impl = "auto" if device.type == "cuda" else "triton"
+    rows = []
+    for B, k in [(1, 5), (19, 8)] if small else [(1, 5), (1, 100), (37, 100), (256, 100), (1024, 5), (1024, 100)]:
+        x = torch.randn(B, D, device=device).abs().to(torch.bfloat16)
+        excl = torch.randint(0, L, (B, 3), device=device)
+        configs = {
+            "default": TopkConfig(),
+            "running": TopkConfig(screen=False, two_pass=False),
+            "screened": TopkConfig(screen=True, two_pass=False),
+        }
+        if B >= 128 and not small:
+            configs["two_pass"] = TopkConfig(two_pass=True)
+        unmasked = topk_scores(x, w8, k, L, impl=impl)[1]
+        print(f"dead check B={B} k={k}: every unmasked answer holds dead rows: {bool(dead[unmasked].any(1).all())}")
+        for name, cfg in configs.items():
+            for ex in (None, excl):
+                rec = {"B": B, "k": k, "L": L, "path": name, "exclusions": ex is not None, "dead": int(dead.sum())}
+                try:
+                    got = topk_scores(x, w8, k, L, ex, impl=impl, config=cfg, dead=dead)
+                    rec.update(verdict(got, x, w8, k, L, ex, fp8, dead))
+                except Exception as e:
+                    rec.update(ok=False, error=repr(e)[:500])
+                print("dead check", rec, flush=True)
+                rows.append(rec)
+        if device.type != "cuda" or k > 128:
+            continue
+        rec = {"B": B, "k": k, "L": L, "path": "graph, buffer flipped in place", "exclusions": True}
+        try:
+            buffer = dead.clone()
+            graph = CapturedTopk(w8, k, L, B, exclude_width=4, dead=buffer)
+            back = int(next(j for j in dead.nonzero().flatten().tolist() if j not in set(excl.flatten().tolist())))
+            steps = []
+            for step in range(3):
+                got = graph(x, exclude=excl)
+                eager = topk_scores(x, w8, k, L, excl, config=TopkConfig(screen=True), dead=buffer)
+                ok = verdict(got, x, w8, k, L, excl, fp8, buffer)["ok"]
+                ok = ok and torch.equal(got[1], eager[1]) and torch.equal(got[0], eager[0])
+                if step == 2:  # the dead 0.25 row brought back outscores every live row
+                    ok = ok and bool((got[1][:, 0] == back).all())
+                steps.append(ok)
+                if step == 0:
+                    buffer[got[1][:, 0]] = True  # retire every query's best label
+                if step == 1:
+                    buffer[back] = False
+            rec.update(ok=all(steps), steps_ok=steps)
+        except Exception as e:
+            rec.update(ok=False, error=repr(e)[:500])
+        print("dead check", rec, flush=True)
+        rows.append(rec)
+    return rows
+
+
+def dead_timing(args) -> dict:
+    """The cost of the mask: topk_scores with --dead-frac of the rows dead against the plain call on the same head,
+    eager (the mask's count check is one host synchronisation) and as CUDA-graph replays, B in {1, 1024}, k in
+    {5, 100}; ratio = masked / plain median ms."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    small = args.small
+    t0 = time.time()
+    result = {"env": env(device), "dead_frac": args.dead_frac, "checks": dead_checks(device, small, args.dead_frac)}
+    L = 1201 if small else BIG_L
+    D = 32 if small else DIM
+    w8 = make_head(L, D, device)
+    dead = dead_rows(L, args.dead_frac, device, w8.shape[0])
+    impl = "auto" if device.type == "cuda" else "triton"
+    rows = []
+    for B in (1, 4) if small else (1, 1024):
+        x = torch.randn(B, D, device=device).to(torch.bfloat16)
+        for k in (5,) if small else KS:
+            row = {"B": B, "k": k, "L": L, "dead": int(dead.sum())}
+            calls = {
+                "eager": lambda x=x, k=k: topk_scores(x, w8, k, L, impl=impl),
+                "eager dead": lambda x=x, k=k: topk_scores(x, w8, k, L, impl=impl, dead=dead),
+            }
+            if device.type == "cuda":
+                try:  # the partials hold the only references: `del calls` frees the graphs
+                    calls["graph"] = functools.partial(CapturedTopk(w8, k, L, B), x)
+                    calls["graph dead"] = functools.partial(CapturedTopk(w8, k, L, B, dead=dead), x)
+                except Exception as e:
+                    row["graph error"] = repr(e)[:300]
+            for name, fn in calls.items():
+                try:
+                    fn()
+                    row[name] = bench_ms(fn, small)[0]
+                except Exception as e:
+                    row[name] = {"error": repr(e)[:300]}
+            for name in ("eager", "graph"):
+                if isinstance(row.get(name), float) and isinstance(row.get(f"{name} dead"), float):
+                    row[f"{name} ratio"] = row[f"{name} dead"] / row[name]
+            print("dead row", json.dumps(row), flush=True)
+            rows.append(row)
+            if device.type == "cuda":
+                del calls
+                torch.cuda.empty_cache()
+    result["rows"] = rows
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def dead_table(result: dict) -> str:
+    bad = [c for c in result["checks"] if not c.get("ok")]
+    lines = [f"dead-row mask ({result['dead_frac']:.1%} of rows): {len(result['checks']) - len(bad)}/"
+             f"{len(result['checks'])} checks ok"]  # fmt: skip
+    names = ("eager", "eager dead", "eager ratio", "graph", "graph dead", "graph ratio")
+    lines.append(f"{'B':>5} {'k':>4} " + " ".join(f"{n:>12}" for n in names))
+    for r in result["rows"]:
+        cells = [r.get(n) for n in names]
+        lines.append(
+            f"{r['B']:>5} {r['k']:>4} "
+            + " ".join(f"{c:>12.3f}" if isinstance(c, float) else f"{'-':>12}" for c in cells)
+        )
+    return "\n".join(lines)
+
+
 def run_cpu(args) -> dict:
     import faiss
     import numpy as np
@@ -517,7 +657,21 @@ def main() -> int:
         help='--graphs: extra named TopkConfig fields to replay, JSON, e.g. \'{"growth 8": {"screen_growth": 8}}\'',
     )
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which only default configs are timed")
+    p.add_argument("--dead", action="store_true", help="only: the dead-row mask's checks and its cost")
+    p.add_argument("--dead-frac", type=float, default=0.01, help="--dead: share of the rows that are dead")
     args = p.parse_args()
+    if args.dead:
+        if not 0 < args.dead_frac < 1:
+            p.error(f"--dead-frac must be in (0, 1), got {args.dead_frac}")
+        result = dead_timing(args)
+        save(result, args.out)
+        print(f"wrote {args.out}")
+        print(dead_table(result))
+        failed = [c for c in result["checks"] if not c.get("ok")]
+        if failed:
+            print(f"DEAD-MASK CHECKS FAILED in {len(failed)} checks: {failed[:3]}")
+            return 1
+        return 0
     if args.agree:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         result = {"env": env(device), "agree": agree(device, args.small)}

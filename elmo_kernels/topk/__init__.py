@@ -25,6 +25,13 @@ xq = `prepare_queries(x, ...)` is exactly what the kernel multiplies:
 
 Ranking: scores descending, equal scores by the lower label id (-0.0 counts as +0.0, NaN as -inf), through one
 sortable int64 key per (score, id) pair (elmo_kernels.topk.keys); ids must stay below 2^32 - 1.
+
+Dead rows (`dead=`, a bool/uint8 mask over the head's rows, the live label catalogue's retired labels and unwritten
+spare rows): never returned, like padding, and live labels rank exactly as without the mask. In the Triton kernels
+the mask enters once, as the validity of a tile's labels (`score_tile`), behind a HAS_DEAD constexpr, so running
+lists, tile maxima and screening thresholds all ignore dead rows. A query with fewer than k labels neither dead nor
+excluded: eager calls raise ValueError (as for exclusions); a `CapturedTopk` replay cannot check without a host
+synchronisation, and returns (-inf, -1) in the slots past its returnable labels (as `reference_topk` does).
 """
 
 from __future__ import annotations
