@@ -19,12 +19,14 @@ import asyncio
 import json
 import logging
 import os
+import re
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -35,11 +37,19 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from elmo_serve.auth import DEFAULT_ENV, admin_token, refusal
+from elmo_serve.catalogue import CatalogueConflict, CatalogueStale, CatalogueUnknown, Label
+from elmo_serve.catalogue_log import CatalogueError, Change
+from elmo_serve.catalogue_log import Limits as CatalogueLimits
 from elmo_serve.guard import Guard, configure_guard, error_response
+from elmo_serve.live import LiveLabels, default_log_path
 from elmo_serve.model import Query, ServingModel, load_model
 from elmo_serve.schemas import (
     ErrorBody,
     Health,
+    LabelOut,
+    LabelsRequest,
+    LabelsResponse,
     Limits,
     ModelInfo,
     PredictRequest,
@@ -89,6 +99,14 @@ def bind_replica_grpc(host: str | None = None) -> bool:
     return True
 
 
+def replica_tag() -> str:
+    """This scorer replica's id (Serve's replica id; the pid outside Serve): the x-replica header of its answers."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a Serve replica (a test, a script)
+        return f"pid-{os.getpid()}"
+
+
 class AppArgs(BaseModel):
     """`args:` of the Serve YAML (or `serve run elmo_serve.app:app_builder artifact=...`)."""
 
@@ -110,6 +128,17 @@ class AppArgs(BaseModel):
         gt=0,
         description="how long the one retry of a request whose scorer replica died waits for a replica "
         "to take it before the request is answered 503",
+    )
+    catalogue: str | None = Field(
+        None,
+        description="the live label catalogue's log, which every scorer replica follows (a path on a disk they all "
+        "see); None: catalogue.log in the directory holding the artifact directory; 'off': no live labels",
+    )
+    catalogue_poll_s: float = Field(0.1, gt=0, le=5, description="how often each scorer replica reads the log")
+    admin_token_env: str | None = Field(
+        DEFAULT_ENV,
+        description="the environment variable of the ingress replicas that holds the admin token of the label "
+        "change endpoints (unset or empty there: the endpoints are off)",
     )
 
 
@@ -145,6 +174,8 @@ class ModelScorer:
         limits: dict | None = None,
         batching: dict | None = None,
         torch_threads: int | None = None,
+        catalogue: str | None = None,
+        catalogue_poll_s: float = 0.1,
     ):
         bind_replica_grpc()
         if torch_threads:
@@ -154,12 +185,52 @@ class ModelScorer:
         self.backend = backend
         self._initial_limits = self.limits = Limits(**(limits or {}))
         self._initial_batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.02, **(batching or {})}
-        self.model = load_model(artifact, backend)
+        self.replica = replica_tag()
+        self.catalogue = catalogue
+        self.model = load_model(artifact, backend, live_labels=catalogue is not None)
         self.swap_error: str | None = None
         self._swap = asyncio.Lock()
         self._batch_wait, self._batch_s, self._running, self._waiting = 0.0, 0.0, 0, 0
         for key, value in self._initial_batching.items():
             self._set_batching(key, value)
+        # Live labels: the log replayed before the constructor returns (a new replica answers only once it caught
+        # up), then followed by a thread. `_live_lock` orders the follower, label changes and swaps.
+        self.live: LiveLabels | None = None
+        self.live_error: str | None = None
+        self._live_lock = threading.Lock()
+        self._stop = threading.Event()
+        if catalogue is not None:
+            self.live = self._live_for(self.model, swap=False)
+            threading.Thread(target=self._follow, args=(catalogue_poll_s,), name="catalogue", daemon=True).start()
+
+    def _live_for(self, model: ServingModel, swap: bool) -> LiveLabels | None:
+        """The live labels of `model` (the log reconciled with it first on a swap); None, and why in live_error,
+        for a model that cannot take new labels (one trained on sparse features, or one without zero-shot rows)."""
+        if model.takes_features or model.zero_shot_rows is None:
+            self.live_error = "this model cannot take new labels (it takes sparse features, or has no zero-shot rows)"
+            return None
+        make = LiveLabels.for_swap if swap else LiveLabels
+        return make(self.catalogue, model, self._catalogue_limits())
+
+    def _catalogue_limits(self) -> CatalogueLimits:
+        lim = self.limits
+        return CatalogueLimits(lim.max_label_batch, lim.max_title_chars, lim.max_uid_chars)
+
+    def _follow(self, poll_s: float) -> None:
+        reported = None
+        while not self._stop.wait(poll_s):
+            try:
+                with self._live_lock:
+                    if self.live is not None:
+                        self.live.sync()
+                reported = None
+            except Exception as e:  # keep serving what was applied; say why once, retry at the next poll
+                if repr(e) != reported:
+                    reported = repr(e)
+                    logger.error(f"catalogue {self.catalogue}: {type(e).__name__}: {e}")
+
+    def __del__(self):
+        self._stop.set()
 
     def _set_batching(self, key: str, value) -> None:
         if key == "max_batch_size":
@@ -178,6 +249,8 @@ class ModelScorer:
                 logger.error(self.swap_error)
                 return
             self.limits = cfg.limits if cfg.limits is not None else self._initial_limits
+            if self.live is not None:
+                self.live.limits = self._catalogue_limits()
             for key, initial in self._initial_batching.items():
                 self._set_batching(key, getattr(cfg, key) if getattr(cfg, key) is not None else initial)
             path = str(Path(cfg.artifact).resolve()) if cfg.artifact else self.model.info.get("artifact")
@@ -185,13 +258,21 @@ class ModelScorer:
             if path == self.model.info.get("artifact") and backend == self.backend:
                 return
             try:
-                new = await asyncio.to_thread(load_model, path, backend)
+                new = await asyncio.to_thread(load_model, path, backend, live_labels=self.catalogue is not None)
+                old = await asyncio.to_thread(self._swap_to, new)
             except Exception as e:  # the old model keeps serving
                 self.swap_error = f"artifact {path} refused: {type(e).__name__}: {e}"
                 logger.error(self.swap_error)
                 return
-            old, self.model, self.backend, self.swap_error = self.model, new, backend, None
+            self.backend, self.swap_error = backend, None
             logger.info(f"model {old.version} -> {new.version} ({path})")
+
+    def _swap_to(self, new: ServingModel) -> ServingModel:
+        """Serve `new`, its catalogue first reconciled and replayed (requests in flight finish on the old model)."""
+        with self._live_lock:
+            live = self._live_for(new, swap=True) if self.catalogue is not None else None
+            old, self.model, self.live = self.model, new, live
+        return old
 
     def check_health(self) -> None:
         if self.model is None:
@@ -241,8 +322,9 @@ class ModelScorer:
             self._waiting -= 1
 
     def _labels(self, model: ServingModel, ids: list[int], scores: list[float]) -> list[ScoredLabel]:
+        # A label served without a title (None) answers with its uid, as /v1/similar scores it.
         return [
-            ScoredLabel(label_id=i, uid=model.uids[i], title=model.titles[i], score=s)
+            ScoredLabel(label_id=i, uid=model.uids[i], title=model.titles[i] or model.uids[i], score=s)
             for i, s in zip(ids, scores, strict=True)
         ]
 
@@ -250,13 +332,13 @@ class ModelScorer:
         """A request the ingress parsed: checked against the limits and the model it will be scored on, scored."""
         model = self.model
         try:
-            check_predict(req, self.limits, model.num_labels, model.num_features)
+            check_predict(req, self.limits, model.num_labels, model.num_features, model.retired)
         except RequestError as e:
             return ScorerReply.refused(e, model.version)
         query = Query(req.texts or [], req.k, list(set(req.exclude or ())), features=req.features)
         res = await self._score(model, query)
         body = PredictResponse(model_version=model.version, results=[self._labels(model, *r) for r in res.answers])
-        return ScorerReply(body, batch=res.batch, texts=res.texts, model_version=model.version)
+        return ScorerReply(body, batch=res.batch, texts=res.texts, model_version=model.version, replica=self.replica)
 
     async def similar(self, req: SimilarRequest) -> ScorerReply:
         model = self.model
@@ -265,7 +347,9 @@ class ModelScorer:
             if item is None or not 0 <= item < model.num_labels:
                 key = f"uid {req.uid!r}" if req.uid is not None else f"id {req.id}"
                 raise RequestError(404, f"unknown item {key} (ids are 0..{model.num_labels - 1})")
-            check_k(req.k, self.limits, model.num_labels, reserved=1)
+            if item in model.retired:
+                raise RequestError(404, f"item {model.uids[item]!r} (id {item}) is a retired label")
+            check_k(req.k, self.limits, model.num_live, reserved=1)
             if req.mode == "text" and model.takes_features:
                 raise RequestError(422, "this model takes features, not text: ask with mode=embedding")
         except RequestError as e:
@@ -281,7 +365,58 @@ class ModelScorer:
             item=self._labels(model, [item], [0.0])[0],
             results=self._labels(model, ids, scores),
         )
-        return ScorerReply(body, batch=batch, texts=texts, model_version=model.version)
+        return ScorerReply(body, batch=batch, texts=texts, model_version=model.version, replica=self.replica)
+
+    async def change_labels(self, op: str, labels: list[tuple[str, str | None]]) -> ScorerReply:
+        """Add, retitle or retire labels (one batch, all or nothing); answered once this replica serves the change."""
+        model = self.model
+        try:
+            if self.live is None:
+                raise RequestError(403 if self.catalogue is None else 422, self._live_off())
+            changed = await asyncio.to_thread(self._change, [Change(op, uid, title) for uid, title in labels])
+        except RequestError as e:
+            return ScorerReply.refused(e, model.version)
+        body = LabelsResponse(
+            catalogue_version=changed.version,
+            model_version=self.model.version,
+            labels=[self._label_out(x) for x in changed.labels],
+        )
+        return ScorerReply(body, model_version=body.model_version, replica=self.replica)
+
+    def _change(self, changes: list[Change]):
+        status = {CatalogueUnknown: 404, CatalogueConflict: 409, CatalogueStale: 503}
+        with self._live_lock:
+            try:
+                return self.live.change(changes)
+            except CatalogueError as e:
+                # "change 3: ..." names the request's labels[3]
+                raise RequestError(
+                    status.get(type(e), 422), re.sub(r"^change (\d+):", r"labels[\1]:", str(e))
+                ) from None
+            except OSError as e:  # the log's disk (full, read-only, gone)
+                raise RequestError(503, f"the catalogue log cannot be written: {e}") from None
+
+    async def get_label(self, uid: str) -> ScorerReply:
+        model, live = self.model, self.live
+        label = live.label(uid) if live is not None else None
+        if label is None and live is None and model.id_of(uid) is not None:
+            i = model.id_of(uid)
+            label = Label(i, uid, model.titles[i], i in model.retired)
+        if label is None:
+            return ScorerReply.refused(RequestError(404, f"unknown label uid {uid!r}"), model.version)
+        version = live.version if live is not None else 0
+        body = LabelsResponse(catalogue_version=version, model_version=model.version, labels=[self._label_out(label)])
+        return ScorerReply(body, model_version=model.version, replica=self.replica)
+
+    def _label_out(self, label: Label) -> LabelOut:
+        artifact_labels = self.live.catalogue.state.num_artifact_labels if self.live is not None else label.id + 1
+        source = "artifact" if label.id < artifact_labels else "catalogue"
+        return LabelOut(label_id=label.id, uid=label.uid, title=label.title, retired=label.retired, source=source)
+
+    def _live_off(self) -> str:
+        if self.catalogue is None:
+            return "live labels are off: the app was started with catalogue: off"
+        return f"live labels are off for this model: {self.live_error}"
 
     def info(self) -> ModelInfo:
         m = self.model
@@ -297,6 +432,10 @@ class ModelScorer:
                 "limits": self.limits,
                 "inputs": "features" if m.takes_features else "texts",
                 "num_features": m.num_features,
+                "num_live_labels": m.num_live,
+                "replica": self.replica,
+                "catalogue": self.catalogue if self.live is not None else None,
+                "catalogue_version": self.live.version if self.live is not None else None,
                 "last_swap_error": self.swap_error,
             }
         )
@@ -308,6 +447,10 @@ app = FastAPI(
     version="1",
 )
 _ERRORS = {c: {"model": ErrorBody} for c in (400, 404, 413, 422, 503)}
+_LABEL_ERRORS = {c: {"model": ErrorBody} for c in (400, 401, 403, 404, 409, 413, 422, 503)}
+_TOKEN = Header(
+    None, description="`Bearer TOKEN`: the admin token (the ingress replicas' environment variable admin_token_env)"
+)
 
 
 class ScorerUnavailable(Exception):
@@ -349,10 +492,18 @@ app.add_middleware(Guard)
 @serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, scorer: DeploymentHandle, max_body_bytes: int = 4 * 2**20, retry_wait_s: float = 3.0):
+    def __init__(
+        self,
+        scorer: DeploymentHandle,
+        max_body_bytes: int = 4 * 2**20,
+        retry_wait_s: float = 3.0,
+        admin_token_env: str | None = DEFAULT_ENV,
+    ):
         bind_replica_grpc()
         self.scorer, self.retry_wait_s = scorer, retry_wait_s
         self.metrics = configure_guard(max_body_bytes)
+        self.admin_token_env = admin_token_env
+        self._admin_token = admin_token(admin_token_env)  # read here, in the replica: never part of the config
 
     async def _ask(self, method: str, *args):
         """The scorer's answer to `method(*args)`. A request whose replica died or could not be reached is sent once
@@ -379,9 +530,9 @@ class Ingress:
                 f"{RETRY_AFTER_S} s"
             ) from None
 
-    async def _call(self, endpoint: str, body: PredictRequest | SimilarRequest) -> Response:
+    async def _call(self, endpoint: str, *args) -> Response:
         try:
-            reply: ScorerReply = await self._ask(endpoint, body)  # the parsed request, as it is
+            reply: ScorerReply = await self._ask(endpoint, *args)  # the parsed request, as it is
         except ScorerUnavailable as e:
             return e.response()
         if reply.body is None:
@@ -389,7 +540,11 @@ class Ingress:
         if reply.batch:
             self.metrics.batch.observe(reply.batch)
             self.metrics.batch_texts.observe(reply.texts)
-        headers = {"x-model-version": reply.body.model_version, "x-batch-size": str(reply.batch)}
+        headers = {
+            "x-model-version": reply.body.model_version,
+            "x-batch-size": str(reply.batch),
+            "x-replica": reply.replica,
+        }
         return Response(reply.body.model_dump_json(), media_type="application/json", headers=headers)
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
@@ -402,6 +557,37 @@ class Ingress:
     async def similar(self, body: SimilarRequest):
         """Items related to an item (by uid or id), the item itself excluded."""
         return await self._call("similar", body)
+
+    async def _change(self, authorization: str | None, op: str, labels: list[tuple[str, str | None]]) -> Response:
+        refused = refusal(self._admin_token, authorization, self.admin_token_env)
+        if refused is not None:
+            headers = {"WWW-Authenticate": "Bearer"} if refused[0] == 401 else None
+            return error_response(*refused, headers=headers)
+        return await self._call("change_labels", op, labels)
+
+    @app.post("/v1/labels", response_model=LabelsResponse, responses=_LABEL_ERRORS)
+    async def add_labels(self, body: LabelsRequest, authorization: str | None = _TOKEN):
+        """Add labels (admin token): each new uid gets the next label id and, as its head row, the model's zero-shot
+        vector of its title. Answered once the change is in the catalogue log and served by the replica that wrote
+        it; every replica serves it within a second. A batch applies whole or not at all."""
+        return await self._change(authorization, "add", [(x.uid, x.title) for x in body.labels])
+
+    @app.put("/v1/labels", response_model=LabelsResponse, responses=_LABEL_ERRORS)
+    async def retitle_labels(self, body: LabelsRequest, authorization: str | None = _TOKEN):
+        """Change the titles of existing labels (admin token); their head rows are computed again from the new
+        titles (zero-shot rows, an artifact label's trained row included)."""
+        return await self._change(authorization, "update", [(x.uid, x.title) for x in body.labels])
+
+    @app.delete("/v1/labels/{uid}", response_model=LabelsResponse, responses=_LABEL_ERRORS)
+    async def retire_label(self, uid: str, authorization: str | None = _TOKEN):
+        """Retire a label (admin token): it keeps its id and is never returned again by /v1/predict or /v1/similar;
+        its uid cannot be added again."""
+        return await self._change(authorization, "retire", [(uid, None)])
+
+    @app.get("/v1/labels/{uid}", response_model=LabelsResponse, responses=_LABEL_ERRORS)
+    async def get_label(self, uid: str):
+        """A label of the catalogue (artifact or added, retired ones included), as the answering replica serves it."""
+        return await self._call("get_label", uid)
 
     @app.get("/v1/model", response_model=ModelInfo, responses={503: {"model": ErrorBody}})
     async def model(self):
@@ -427,5 +613,8 @@ def app_builder(args: AppArgs) -> serve.Application:
     if not isinstance(args, AppArgs):
         args = AppArgs(**dict(args))
     batching = {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
-    scorer = ModelScorer.bind(args.artifact, args.backend, args.limits.model_dump(), batching, args.torch_threads)
-    return Ingress.bind(scorer, args.max_body_bytes, args.retry_wait_s)
+    log = None if args.catalogue == "off" else os.path.abspath(args.catalogue or default_log_path(args.artifact))
+    scorer = ModelScorer.bind(
+        args.artifact, args.backend, args.limits.model_dump(), batching, args.torch_threads, log, args.catalogue_poll_s
+    )
+    return Ingress.bind(scorer, args.max_body_bytes, args.retry_wait_s, args.admin_token_env)

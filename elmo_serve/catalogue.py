@@ -268,7 +268,10 @@ class Catalogue:
             self.state.check(changes, self.limits)
 
         with self._lock:
-            self.state.check(changes, self.limits)  # refuse early, before taking the file lock or creating the file
+            # Catch up with other writers first (a label another replica just added can be changed here at once),
+            # then refuse early, before taking the file lock or creating the file.
+            self._take(self.log.read_from(self._offset, self._log_id))
+            self.state.check(changes, self.limits)
             version = self.log.append(changes, validate)
             self._take(self.log.read_from(self._offset, self._log_id))
             return version

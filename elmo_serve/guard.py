@@ -47,7 +47,9 @@ class Metrics:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :]
-        endpoint = ENDPOINTS.get(path.rstrip("/") or "/", "other")  # unknown paths share one label
+        path = path.rstrip("/") or "/"
+        # unknown paths share one label; /v1/labels/{uid} is one endpoint whatever the uid
+        endpoint = ENDPOINTS.get(path) or ("labels" if path.startswith("/v1/labels/") else "other")
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 
@@ -55,6 +57,7 @@ class Metrics:
 ENDPOINTS = {
     "/v1/predict": "predict",
     "/v1/similar": "similar",
+    "/v1/labels": "labels",
     "/v1/model": "model",
     "/healthz": "healthz",
     "/metrics": "metrics",

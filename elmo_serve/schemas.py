@@ -8,8 +8,13 @@ Error contract (every error body is `{"error": "<one clear sentence>", "detail":
   breaks a limit (too many texts, text too long or empty, k above `max_k` or above the labels left, exclude ids out
   of range or too many; feature pairs too many, out of the model's index range or not finite), or the request's
   kind does not fit the model (texts to a model trained on sparse features, features to a text model).
+- 401 / 403: a label change (`POST` / `PUT /v1/labels`, `DELETE /v1/labels/{uid}`) without the admin token, with
+  a wrong one, or while no admin token is configured (the endpoints are off: 403).
+- 404: a label change or `GET /v1/labels/{uid}` names a uid the catalogue does not hold; 409: an add of a uid that
+  exists (or was retired), a change of a retired label.
 - 503 (with a Retry-After header): the scorer replica died or cannot be reached, and no other replica answered the
-  one retry (see `elmo_serve.app.Ingress`).
+  one retry (see `elmo_serve.app.Ingress`); a label change while the catalogue log cannot be written or was just
+  rewritten by a swap.
 Nothing a client sends produces a 5xx.
 """
 
@@ -31,6 +36,9 @@ class Limits(BaseModel):
     max_k: int = Field(100, ge=1, description="largest k (also capped by the number of labels)")
     max_exclude: int = Field(1_000, ge=0, description="label ids in `exclude`")
     max_features: int = Field(10_000, ge=1, description="(index, value) pairs per item of `features`")
+    max_label_batch: int = Field(1_000, ge=1, description="labels per POST / PUT /v1/labels")
+    max_title_chars: int = Field(1_000, ge=1, description="characters per label title")
+    max_uid_chars: int = Field(256, ge=1, description="characters per label uid")
 
 
 class RequestError(Exception):
@@ -97,6 +105,38 @@ class SimilarRequest(BaseModel):
         return self
 
 
+class LabelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uid: StrictStr = Field(min_length=1, description="the label's uid (new for POST, existing for PUT)")
+    title: StrictStr = Field(
+        min_length=1, description="its text: a new label's head row is the model's zero-shot vector of this title"
+    )
+
+
+class LabelsRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"labels": [{"uid": "zstd", "title": "zstd : fast lossless compression"}]}]},
+    )
+
+    labels: list[LabelIn] = Field(min_length=1, description="at most max_label_batch labels, each uid once")
+
+
+class LabelOut(BaseModel):
+    label_id: int
+    uid: str
+    title: str | None = Field(description="None: an artifact label served without a title")
+    retired: bool = Field(description="a retired label keeps its id and uid and is never returned again")
+    source: Literal["artifact", "catalogue"] = Field(description="in the served artifact, or added through the API")
+
+
+class LabelsResponse(BaseModel):
+    catalogue_version: int = Field(description="the catalogue log's version once the change applied")
+    model_version: str
+    labels: list[LabelOut] = Field(description="the labels changed (or asked for), in request order")
+
+
 class ScoredLabel(BaseModel):
     label_id: int
     uid: str
@@ -131,6 +171,10 @@ class ModelInfo(BaseModel):
         "texts", description="what /v1/predict takes: texts, or sparse features (a model trained on BoW data)"
     )
     num_features: int | None = Field(None, description="the feature index range [0, num_features) of a BoW model")
+    num_live_labels: int = Field(0, description="labels that can be returned: num_labels minus the retired ones")
+    replica: str = Field("", description="the scorer replica that answered")
+    catalogue: str | None = Field(None, description="the live label catalogue's log (None: live labels are off)")
+    catalogue_version: int | None = Field(None, description="the version of the log this replica has applied")
     last_swap_error: str | None = None
 
 
@@ -150,21 +194,29 @@ class ScorerReply:
     """The scorer deployment's answer to one validated request, as it comes back through the Ray handle: the response
     body, or the status and message of the client error that refused the request; and the scorer batch it was in."""
 
-    body: PredictResponse | SimilarResponse | None = None
+    body: PredictResponse | SimilarResponse | LabelsResponse | None = None
     status: int = 200  # the 4xx of a refused request
     error: str = ""  # a refused request's message
     batch: int = 0  # requests in the scorer batch that answered it (0: scored without one, /v1/similar embedding)
     texts: int = 0  # texts in that batch
     model_version: str = ""  # the model that answered or refused it
+    replica: str = ""  # the scorer replica that answered (the x-replica header)
 
     @classmethod
     def refused(cls, e: RequestError, model_version: str) -> ScorerReply:
         return cls(status=e.status, error=e.message, model_version=model_version)
 
 
-def check_predict(req: PredictRequest, limits: Limits, num_labels: int, num_features: int | None = None) -> None:
+def check_predict(
+    req: PredictRequest,
+    limits: Limits,
+    num_labels: int,
+    num_features: int | None = None,
+    retired: frozenset[int] = frozenset(),
+) -> None:
     """Raise RequestError(422) naming the first limit the request breaks. `num_features`: the feature index range of
-    a model that takes sparse features (None: the model takes texts)."""
+    a model that takes sparse features (None: the model takes texts). `retired`: label ids retired (never returned:
+    they do not count as labels left for k, and excluding one changes nothing)."""
     if req.texts is not None and num_features is not None:
         raise RequestError(
             422,
@@ -192,16 +244,17 @@ def check_predict(req: PredictRequest, limits: Limits, num_labels: int, num_feat
                     422,
                     f"features[{i}][{j}] index {index} is out of range: this model's features are [0, {num_features})",
                 )
-    check_k(req.k, limits, num_labels)
-    excl = set(req.exclude or ())
+    live = num_labels - len(retired)
+    check_k(req.k, limits, live)
+    excl = set(req.exclude or ()) - retired
     if req.exclude:
         if len(req.exclude) > limits.max_exclude:
             raise RequestError(422, f"exclude has {len(req.exclude)} ids > max_exclude={limits.max_exclude}")
         bad = [e for e in req.exclude if not 0 <= e < num_labels]
         if bad:
             raise RequestError(422, f"exclude ids must be label ids in [0, {num_labels}), got {bad[:5]}")
-    if req.k > num_labels - len(excl):
-        raise RequestError(422, f"k={req.k} exceeds the {num_labels - len(excl)} labels left after `exclude`")
+    if req.k > live - len(excl):
+        raise RequestError(422, f"k={req.k} exceeds the {live - len(excl)} labels left after `exclude`")
 
 
 def check_k(k: int, limits: Limits, num_labels: int, reserved: int = 0) -> None:
