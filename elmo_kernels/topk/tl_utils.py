@@ -124,7 +124,8 @@ def screen_epilogue(
     thr = key_score(kth_key)
     if GATE:
         # One max per row first: most tiles have no hit, and the full-tile test below is skipped for them. A NaN
-        # row maximum (NaN scores) takes the full test too, which ignores NaN. Rows past B never count.
+        # row maximum (NaN scores) takes the full test too, which ignores NaN. Rows past B never count. Invalid
+        # labels (padding, dead rows) may open the gate: that costs the full test, never a candidate.
         row_max = tl.max(s, axis=1)
         go = tl.max((((row_max > thr) | (row_max != row_max) | take_all) & row_ok).to(tl.int32), axis=0) > 0
     else:
