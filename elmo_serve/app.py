@@ -434,6 +434,8 @@ class ModelScorer:
                 "num_features": m.num_features,
                 "num_live_labels": m.num_live,
                 "replica": self.replica,
+                "head_rows": m.scorer.capacity,
+                "head_bytes": m.scorer.weights.nbytes,
                 "catalogue": self.catalogue if self.live is not None else None,
                 "catalogue_version": self.live.version if self.live is not None else None,
                 "last_swap_error": self.swap_error,

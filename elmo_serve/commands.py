@@ -144,13 +144,14 @@ def serve_command(
     address: str | None = None,
     replicas: int = 1,
     run_root: str | None = None,
+    catalogue: str | None = None,
 ) -> int:
     """Serve `artifact` on host:port until SIGINT/SIGTERM (or `stop` is set), then stop everything it started.
 
     Without `address` it starts its own Ray node (never an existing `ray start` cluster), bound to 127.0.0.1; with
     one it joins that cluster and, when it stops, deletes only its application. While it serves, `elmo swap` reaches
-    it through its control directory (elmo_serve.control). Returns 0 once stopped, 1 if the app cannot start, 2 for
-    bad arguments."""
+    it through its control directory (elmo_serve.control). `catalogue`: the live label log (AppArgs.catalogue).
+    Returns 0 once stopped, 1 if the app cannot start, 2 for bad arguments."""
     path = Path(artifact).resolve()
     if not path.exists():
         print(f"elmo serve: no artifact at {path}", file=sys.stderr)
@@ -207,7 +208,7 @@ def serve_command(
         client = _get_global_client()
         batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
         threads = local_torch_threads(torch_threads, num_cpus)
-        args = AppArgs(artifact=str(path), backend=backend, torch_threads=threads, **batching)
+        args = AppArgs(artifact=str(path), backend=backend, torch_threads=threads, catalogue=catalogue, **batching)
 
         def deploy(body: dict) -> None:
             client.deploy_apps(ServeDeploySchema.parse_obj(body))
@@ -310,6 +311,7 @@ def _serve(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         address=args.address,
         replicas=args.replicas,
+        catalogue=args.catalogue,
     )
 
 
@@ -355,7 +357,15 @@ def add_serve_commands(subparsers) -> None:
     """Register `serve`, `swap` and `query` on the `elmo` parser's subparsers (each sets `func`, returning an exit
     code)."""
     default_port = int(os.environ.get("ELMO_PORT", 8000))
-    p = subparsers.add_parser("serve", help="serve an artifact over HTTP with Ray Serve on this machine")
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an artifact over HTTP with Ray Serve on this machine",
+        description="Serve ARTIFACT over HTTP (POST /v1/predict, /v1/similar; docs at /docs). Live labels: POST / PUT "
+        "/v1/labels and DELETE /v1/labels/{uid} change the label set without a retrain; they need the admin token, "
+        "read from $ELMO_ADMIN_TOKEN in the environment elmo serve starts in (ELMO_ADMIN_TOKEN=... elmo serve ...), "
+        "sent as 'Authorization: Bearer TOKEN'; without it the change endpoints are off (403). Changes go to the "
+        "catalogue log (--catalogue), which a restart replays.",
+    )
     p.add_argument("artifact", help="artifact directory (from `elmo export`)")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP port binds to (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=default_port, help="HTTP port (default: $ELMO_PORT, else 8000)")
@@ -372,6 +382,12 @@ def add_serve_commands(subparsers) -> None:
         "--torch-threads", type=int, default=None, help="scorer's torch threads (default: --num-cpus, else all)"
     )
     p.add_argument("--replicas", type=int, default=1, help="scorer replicas")
+    p.add_argument(
+        "--catalogue",
+        default=None,
+        help="the live label catalogue log (default: catalogue.log in the directory holding ARTIFACT; off: no live "
+        "labels)",
+    )
     p.add_argument(
         "--address",
         default=None,

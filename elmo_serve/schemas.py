@@ -173,6 +173,8 @@ class ModelInfo(BaseModel):
     num_features: int | None = Field(None, description="the feature index range [0, num_features) of a BoW model")
     num_live_labels: int = Field(0, description="labels that can be returned: num_labels minus the retired ones")
     replica: str = Field("", description="the scorer replica that answered")
+    head_rows: int = Field(0, description="head rows allocated (labels plus spare rows for live labels)")
+    head_bytes: int = Field(0, description="bytes of the head's weights on the answering replica")
     catalogue: str | None = Field(None, description="the live label catalogue's log (None: live labels are off)")
     catalogue_version: int | None = Field(None, description="the version of the log this replica has applied")
     last_swap_error: str | None = None
