@@ -36,6 +36,7 @@ from training.config import TrainConfig, check_resume
 from training.evaluation import evaluate_model, propensity_of
 from training.model import XMCHead, XMCModel
 from training.recipe import recipe_for
+from training.zero_shot import Calibration, reset_unseen
 
 
 def lr_factor(step: int, total: int, warmup: float, min_lr: float) -> float:
@@ -281,6 +282,15 @@ def train(
         state["epoch"] += 1
         state["batch"] = 0
         state["train_seconds"] += time.perf_counter() - t0
+        if state["epoch"] == cfg.epochs and cfg.zero_shot_unseen and cfg.label_init and train_ds.label_titles:
+            start, end = labels  # this process's rows of the head
+            state["zero_shot"] = reset_unseen(
+                model,
+                train_ds.label_titles[start:end],
+                counts[start:end],
+                gain=cfg.label_init_gain,
+                num_rows=train_ds.num_rows,
+            )
         if state["epoch"] % max(1, cfg.eval_every) == 0 or state["epoch"] == cfg.epochs:
             m = par.evaluate(model, test_ds, test_feats, propensity)
             state["metrics"] = m
@@ -305,6 +315,7 @@ def train(
         "out": str(cfg.out),
         "config": asdict(cfg),
         "recipe": state.get("recipe", {}),  # {field: {"value", "reason", "user_set"}} chosen at the run's start
+        "zero_shot": state.get("zero_shot", {}),  # labels with no training point re-set: {calibration, labels}
     }
     whole = par.whole_model(model)
     if par.is_main:
@@ -332,4 +343,6 @@ def finish(cfg: TrainConfig, model: XMCModel, train_ds, test_ds, test_feats, cou
     if cfg.export:
         from training.artifact import save_artifact
 
-        save_artifact(cfg.export, model, train_ds, metrics=result["metrics"], config=asdict(cfg))
+        zs = result["zero_shot"].get("calibration")
+        zero_shot = Calibration.from_dict(zs) if zs else None  # the re-set's calibration; else export measures it
+        save_artifact(cfg.export, model, train_ds, metrics=result["metrics"], config=asdict(cfg), zero_shot=zero_shot)

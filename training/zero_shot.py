@@ -27,7 +27,7 @@ from training.model import XMCModel
 ZERO_SHOT_KEY = "zero_shot"  # manifest.json key holding Calibration.as_dict()
 EMBED_BATCH = 4096  # titles embedded at a time
 CALIBRATIONS = ("config", "tail")  # how `calibrate` chooses (gain, bias): module doc
-DEFAULT_CALIBRATION = "config"  # what export records
+DEFAULT_CALIBRATION = "tail"  # what export records and the re-set uses (measured best: BENCHMARKS.md, Quality)
 TAIL_POINTS = (1, 2)  # training points of the labels `calibrate` measures ("tail")
 
 
@@ -119,6 +119,29 @@ def set_rows(model: XMCModel, rows: np.ndarray, titles: Sequence[str], cal: Cali
         head.bias[rows_t] = cal.bias
     kahan = rows_t[rows_t < len(head.kahan)]
     head.kahan[kahan] = 0
+
+
+def reset_unseen(
+    model: XMCModel,
+    titles: Sequence[str],
+    counts: np.ndarray,
+    *,
+    gain: float,
+    num_rows: int,
+    method: str = DEFAULT_CALIBRATION,
+) -> dict:
+    """Re-set the rows of the labels with no training point (head order: titles[j], counts[j] are row j's) to their
+    zero-shot rows through the trained encoder, with `calibrate`'s calibration of this model; training pushed only
+    negatives into them. Returns {"calibration", "labels"} (how many were re-set), for metrics.json."""
+    was_training = model.training
+    model.eval()
+    try:
+        cal = calibrate(model, titles, counts, gain=gain, num_rows=num_rows, method=method)
+        unseen = np.flatnonzero(np.asarray(counts) == 0)
+        set_rows(model, unseen, [titles[j] for j in unseen], cal)
+    finally:
+        model.train(was_training)
+    return {"calibration": cal.as_dict(), "labels": int(len(unseen))}
 
 
 def config_calibration(gain: float, num_rows: int) -> Calibration:

@@ -18,7 +18,6 @@ from training.zero_shot import (
     Calibration,
     calibrate,
     config_calibration,
-    set_rows,
     stored_rows,
     title_embeddings,
     true_rows,
@@ -112,7 +111,10 @@ def test_export_records_a_calibration_and_a_bad_one_is_refused(exported, tmp_pat
     fresh = tmp_path / "measured"
     save_artifact(fresh, model, train, config={"label_init_gain": 9.0})
     z = load_artifact(fresh).manifest[ZERO_SHOT_KEY]
-    assert z["gain"] == 9.0 and z["bias"] == pytest.approx(unseen_bias(train.num_rows))
+    measured = calibrate(model, train.label_titles, train.label_counts(), gain=9.0, num_rows=train.num_rows)
+    assert z == measured.as_dict() and z["method"] == "tail"
+    # an untrained model's tail rows are the init's: their own-title logit is the gain (e4m3 rounding aside)
+    assert z["gain"] == pytest.approx(9.0, rel=0.05) and z["bias"] > unseen_bias(train.num_rows)
     m = json.loads((fresh / "manifest.json").read_text())
     m[ZERO_SHOT_KEY]["gain"] = "big"
     (fresh / "manifest.json").write_text(json.dumps(m))
@@ -133,10 +135,11 @@ def test_artifact_without_the_key_falls_back_to_the_config(exported, tmp_path):
     assert torch.equal(_bits(rows), _bits(stored_rows(art.model, train.label_titles[:4], config_calibration(9.0, 150))))
 
 
-def test_zero_shot_rows_of_labels_without_points_rank_their_own_title_first(tmp_path):
-    """Planted: train on data where some labels have no training point, then score each such label's zero-shot row
-    (tail calibration) against every trained label on a text equal to its title: it comes first; `set_rows` writes
-    those rows into the head (weights, master bias) and the head's own top-1 agrees."""
+def test_training_resets_labels_without_points_to_zero_shot_rows_that_rank_their_own_title_first(tmp_path):
+    """Planted: train on data where some labels have no training point. The run ends with those labels' rows re-set
+    to their zero-shot rows (recorded in metrics.json, written to the checkpoint and the artifact's calibration);
+    each such row outscores every trained label on a text equal to its title. Without --zero-shot-unseen (the
+    default) the rows training left stay."""
     from lf_data import write_lf
 
     from training.checkpoint import model_from_checkpoint
@@ -145,20 +148,30 @@ def test_zero_shot_rows_of_labels_without_points_rank_their_own_title_first(tmp_
 
     data = write_lf(tmp_path / "data", num_labels=300, num_train=300, num_test=40, seed=2)
     cfg = dict(dim=32, epochs=3, batch_size=32, min_df=1, precision="fp8", progress=False, threads=2)
-    run(TrainConfig(data=str(data), out=str(tmp_path / "run"), checkpoint_every=0, **cfg))
+    art_path = tmp_path / "artifact"
+    result = run(
+        TrainConfig(data=str(data), out=str(tmp_path / "run"), export=str(art_path), zero_shot_unseen=True, **cfg)
+    )
     model, saved, _ = model_from_checkpoint(tmp_path / "run")
     trn = permute_labels(read_lf(data, "trn"), model.label_order.numpy())
     counts = trn.label_counts()
     unseen, seen = np.flatnonzero(counts == 0), np.flatnonzero(counts > 0)
-    assert len(unseen) >= 10
+    assert len(unseen) >= 10 and result["zero_shot"]["labels"] == len(unseen)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["zero_shot"] == result["zero_shot"]
+    cal = Calibration.from_dict(result["zero_shot"]["calibration"])
+    assert cal == calibrate(model, trn.label_titles, counts, gain=saved.label_init_gain, num_rows=trn.num_rows)
+    assert load_artifact(art_path).zero_shot == cal
     titles = [trn.label_titles[j] for j in unseen]
-    cal = calibrate(model, trn.label_titles, counts, gain=saved.label_init_gain, num_rows=trn.num_rows, method="tail")
-    assert cal.method == "tail" and cal.details["tail_labels"] > 0 and cal.gain > 0
-    x = model.embed(*model.encoder_inputs(titles))
-    own = (model.head.head_input(x) * stored_rows(model, titles, cal).float()).sum(1)
-    best_trained = model.head.scores(x)[:, seen].max(1).values
-    assert float((own > best_trained).float().mean()) >= 0.9
-    set_rows(model, unseen, titles, cal)
-    top = model.head.topk(x, 1)[1][:, 0].numpy()
-    assert float((top == unseen).mean()) >= 0.9
+    assert torch.equal(_bits(model.head.weight[unseen]), _bits(stored_rows(model, titles, cal)))
     assert torch.equal(model.head.bias[unseen], torch.full((len(unseen),), cal.bias))
+    x = model.embed(*model.encoder_inputs(titles))
+    scores = model.head.scores(x)
+    own, best_trained = scores[torch.arange(len(unseen)), unseen], scores[:, seen].max(1).values
+    assert float((own > best_trained).float().mean()) >= 0.9
+    assert float((model.head.topk(x, 1)[1][:, 0].numpy() == unseen).mean()) >= 0.9
+
+    off = run(TrainConfig(data=str(data), out=str(tmp_path / "off"), **cfg))  # the default: off
+    kept, _, _ = model_from_checkpoint(tmp_path / "off")
+    assert off["zero_shot"] == {} and not torch.equal(_bits(kept.head.weight[unseen]), _bits(model.head.weight[unseen]))
+    # the same run up to the re-set: the labels with points are untouched by it
+    assert torch.equal(_bits(kept.head.weight[seen]), _bits(model.head.weight[seen]))
