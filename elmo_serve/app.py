@@ -200,7 +200,13 @@ class ModelScorer:
         self._live_lock = threading.Lock()
         self._stop = threading.Event()
         if catalogue is not None:
-            self.live = self._live_for(self.model, swap=False)
+            try:
+                self.live = self._live_for(self.model, swap=False)
+            except CatalogueError as e:
+                # A log reconciled for the artifact a swap declared: this replica starts on the app's first artifact,
+                # then Serve hands it the declared one (reconfigure, before it takes requests), which fits the log.
+                self.live_error = f"the catalogue log does not fit the artifact loaded first: {e}"
+                logger.warning(self.live_error)
             threading.Thread(target=self._follow, args=(catalogue_poll_s,), name="catalogue", daemon=True).start()
 
     def _live_for(self, model: ServingModel, swap: bool) -> LiveLabels | None:

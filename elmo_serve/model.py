@@ -134,6 +134,7 @@ class ServingModel:
     num_features: int | None = None  # the feature index range of a model that takes features
     zero_shot_rows: Callable[[Sequence[str]], torch.Tensor] | None = None  # new labels' head rows (see above)
     lock: SharedLock = field(default_factory=SharedLock, repr=False)
+    _apply_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     retired: frozenset[int] = frozenset()  # label ids retired by `apply`
     _uid_index: dict[str, int] = field(default_factory=dict, repr=False)
     _id_rows: torch.Tensor | None = field(default=None, repr=False)
@@ -170,6 +171,10 @@ class ServingModel:
         of each. A change that does not fit (an existing uid added, an unknown or retired one changed) raises
         ValueError before anything changes. The catalogue (`elmo_serve.catalogue`) checks changes before they are
         logged; this applies what the log holds, so both hand out the same ids."""
+        with self._apply_lock:  # one change at a time: prepare and commit must not interleave with another's
+            return self._apply(changes)
+
+    def _apply(self, changes: Sequence[LabelChange]) -> list[int]:
         if self._explicit_vectors:
             raise ValueError("this model's label vectors were given (label_vectors): live labels need the head's")
         uids, titles, index, retired = list(self.uids), list(self.titles), dict(self._uid_index), set(self.retired)
@@ -199,12 +204,17 @@ class ServingModel:
             raise ValueError("this model has no zero-shot rows for new labels' titles (zero_shot_rows)")
         values = self.zero_shot_rows([written[i] for i in ids]) if ids else None
         n_old, n_new = len(self.uids), len(uids)
+        # New ids take the new rows, in order; adds are made ready beside the running predictions (Scorer.prepare).
+        extend = torch.arange(n_old, n_new)
+        row_of = dict(zip(extend.tolist(), extend.tolist(), strict=True))
+        rows = [row_of[i] if i >= n_old else self._to_rows([i])[0] for i in ids]
+        prepared = self.scorer.prepare(rows, values) if ids else None
         with self.lock.exclusive():
-            if n_new > n_old and self.row_ids is not None:  # new ids take the new rows, in order
-                self.row_ids = torch.cat([self.row_ids, torch.arange(n_old, n_new)])
-                self._id_rows = torch.cat([self._id_rows, torch.arange(n_old, n_new)])
-            if ids:
-                self.scorer.write_rows(self._to_rows(ids), values)
+            if n_new > n_old and self.row_ids is not None:
+                self.row_ids = torch.cat([self.row_ids, extend])
+                self._id_rows = torch.cat([self._id_rows, extend])
+            if prepared is not None:
+                self.scorer.commit(prepared)
             gone = sorted(retired - self.retired)
             if gone:
                 self.scorer.retire_rows(self._to_rows(gone))

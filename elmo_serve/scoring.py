@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -125,6 +126,19 @@ def _pad_rows(rows: Sequence[Sequence[int]]) -> torch.Tensor:
     return torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.int64).view(len(rows), width)
 
 
+@dataclass
+class PreparedRows:
+    """Head rows `Scorer.prepare` made ready and `Scorer.commit` puts live."""
+
+    rows: list[int]
+    old: torch.Tensor  # the rows among them already in use (written at commit)
+    values: torch.Tensor
+    num_labels: int  # rows in use after the commit
+    weights: torch.Tensor  # the head (a bigger copy when it had too few spare rows)
+    screened: ScreenedTopk | None
+    written: bool  # new rows only: written by prepare, screen packed
+
+
 class Scorer:
     """Top-k head rows of queries against a (capacity, D) head whose first `num_labels` rows are in use.
 
@@ -183,11 +197,15 @@ class Scorer:
         return out
 
     def _screen(self) -> None:
+        self._screened = self._screen_for(self.weights, self.num_labels)
+
+    def _screen_for(self, weights: torch.Tensor, num_labels: int) -> ScreenedTopk | None:
         # CPU torch path over an fp8/bf16 head: a bf16 screen + exact fp32 rescoring (see elmo_kernels.topk.cpu), ~7x
         # faster than streaming an fp32 copy of the head, with the same answer. It packs a copy of the rows in use:
         # made again after rows are written (a retirement only flips the mask it is called with).
-        if self.backend == "torch" and self.device.type == "cpu" and self.weights.dtype != torch.float32:
-            self._screened = ScreenedTopk(self.weights, self.num_labels)
+        if self.backend == "torch" and self.device.type == "cpu" and weights.dtype != torch.float32:
+            return ScreenedTopk(weights, num_labels)
+        return None
 
     def _dead(self) -> dict:
         """The `dead` keyword of calls over the rows in use: none while no row among them is retired."""
@@ -207,7 +225,14 @@ class Scorer:
         """Write head rows: rows in use (a retitled label's row, rewritten in place) or new ones, which must be
         num_labels, num_labels + 1, ... in order (added labels; num_labels grows, and the head is reallocated with
         more spare rows when it has too few: on the GPU its captured graphs are then dropped). values: (n, D), cast
-        to the head's dtype. A retired row cannot be written."""
+        to the head's dtype. A retired row cannot be written. `commit(prepare(rows, values))`."""
+        self.commit(self.prepare(rows, values))
+
+    def prepare(self, rows: Sequence[int], values: torch.Tensor) -> PreparedRows:
+        """The slow half of `write_rows`, which may run while `topk` calls do: checks, and for new rows only, their
+        weights written into spare rows (which no call returns: beyond num_labels, and dead) and the CPU screen
+        packed over them; a head too small is reallocated as a copy, which `commit` puts in place. Rows in use are
+        written by `commit`. Nothing else may change the scorer between the two."""
         rows = [int(r) for r in rows]
         if values.dim() != 2 or values.shape != (len(rows), self.weights.shape[1]):
             raise ValueError(f"values must be ({len(rows)}, {self.weights.shape[1]}), got {tuple(values.shape)}")
@@ -220,19 +245,32 @@ class Scorer:
         ):
             raise ValueError(f"rows {old.tolist()[:5]}: negative, repeated or retired rows cannot be written")
         need = self.num_labels + len(new)
+        weights = self.weights
         if need > self.capacity:
-            grown = padded_rows(max(need, self.capacity + spare_rows(self.capacity)))
-            self.weights = self._allocate(self.weights, grown)
-            self.dead = torch.cat([self.dead, torch.ones(grown - len(self.dead), dtype=torch.bool, device=self.device)])
+            weights = self._allocate(weights, padded_rows(max(need, self.capacity + spare_rows(self.capacity))))
+        values = values.to(device=self.device, dtype=weights.dtype)
+        screened = None
+        if not len(old):
+            weights[torch.tensor(new, dtype=torch.int64, device=self.device)] = values
+            screened = self._screen_for(weights, need)
+        return PreparedRows(rows, old, values, need, weights, screened, written=not len(old))
+
+    def commit(self, p: PreparedRows) -> None:
+        """The quick half of `write_rows`: the rows live (and rows in use written), in no `topk` call's way."""
+        if p.weights is not self.weights:
+            grown = len(p.weights) - len(self.dead)
+            self.weights = p.weights
+            self.dead = torch.cat([self.dead, torch.ones(grown, dtype=torch.bool, device=self.device)])
             self._graphs.clear()  # captured on the old head's address
-        idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        self.weights[idx] = values.to(device=self.device, dtype=self.weights.dtype)
+        idx = torch.tensor(p.rows, dtype=torch.int64, device=self.device)
+        if not p.written:
+            self.weights[idx] = p.values
         self.dead[idx] = False
-        self.num_labels = need
+        self.num_labels = p.num_labels
         if self.index is not None:
-            self.index.remove(old)
-            self.index.add(rows, self.weights[idx])
-        self._screen()
+            self.index.remove(p.old)
+            self.index.add(p.rows, self.weights[idx])
+        self._screened = p.screened if p.written else self._screen_for(self.weights, self.num_labels)
 
     def retire_rows(self, rows: Sequence[int]) -> None:
         """Mark rows in use as dead: never returned again (their weights stay, nothing is re-packed)."""

@@ -55,8 +55,19 @@ def test_every_ray_container_runs_serve_in_throughput_mode():
 
     cluster = _load("rayservice.yaml")["spec"]["rayClusterConfig"]
     for spec in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
-        env = {e["name"]: e["value"] for e in spec["template"]["spec"]["containers"][0].get("env", [])}
+        env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0].get("env", [])}
         assert {k: env.get(k) for k in THROUGHPUT_ENV} == THROUGHPUT_ENV  # as `elmo serve` starts Ray
+
+
+def test_every_ray_container_reads_the_admin_token_from_a_secret():
+    service = _load("rayservice.yaml")
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    cluster = service["spec"]["rayClusterConfig"]
+    for spec in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0]["env"]}
+        token = env[args["admin_token_env"]]
+        assert "value" not in token  # never the token itself in the manifest
+        assert token["valueFrom"]["secretKeyRef"]["optional"] is True  # no Secret: the change endpoints are off
 
 
 def test_artifact_paths_live_on_the_shared_volume():
@@ -71,6 +82,7 @@ def test_artifact_paths_live_on_the_shared_volume():
     assert mounts == {"/srv/elmo"}
     scorer = next(d for d in apps[0]["deployments"] if d["name"] == "ModelScorer")
     assert scorer["user_config"]["artifact"].startswith("/srv/elmo/")
+    assert apps[0]["args"]["catalogue"].startswith("/srv/elmo/")  # every scorer pod follows the same log
     job = _load("rayjob.yaml")
     assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     entry = job["spec"]["entrypoint"].split()

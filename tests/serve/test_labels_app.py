@@ -59,7 +59,7 @@ def app(serve_url, tmp_path_factory):
     log = root / "state" / "catalogue.log"
     port = int(serve_url.rsplit(":", 1)[1])
 
-    def deploy(artifact=v1):
+    def deploy(artifact=v1, replicas=2):
         config = {
             "name": APP,
             "route_prefix": f"/{APP}",
@@ -73,7 +73,7 @@ def app(serve_url, tmp_path_factory):
                 "limits": {"max_label_batch": 20, "max_title_chars": 200},
             },
             "deployments": [
-                {"name": "ModelScorer", "num_replicas": 2, "user_config": {"artifact": str(artifact)}},
+                {"name": "ModelScorer", "num_replicas": replicas, "user_config": {"artifact": str(artifact)}},
             ],
         }
         body = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [config]}
@@ -254,7 +254,9 @@ def test_changes_while_four_clients_predict(app):
         for t in threads:
             t.join()
     assert len(results) > 20 and set(results) == {10}, [x for x in results if x != 10][:5]
-    ids = {c.get(f"/v1/labels/load-{j}").json()["labels"][0]["label_id"] for j in range(1, 12, 2)}
+    got = [c.get(f"/v1/labels/load-{j}") for j in range(1, 12, 2)]
+    assert all(g.status_code == 200 for g in got), [g.text for g in got]
+    ids = {g.json()["labels"][0]["label_id"] for g in got}
     seen, answers = replicas_answering(c, titles[11], max(ids))
     assert len(seen) == 2, answers[-4:]
 
@@ -309,3 +311,8 @@ def test_a_hot_swap_reconciles_the_log(app):
     label = c.get("/v1/labels/new-2").json()["labels"][0]
     seen, answers = replicas_answering(c, label["title"], label["label_id"])
     assert len(seen) == 2, answers[-4:]
+    # a replica started after the swap (built on the app's first artifact, then handed v2) catches up before it answers
+    app["deploy"](v2, replicas=3)
+    seen, answers = replicas_answering(c, label["title"], label["label_id"], want=3, deadline_s=30)
+    assert len(seen) == 3, answers[-4:]
+    assert {r for r, _ in answers} == seen  # no replica answered without the label
