@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,10 +155,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from elmo_serve.fold import fold_catalogue
     from training.artifact import load_artifact
     from training.checkpoint import export_run
 
-    path = export_run(args.run, args.artifact, args.data)
+    source, folded = Path(args.run), None
+    if (source / "manifest.json").is_file():  # an artifact: only a catalogue makes a new one of it
+        if args.catalogue is None:
+            raise ValueError(f"{source} is an artifact: `elmo export ARTIFACT OUT --catalogue LOG` folds a log into it")
+        folded = fold_catalogue(source, args.catalogue, args.artifact)
+    elif args.catalogue is None:
+        export_run(args.run, args.artifact, args.data)
+    else:  # the run's artifact, then the log folded into it
+        out = Path(args.artifact).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.run-") as tmp:
+            folded = fold_catalogue(export_run(args.run, Path(tmp) / "artifact", args.data), args.catalogue, out)
+    if folded is not None:
+        print(
+            f"catalogue {args.catalogue} (version {folded.version}) folded in: {folded.added} added, "
+            f"{folded.retitled} retitled, {folded.retired} retired labels"
+        )
+    path = Path(args.artifact)
     art = load_artifact(path)
     h = art.manifest["head"]
     print(f"artifact {path}: {art.num_labels} labels, head {h['dtype']} ({h['rows']} x {h['in_dim']})")
@@ -309,10 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="also write the metrics here (default: print only)")
     ev.set_defaults(func=_cmd_eval)
 
-    ex = sub.add_parser("export", help="write the artifact of a run directory")
-    ex.add_argument("run", help="run directory")
+    ex = sub.add_parser(
+        "export",
+        help="write the artifact of a run directory, or fold a live label catalogue into an artifact",
+        description="Write the artifact of a run directory (its checkpoint, any world size). With --catalogue, the "
+        "changes of a live label catalogue log are folded in: added labels become labels of the artifact (their "
+        "zero-shot rows, as served), retitled ones keep their new title and row, retired ones are left out (ids "
+        "after them move; uids stay). Swapping the service to the result reconciles the log.",
+    )
+    ex.add_argument("run", help="run directory, or an artifact directory (then --catalogue is needed)")
     ex.add_argument("artifact", help="artifact directory to write")
     ex.add_argument("--data", default=None, help="dataset directory (default: the one it was trained on)")
+    ex.add_argument(
+        "--catalogue",
+        default=None,
+        metavar="LOG",
+        help="a catalogue log (elmo serve --catalogue) of the run's or artifact's labels, to fold in (default: none)",
+    )
     ex.set_defaults(func=_cmd_export)
 
     hd = sub.add_parser("head-demo", help="train the BF16/FP8 head alone on a planted problem, vs fp32")

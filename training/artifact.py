@@ -21,6 +21,8 @@ training config's label_init_gain and the prior bias of a label with 0 training 
 manifest.json "files" maps every other file's relative path to its sha256: `load_artifact` checks each (a file changed
 in place, torn or bit-rotted is refused, naming it) and that the loaded weights are finite; an artifact without
 "files" (written before checksums) loads unverified, with a warning. `Artifact.version` derives from the content.
+manifest.json "relabelled" (optional, written by `save_relabelled`): the artifact is another one's with its label set
+changed without training (a live catalogue folded in); metrics and training then describe the source's run.
 
 Scores of texts: x = encoder(texts) (B, dim); scores = [x, bias_input] / s @ weight^T (see training.model.XMCHead),
 rows >= num_labels are padding. `save_artifact` writes into a temporary directory and renames it into place;
@@ -215,9 +217,7 @@ def save_artifact(
     from training.data import data_fingerprint
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _staging(path)
     (tmp / "encoder").mkdir(parents=True)
     head = model.head
     order = model.label_order.cpu().numpy()
@@ -292,12 +292,66 @@ def save_artifact(
         "files": file_digests(tmp),  # written last: every other file is in place
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return _publish(tmp, path)
+
+
+def _staging(path: Path) -> Path:
+    """A fresh temporary directory beside `path`, where an artifact is written before `_publish` moves it there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _publish(tmp: Path, path: Path) -> Path:
+    """Put the complete artifact written in `tmp` at `path` (a previous one is replaced, never half overwritten)."""
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def save_relabelled(
+    src: Artifact, path: str | Path, labels: Sequence[tuple[str, str]], rows: torch.Tensor, provenance: dict
+) -> Path:
+    """Write a copy of artifact `src` at `path` (atomically) with another label set: labels[i] = (uid, title) is label
+    id i and rows[i] its head row, in the stored dtype (`src`'s head rows or `Artifact.zero_shot_rows`). The encoder,
+    calibration and training record are src's; the manifest records `provenance` under "relabelled" (what was done,
+    from which version). Used to fold a live label catalogue into an artifact (`elmo export --catalogue`)."""
+    path = Path(path)
+    if path.resolve() == src.path.resolve():
+        raise ValueError(f"{path}: write the relabelled artifact to another directory than its source")
+    n, h = len(labels), src.manifest["head"]
+    weight = src.model.head.weight
+    if n == 0:
+        raise ValueError("an artifact needs at least one label")
+    if rows.shape != (n, h["in_dim"]) or rows.dtype != weight.dtype:
+        raise ValueError(f"rows must be ({n}, {h['in_dim']}) {weight.dtype}, got {tuple(rows.shape)} {rows.dtype}")
+    uids = [u for u, _ in labels]
+    if len(set(uids)) != n or not all(isinstance(u, str) and u for u in uids):
+        raise ValueError("label uids must be distinct non-empty strings")
+    check_finite({"rows": rows}, "relabelled artifact")
+    tmp = _staging(path)
+    shutil.copytree(src.path, tmp, ignore=shutil.ignore_patterns("head.safetensors", "labels.jsonl", MANIFEST))
+    out = torch.zeros((padded(n), h["in_dim"]), dtype=weight.dtype)
+    out[:n] = rows.cpu()
+    save_file({"weight": out, "scale": torch.tensor(float(h["scale"]))}, tmp / "head.safetensors")
+    with open(tmp / "labels.jsonl", "w", encoding="utf-8") as f:
+        for i, (uid, title) in enumerate(labels):
+            f.write(json.dumps({"id": i, "uid": uid, "title": title}, ensure_ascii=False) + "\n")
+    manifest = dict(src.manifest)
+    manifest.pop("files", None)
+    manifest.update(
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        num_labels=n,
+        head={**h, "rows": out.shape[0]},
+        relabelled={**provenance, "from_version": src.version},
+    )
+    manifest["files"] = file_digests(tmp)  # last: every other file is in place
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return _publish(tmp, path)
 
 
 def export_calibration(model: XMCModel, train_ds, config: dict) -> Calibration:

@@ -62,6 +62,21 @@ def test_train_eval_export(tmp_path, capsys):
     assert "P@1" in capsys.readouterr().out and (art / "manifest.json").is_file()
     assert main(["export", str(run), str(tmp_path / "art2")]) == 0
     assert "40 labels, head float8_e4m3fn" in capsys.readouterr().out
+    # a run's artifact with a live catalogue folded in (the log written over the run's labels)
+    from elmo_serve.catalogue import Catalogue
+    from elmo_serve.catalogue_log import Change
+    from training.artifact import load_artifact
+
+    labels = load_artifact(tmp_path / "art2").labels
+    log = tmp_path / "catalogue.log"
+    Catalogue(log, [lb["uid"] for lb in labels], [lb["title"] for lb in labels]).change(
+        [Change("add", "new-label", "a new label"), Change("retire", labels[0]["uid"])]
+    )
+    assert main(["export", str(run), str(tmp_path / "art3"), "--catalogue", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "1 added, 0 retitled, 1 retired labels" in out and "40 labels, head float8_e4m3fn" in out
+    assert [lb["uid"] for lb in load_artifact(tmp_path / "art3").labels][-1] == "new-label"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the temporary export is gone
     assert main(["eval", str(run), "--json", str(tmp_path / "m.json")]) == 0
     from_run = json.loads((tmp_path / "m.json").read_text())
     assert main(["eval", str(tmp_path / "art2"), "--json", str(tmp_path / "a.json")]) == 0
