@@ -78,6 +78,10 @@ def app(serve_url, tmp_path_factory):
         }
         body = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [config]}
         _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(body), _blocking=True)
+        # running is not yet routed: the proxy learns the route a moment later (a 404 without a JSON body till then)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and httpx.get(f"{serve_url}/{APP}/v1/model", timeout=10).status_code != 200:
+            time.sleep(0.2)
 
     deploy()
     words = sorted({w for x in (v1 / "labels.jsonl").read_text().splitlines() for w in json.loads(x)["title"].split()})
