@@ -167,6 +167,13 @@ def test_fine_tuned_transformer_learns_the_planted_problem_better_than_frozen(tm
     p1_frozen, p1_tuned = frozen["metrics"]["P@1"], tuned["metrics"]["P@1"]
     # measured: 72.5 vs 55.0 (6 epochs: 82.5 vs 55.0)
     assert p1_tuned > p1_frozen + 10, f"fine-tuned P@1 {p1_tuned:.1f} vs frozen {p1_frozen:.1f}"
+    # The same transformer with the hashed bag beside it (hf_bag concat, the bag at its own lr): at least as good.
+    both = train(_cfg(data, tmp_path / "both", encoder_lr=5e-3, hf_bag="concat", **kw))
+    model, _, _ = model_from_checkpoint(tmp_path / "both")
+    assert model.encoder.dim == 32 + 32 and model.featurizer is not None
+    p1_both = both["metrics"]["P@1"]
+    print(f"P@1 frozen {p1_frozen:.1f}, fine-tuned {p1_tuned:.1f}, fine-tuned + bag {p1_both:.1f}")
+    assert p1_both >= p1_tuned, f"transformer + bag P@1 {p1_both:.1f} vs the transformer alone {p1_tuned:.1f}"
 
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
