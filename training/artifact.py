@@ -10,7 +10,10 @@ A directory:
                         encoder.table_dtype, bfloat16 rounded to nearest, half the size of fp32; an artifact without
                         table_dtype holds it in float32 and loads as it did), featurizer.json and
                         featurizer.safetensors (kept buckets, idf) when it reads raw text;
-                        kind "hf": a Hugging Face model directory (config.json, weights, tokenizer)
+                        kind "hf": a Hugging Face model directory (config.json, weights, tokenizer); with
+                        encoder.config.bag {mode, HashedBagConfig} (a transformer combined with the hashed bag,
+                        TrainConfig.hf_bag) also bag.safetensors (the HybridEncoder's "bag.*" and "norm.*", the
+                        table in table_dtype) and the featurizer's two files
     frozen/             only with encoder.frozen {dim, max_length} (a hashed encoder fused with frozen pretrained
                         sentence embeddings, TrainConfig.frozen_encoder): that pretrained model's Hugging Face
                         directory; encoder.safetensors then holds "bag.*" (the bag) and "proj.*" (the projection)
@@ -48,12 +51,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.encoders import (
+    HYBRID_MODES,
     FrozenTextEmbedder,
     FusedEncoder,
     HashedBagConfig,
     HashedBagEncoder,
     HashedNgramFeaturizer,
     HFTextEncoder,
+    HybridEncoder,
 )
 from training.model import LABEL_ALIGN, HeadConfig, XMCHead, XMCModel, padded
 from training.zero_shot import ZERO_SHOT_KEY, Calibration, calibrate, config_calibration, stored_rows
@@ -64,6 +69,8 @@ HEAD_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "bfloat16": torch.bfloat16}
 TABLE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # a hashed encoder's embedding table(s)
 TABLE_DTYPE = "bfloat16"  # written by save_artifact; the table is upcast to fp32 when loaded
 ENCODER_KINDS = ("hashed", "hf")
+BAG_FILE = "bag.safetensors"  # kind "hf" with a bag: the HybridEncoder's state but the transformer's
+HYBRID_HF = "hf."  # the state keys of a HybridEncoder's transformer (the Hugging Face directory holds them)
 MANIFEST = "manifest.json"
 HASH_CHUNK = 1 << 22  # bytes read at a time when hashing a file (a head can be GBs: never read whole)
 log = logging.getLogger(__name__)
@@ -191,6 +198,17 @@ def _table_keys(encoder: torch.nn.Module) -> set[str]:
     return {f"{n}.weight" for n, m in encoder.named_modules() if isinstance(m, torch.nn.EmbeddingBag)}
 
 
+def _save_tables(encoder: torch.nn.Module, file: Path, skip: str = "") -> None:
+    """The encoder's state (but keys starting with `skip`, if given) as safetensors, its tables in TABLE_DTYPE."""
+    tables = _table_keys(encoder)
+    state = {
+        k: (v.to(TABLE_DTYPES[TABLE_DTYPE]) if k in tables else v).detach().cpu().contiguous()
+        for k, v in encoder.state_dict().items()
+        if not (skip and k.startswith(skip))
+    }
+    save_file(state, file)
+
+
 def _export_weight(head: XMCHead, order: np.ndarray) -> tuple[torch.Tensor, str]:
     """Head rows back in label-id order, padded; fp32 heads are exported as bf16 (round to nearest)."""
     w = head.weight[: head.num_labels].cpu()
@@ -227,25 +245,25 @@ def save_artifact(
         tmp / "head.safetensors",
     )
     encoder = model.encoder
-    if isinstance(encoder, HFTextEncoder):
-        kind, enc_config = "hf", {"max_length": encoder.max_length, "hidden_size": encoder.dim}
-        encoder.save_pretrained(tmp / "encoder")
+    hybrid = isinstance(encoder, HybridEncoder)
+    if isinstance(encoder, HFTextEncoder) or hybrid:
+        hf = encoder.hf if hybrid else encoder
+        kind, enc_config = "hf", {"max_length": hf.max_length, "hidden_size": hf.dim}
+        hf.save_pretrained(tmp / "encoder")
+        if hybrid:  # the bag and the layer norm beside the Hugging Face directory
+            enc_config["bag"] = {"mode": encoder.mode, **vars(encoder.bag.config)}
+            _save_tables(encoder, tmp / "encoder" / BAG_FILE, skip=HYBRID_HF)
     else:
         bag = encoder.bag if isinstance(encoder, FusedEncoder) else encoder
         kind, enc_config = "hashed", dict(vars(bag.config))
-        tables = _table_keys(encoder)
-        state = {
-            k: (v.to(TABLE_DTYPES[TABLE_DTYPE]) if k in tables else v).detach().cpu().contiguous()
-            for k, v in encoder.state_dict().items()
-        }
-        save_file(state, tmp / "encoder" / "encoder.safetensors")
-        if model.featurizer is not None:
-            fs = model.featurizer.state_dict()
-            (tmp / "encoder" / "featurizer.json").write_text(json.dumps(fs["config"], indent=2))
-            save_file(
-                {"kept": torch.from_numpy(fs["kept"]), "idf": torch.from_numpy(fs["idf"])},
-                tmp / "encoder" / "featurizer.safetensors",
-            )
+        _save_tables(encoder, tmp / "encoder" / "encoder.safetensors")
+    if model.featurizer is not None:
+        fs = model.featurizer.state_dict()
+        (tmp / "encoder" / "featurizer.json").write_text(json.dumps(fs["config"], indent=2))
+        save_file(
+            {"kept": torch.from_numpy(fs["kept"]), "idf": torch.from_numpy(fs["idf"])},
+            tmp / "encoder" / "featurizer.safetensors",
+        )
     frozen = None
     if isinstance(encoder, FusedEncoder):
         if model.frozen is None:
@@ -282,7 +300,7 @@ def save_artifact(
             "kind": kind,
             "config": enc_config,
             "featurizer": model.featurizer is not None,
-            **({"table_dtype": TABLE_DTYPE} if kind == "hashed" else {}),
+            **({"table_dtype": TABLE_DTYPE} if kind == "hashed" or hybrid else {}),
             **({"frozen": frozen} if frozen else {}),
         },
         "metrics": metrics or {},
@@ -469,25 +487,56 @@ def _read_encoder(path: Path, manifest: dict):
         raise _fail(path, "missing directory encoder/")
     enc = manifest["encoder"]
     if enc["kind"] == "hf":
-        if not (edir / "config.json").is_file():
-            raise _fail(path, "missing file encoder/config.json (a Hugging Face model directory)")
-        encoder = HFTextEncoder.from_pretrained(edir, max_length=enc["config"].get("max_length", 128))
-        if encoder.dim != manifest["dim"]:
-            raise _fail(path, f"encoder hidden size {encoder.dim} does not match the manifest dim {manifest['dim']}")
-        return encoder, None, None
-    try:
-        config = HashedBagConfig(**enc["config"])
-    except TypeError as e:
-        raise _fail(path, f"encoder config does not fit HashedBagConfig ({e})") from None
+        return (*_read_hf(path, manifest), None)
+    config = _bag_config(path, enc["config"])
     if config.dim != manifest["dim"]:
         raise _fail(path, f"encoder dim {config.dim} does not match the manifest dim {manifest['dim']}")
-    spath = edir / "encoder.safetensors"
-    if not spath.is_file():
-        raise _fail(path, "missing file encoder/encoder.safetensors")
     frozen = _read_frozen(path, enc)
     encoder = HashedBagEncoder(config) if frozen is None else FusedEncoder(HashedBagEncoder(config), frozen.dim)
+    _load_tables(path, encoder, "encoder.safetensors", enc)
+    return encoder, _read_featurizer(path, enc, config), frozen
+
+
+def _read_hf(path: Path, manifest: dict) -> tuple[torch.nn.Module, HashedNgramFeaturizer | None]:
+    """(encoder, featurizer) of kind "hf": the Hugging Face directory, with the bag beside it when the config has
+    one (a HybridEncoder: encoder/BAG_FILE and the featurizer)."""
+    edir, enc = path / "encoder", manifest["encoder"]
+    if not (edir / "config.json").is_file():
+        raise _fail(path, "missing file encoder/config.json (a Hugging Face model directory)")
+    encoder = HFTextEncoder.from_pretrained(edir, max_length=enc["config"].get("max_length", 128))
+    spec, featurizer = enc["config"].get("bag"), None
+    if spec is not None:
+        if not isinstance(spec, dict) or spec.get("mode") not in HYBRID_MODES:
+            raise _fail(path, f"manifest.json encoder config 'bag' must be a dict with a mode in {HYBRID_MODES}")
+        config = _bag_config(path, {k: v for k, v in spec.items() if k != "mode"})
+        if spec["mode"] == "sum" and config.dim != encoder.dim:
+            raise _fail(path, f"encoder bag dim {config.dim} (mode sum) does not match the hidden size {encoder.dim}")
+        encoder = HybridEncoder(encoder, HashedBagEncoder(config), spec["mode"])
+        _load_tables(path, encoder, BAG_FILE, enc, skip=HYBRID_HF)
+        featurizer = _read_featurizer(path, enc, config)
+        if featurizer is None:
+            raise _fail(path, "an hf encoder with a bag needs its featurizer (manifest.json encoder 'featurizer')")
+    if encoder.dim != manifest["dim"]:
+        what = "dim" if spec is not None else "hidden size"
+        raise _fail(path, f"encoder {what} {encoder.dim} does not match the manifest dim {manifest['dim']}")
+    return encoder, featurizer
+
+
+def _bag_config(path: Path, values: dict) -> HashedBagConfig:
+    try:
+        return HashedBagConfig(**values)
+    except TypeError as e:
+        raise _fail(path, f"encoder config does not fit HashedBagConfig ({e})") from None
+
+
+def _load_tables(path: Path, encoder: torch.nn.Module, name: str, enc: dict, skip: str = "") -> None:
+    """encoder/`name` (`_save_tables`) into `encoder`, its keys, shapes and table dtype checked first."""
+    spath = path / "encoder" / name
+    if not spath.is_file():
+        raise _fail(path, f"missing file encoder/{name}")
     state = load_file(spath)
-    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    own = {k: v for k, v in encoder.state_dict().items() if not (skip and k.startswith(skip))}
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
@@ -499,25 +548,31 @@ def _read_encoder(path: Path, manifest: dict):
     table_dtype = enc.get("table_dtype", "float32")
     if table_dtype not in TABLE_DTYPES:
         raise _fail(path, f"encoder table_dtype {table_dtype!r} is not one of {sorted(TABLE_DTYPES)}")
-    for k in sorted(_table_keys(encoder)):
+    for k in sorted(_table_keys(encoder) & set(own)):
         if state[k].dtype != TABLE_DTYPES[table_dtype]:
             raise _fail(path, f"encoder table {k} is {state[k].dtype}, the manifest says {table_dtype}")
-    encoder.load_state_dict(state)  # copies into the fp32 parameters: a bf16 table is upcast exactly
-    featurizer = None
-    if enc.get("featurizer", False):
-        fjson, fst = edir / "featurizer.json", edir / "featurizer.safetensors"
-        for f in (fjson, fst):
-            if not f.is_file():
-                raise _fail(path, f"missing file encoder/{f.name}")
-        ft = load_file(fst)
-        featurizer = HashedNgramFeaturizer.from_state_dict(
-            {"config": json.loads(fjson.read_text()), "kept": ft["kept"].numpy(), "idf": ft["idf"].numpy()}
+    # copies into the fp32 parameters: a bf16 table is upcast exactly; the keys were checked to be exactly `own`
+    encoder.load_state_dict(state, strict=not skip)
+
+
+def _read_featurizer(path: Path, enc: dict, config: HashedBagConfig) -> HashedNgramFeaturizer | None:
+    """The featurizer of a bag on raw text (manifest.json encoder 'featurizer'), or None."""
+    if not enc.get("featurizer", False):
+        return None
+    edir = path / "encoder"
+    fjson, fst = edir / "featurizer.json", edir / "featurizer.safetensors"
+    for f in (fjson, fst):
+        if not f.is_file():
+            raise _fail(path, f"missing file encoder/{f.name}")
+    ft = load_file(fst)
+    featurizer = HashedNgramFeaturizer.from_state_dict(
+        {"config": json.loads(fjson.read_text()), "kept": ft["kept"].numpy(), "idf": ft["idf"].numpy()}
+    )
+    if featurizer.num_features != config.num_features:
+        raise _fail(
+            path, f"featurizer has {featurizer.num_features} features, the encoder table {config.num_features} rows"
         )
-        if featurizer.num_features != config.num_features:
-            raise _fail(
-                path, f"featurizer has {featurizer.num_features} features, the encoder table {config.num_features} rows"
-            )
-    return encoder, featurizer, frozen
+    return featurizer
 
 
 def _read_frozen(path: Path, enc: dict) -> FrozenTextEmbedder | None:

@@ -23,6 +23,7 @@ from training.encoders import (
     HashedBagEncoder,
     HashedNgramFeaturizer,
     HFTextEncoder,
+    HybridEncoder,
     resolve_pretrained,
 )
 from training.model import HeadConfig, XMCHead, XMCModel
@@ -76,17 +77,19 @@ def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) ->
         encoder = hf_encoder(cfg)
         if cfg.fp8_encoder:
             fp8_linears(encoder, device_of(cfg))
+        if cfg.hf_bag != "off":
+            featurizer = fit_featurizer(cfg, train_ds)
+            dim = encoder.dim if cfg.hf_bag == "sum" else cfg.dim
+            bag = text_bag(cfg, featurizer.num_features, dim, sparse=True)
+            encoder = HybridEncoder(encoder, bag, cfg.hf_bag)
     elif train_ds.features is not None:
         encoder = HashedBagEncoder(HashedBagConfig(num_features=train_ds.features.shape[1], dim=cfg.dim, sparse=True))
     else:
-        lo, hi = (int(v) for v in cfg.char_ngrams.split("-"))
-        featurizer = HashedNgramFeaturizer(char_ngrams=(lo, hi), min_df=cfg.min_df)
-        featurizer.fit(list(train_ds.texts) + list(train_ds.label_titles or []))
-        cfg_e = HashedBagConfig(num_features=featurizer.num_features, dim=cfg.dim, mlp_hidden=cfg.mlp_hidden)
-        encoder = HashedBagEncoder(cfg_e, sparse=True)
+        featurizer = fit_featurizer(cfg, train_ds)
+        encoder = text_bag(cfg, featurizer.num_features, cfg.dim, sparse=True)
     frozen = None
     if cfg.frozen_encoder:
-        if featurizer is None:
+        if featurizer is None or cfg.encoder != "hashed":
             raise ValueError("frozen_encoder needs texts and the hashed encoder (encoder='hashed', LF data)")
         frozen = frozen_embedder(cfg)
         encoder = FusedEncoder(encoder, frozen.dim)
@@ -100,17 +103,29 @@ def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) ->
     return model
 
 
+def fit_featurizer(cfg: TrainConfig, train_ds: xd.XMCDataset) -> HashedNgramFeaturizer:
+    """The hashed n-gram featurizer of a run on texts, fitted on the training texts and the label titles."""
+    lo, hi = (int(v) for v in cfg.char_ngrams.split("-"))
+    featurizer = HashedNgramFeaturizer(char_ngrams=(lo, hi), min_df=cfg.min_df)
+    return featurizer.fit(list(train_ds.texts) + list(train_ds.label_titles or []))
+
+
+def text_bag(cfg: TrainConfig, num_features: int, dim: int, sparse: bool = False) -> HashedBagEncoder:
+    """The hashed bag of a run on texts (alone, fused with frozen embeddings, or beside a transformer)."""
+    config = HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden, sparse=sparse)
+    return HashedBagEncoder(config)
+
+
 def encoder_for_state(cfg: TrainConfig, encoder_state: dict) -> tuple[torch.nn.Module, FrozenTextEmbedder | None]:
     """The encoder (and frozen embedder) of a saved run, its shapes read from its state dict (no data needed)."""
     if cfg.encoder == "hf":
-        return hf_encoder(cfg), None
+        if cfg.hf_bag == "off":
+            return hf_encoder(cfg), None
+        return HybridEncoder(hf_encoder(cfg), text_bag(cfg, *encoder_state["bag.bag.weight"].shape), cfg.hf_bag), None
     if cfg.frozen_encoder:
-        num_features, dim = encoder_state["bag.bag.weight"].shape
-        bag = HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden))
         frozen = frozen_embedder(cfg)
-        return FusedEncoder(bag, frozen.dim), frozen
-    num_features, dim = encoder_state["bag.weight"].shape
-    return HashedBagEncoder(HashedBagConfig(num_features=num_features, dim=dim, mlp_hidden=cfg.mlp_hidden)), None
+        return FusedEncoder(text_bag(cfg, *encoder_state["bag.bag.weight"].shape), frozen.dim), frozen
+    return text_bag(cfg, *encoder_state["bag.weight"].shape), None
 
 
 def hf_encoder(cfg: TrainConfig) -> HFTextEncoder:
@@ -149,16 +164,36 @@ def frozen_embedder(cfg: TrainConfig) -> FrozenTextEmbedder:
     return FrozenTextEmbedder(path, max_length=cfg.frozen_max_length, cache_dir=cfg.frozen_cache)
 
 
-def make_optimizers(model: XMCModel, lr: float) -> list[torch.optim.Optimizer]:
-    """SparseAdam for the sparse embedding table, torch-optimi AdamW (Kahan summation for bf16) for the rest."""
-    sparse = [p for m in model.encoder.modules() if getattr(m, "sparse", False) for p in m.parameters(recurse=False)]
-    ids = {id(p) for p in sparse}
-    dense = [p for p in model.encoder.parameters() if id(p) not in ids and p.requires_grad]
+def make_optimizers(model: XMCModel, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """SparseAdam for the sparse embedding tables, torch-optimi AdamW (Kahan summation for bf16) for the rest.
+
+    Each param group carries its own "base_lr" and "warmup" (a fraction of the steps), which the training loop's
+    schedule follows (they are saved with the optimizer's state): the encoder at encoder_lr with encoder_warmup;
+    with hf_bag, only the transformer so, and the parts trained from scratch (the bag, the layer norm on the
+    transformer's output) at hf_bag_lr with the head's warmup."""
+    enc = model.encoder
+    enc_warmup = cfg.warmup if cfg.encoder_warmup < 0 else cfg.encoder_warmup
+    parts = [(list(enc.parameters()), cfg.encoder_lr, enc_warmup)]
+    if isinstance(enc, HybridEncoder):
+        hf_ids = {id(p) for p in enc.hf.parameters()}
+        scratch = [p for p in enc.parameters() if id(p) not in hf_ids]
+        parts = [(list(enc.hf.parameters()), cfg.encoder_lr, enc_warmup), (scratch, cfg.hf_bag_lr, cfg.warmup)]
+    sparse_ids = {id(p) for m in enc.modules() if getattr(m, "sparse", False) for p in m.parameters(recurse=False)}
+    sparse_groups, dense_groups = [], []
+    for params, lr, warmup in parts:
+        params = [p for p in params if p.requires_grad]
+        sparse = [p for p in params if id(p) in sparse_ids]
+        dense = [p for p in params if id(p) not in sparse_ids]
+        group = {"lr": lr, "base_lr": lr, "warmup": warmup}
+        if sparse:
+            sparse_groups.append({"params": sparse, **group})
+        if dense:
+            dense_groups.append({"params": dense, **group, "kahan_sum": dense[0].dtype == torch.bfloat16})
     opts: list[torch.optim.Optimizer] = []
-    if sparse:
-        opts.append(torch.optim.SparseAdam(sparse, lr=lr))
-    if dense:
-        opts.append(optimi.AdamW(dense, lr=lr, weight_decay=0.0, kahan_sum=dense[0].dtype == torch.bfloat16))
+    if sparse_groups:
+        opts.append(torch.optim.SparseAdam(sparse_groups, lr=sparse_groups[0]["lr"]))
+    if dense_groups:
+        opts.append(optimi.AdamW(dense_groups, lr=dense_groups[0]["lr"], weight_decay=0.0))
     return opts
 
 

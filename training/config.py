@@ -38,6 +38,11 @@ class TrainConfig:
     fp8_encoder: bool = False  # encoder="hf" on an FP8 GPU: torchao's FP8 training linears (measured: BENCHMARKS.md)
     hf_max_length: int = 128  # encoder="hf": tokens per text (longer texts are truncated)
     hf_checkpointing: bool = False  # encoder="hf": gradient checkpointing (recompute activations: memory for time)
+    # encoder="hf" on texts (format lf): the transformer's pooled embedding (layer-normed) combined with a hashed
+    # n-gram bag's: "concat" [hf, bag] (dim = hidden size + --dim), "sum" hf + bag (the bag's dim is then the
+    # transformer's hidden size, --dim is not used); "off": the transformer alone
+    hf_bag: Literal["off", "concat", "sum"] = "off"
+    hf_bag_lr: float = 0.002  # hf_bag: Adam lr of the bag (and that layer norm), with the head's warmup (--warmup)
     dim: int = 256  # embedding dimension of the hashed encoder
     char_ngrams: str = "3-5"  # character n-gram range of the featurizer; "0-0" turns them off
     min_df: int = 2  # featurizer buckets seen in fewer fitted texts are dropped (0: pure hashing, keep all)
@@ -118,6 +123,11 @@ class TrainConfig:
         for key in ("hf_checkpointing",) if self.encoder != "hf" else ():
             if getattr(self, key):
                 raise ValueError(f"{_name(key)} applies to {_name('encoder')} hf, not {self.encoder}")
+        if self.hf_bag != "off" and (self.encoder != "hf" or self.format != "lf"):
+            raise ValueError(
+                f"{_name('hf_bag')} {self.hf_bag} combines a transformer with a bag of the texts: it needs "
+                f"{_name('encoder')} hf and {_name('format')} lf, not {self.encoder} on {self.format}"
+            )
         if self.fp8_encoder and self.encoder != "hf":
             raise ValueError(f"{_name('fp8_encoder')} applies to {_name('encoder')} hf, not {self.encoder}")
         if self.use_gpu and self.workers == 0:
@@ -147,6 +157,7 @@ class TrainConfig:
             ("head_lr", finite(self.head_lr) and self.head_lr >= 0, "a finite number >= 0"),
             ("head_weight_decay", finite(self.head_weight_decay) and self.head_weight_decay >= 0, "finite, >= 0"),
             ("encoder_lr", finite(self.encoder_lr) and self.encoder_lr >= 0, "a finite number >= 0"),
+            ("hf_bag_lr", finite(self.hf_bag_lr) and self.hf_bag_lr >= 0, "a finite number >= 0"),
             ("warmup", 0 <= self.warmup <= 1, "a fraction in [0, 1]"),
             ("encoder_warmup", self.encoder_warmup == -1 or 0 <= self.encoder_warmup <= 1, "in [0, 1], or -1"),
             ("min_lr", 0 <= self.min_lr <= 1, "a fraction of the lr in [0, 1]"),

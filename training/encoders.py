@@ -372,3 +372,47 @@ class FusedEncoder(nn.Module):
 
     def forward(self, indices, offsets, weights, frozen: torch.Tensor) -> torch.Tensor:
         return self.bag(indices, offsets, weights) + self.proj(frozen.to(self.proj.weight.dtype))
+
+
+# ---- optional: a fine-tuned transformer combined with the hashed bag (TrainConfig.hf_bag) ----
+
+HYBRID_MODES = ("concat", "sum")
+
+
+@dataclass
+class HybridFeatures:
+    """Rows of the bag features (CSR) with the matching texts, which the transformer tokenizes per batch."""
+
+    bag: sp.csr_matrix
+    texts: list[str]
+
+    def __getitem__(self, rows) -> HybridFeatures:
+        rows = np.asarray(rows)
+        return HybridFeatures(self.bag[rows], [self.texts[i] for i in rows])
+
+    def inputs(self, hf: HFTextEncoder) -> tuple[torch.Tensor, ...]:
+        enc = hf.tokenize(self.texts)
+        return (enc["input_ids"], enc["attention_mask"], *bag_inputs(self.bag))
+
+
+class HybridEncoder(nn.Module):
+    """A transformer's mean-pooled output, layer-normed, with a hashed bag's: concat [hf, bag] (dim = both dims) or
+    sum hf + bag (equal dims): (input_ids, attention_mask, indices, offsets, weights) -> (B, dim) fp32."""
+
+    def __init__(self, hf: HFTextEncoder, bag: HashedBagEncoder, mode: str):
+        super().__init__()
+        if mode not in HYBRID_MODES:
+            raise ValueError(f"mode must be one of {HYBRID_MODES}, got {mode!r}")
+        if mode == "sum" and bag.dim != hf.dim:
+            raise ValueError(f"mode 'sum' needs the bag's dim {bag.dim} to equal the transformer's {hf.dim}")
+        self.hf, self.bag, self.mode = hf, bag, mode
+        self.norm = nn.LayerNorm(hf.dim)  # fp32: the transformer's scale, whatever it is, meets the bag's
+
+    @property
+    def dim(self) -> int:
+        return self.hf.dim + self.bag.dim if self.mode == "concat" else self.hf.dim
+
+    def forward(self, input_ids, attention_mask, indices, offsets, weights) -> torch.Tensor:
+        h = self.norm(self.hf(input_ids, attention_mask).float())
+        b = self.bag(indices, offsets, weights).float()
+        return torch.cat([h, b], dim=1) if self.mode == "concat" else h + b

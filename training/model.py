@@ -372,24 +372,29 @@ class XMCModel(nn.Module):
 
     def encoder_inputs(self, texts=None, features=None) -> tuple:
         """Positional inputs of the encoder for texts (featurized or tokenized) or a ready features CSR."""
-        from training.encoders import FusedFeatures, HFTextEncoder, bag_inputs
+        from training.encoders import FusedFeatures, HFTextEncoder, HybridFeatures, bag_inputs
 
         if isinstance(self.encoder, HFTextEncoder):
             enc = self.encoder.tokenize(texts)
             return enc["input_ids"], enc["attention_mask"]
         if features is None:
             features = self.featurize(texts)
+        if isinstance(features, HybridFeatures):
+            return features.inputs(self.encoder.hf)
         if isinstance(features, FusedFeatures):
             return features.inputs()
         return bag_inputs(features)
 
     def featurize(self, texts):
-        """Texts -> the features `encoder_inputs` takes: the featurizer's CSR (with the frozen embeddings, if any)."""
-        from training.encoders import FusedFeatures
+        """Texts -> the features `encoder_inputs` takes: the featurizer's CSR (with the frozen embeddings, if any, or
+        with the texts for a transformer combined with the bag)."""
+        from training.encoders import FusedFeatures, HybridEncoder, HybridFeatures
 
         if self.featurizer is None:
             raise ValueError("this model has no featurizer: pass features")
         bag = self.featurizer.transform(texts)
+        if isinstance(self.encoder, HybridEncoder):
+            return HybridFeatures(bag, list(texts))
         return bag if self.frozen is None else FusedFeatures(bag, self.frozen(texts))
 
     def embed(self, *inputs) -> torch.Tensor:

@@ -185,12 +185,16 @@ def train(
     if ckpt is not None:
         ckpt.load_into(model)
     labels = par.prepare(model, device)
-    opts = make_optimizers(model, cfg.encoder_lr)
+    opts = make_optimizers(model, cfg)
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "history": [], "metrics": {}}
     state["recipe"] = recipe.as_dict() if recipe is not None else {}
     if ckpt is not None:
         for o, s in zip(opts, ckpt.common["optimizers"], strict=True):
+            schedule = [{k: g[k] for k in ("base_lr", "warmup")} for g in o.param_groups]
             o.load_state_dict(s)
+            for g, fresh in zip(o.param_groups, schedule, strict=True):  # a checkpoint from before per-group lrs
+                for k, v in fresh.items():
+                    g.setdefault(k, v)
         state = ckpt.state
         set_rng_state(ckpt.common["rng"])
     del ckpt
@@ -222,13 +226,12 @@ def train(
             t_step = time.perf_counter()
             step = state["step"]
             f = lr_factor(step, total, cfg.warmup, cfg.min_lr)
-            f_enc = f if cfg.encoder_warmup < 0 else lr_factor(step, total, cfg.encoder_warmup, cfg.min_lr)
             received = par.comm_bytes()
             loss = finite = None
             if len(b.rows) >= par.world:  # an epoch's last batch smaller than the world is skipped
-                for o in opts:
+                for o in opts:  # each group on its own lr and warmup (`make_optimizers`)
                     for g in o.param_groups:
-                        g["lr"] = cfg.encoder_lr * f_enc
+                        g["lr"] = g["base_lr"] * lr_factor(step, total, g["warmup"], cfg.min_lr)
                 lo, hi = par.batch_rows(len(b.rows))
                 rows = b.rows.numpy()[lo:hi]
                 x = par.encode(model, encoder_inputs(model, train_ds, train_feats, rows))

@@ -91,9 +91,10 @@ def toy_model(version: str = "toy-v1", labels: int = 200, dim: int = 32, seed: i
     return ServingModel(version, encode, scorer, uids, titles, info={"head_dtype": "float8_e4m3fn", "dim": dim})
 
 
-def make_artifact(path, seed: int = 0, labels: int = 64, dim: int = 32, precision: str = "fp8"):
+def make_artifact(path, seed: int = 0, labels: int = 64, dim: int = 32, precision: str = "fp8", hf_bag: str = ""):
     """A tiny synthetic model written with `training.artifact.save_artifact` (untrained: label vectors at the
-    encoder's embeddings of the titles, the bias at the label frequencies)."""
+    encoder's embeddings of the titles, the bias at the label frequencies). hf_bag "concat" or "sum": the bag beside
+    a tiny random BERT over the data's words (an "hf" artifact carrying the bag), built here."""
     from training.artifact import save_artifact
     from training.data import make_synthetic
     from training.model import HeadConfig, XMCHead, XMCModel
@@ -102,7 +103,15 @@ def make_artifact(path, seed: int = 0, labels: int = 64, dim: int = 32, precisio
     train, _ = make_synthetic(num_labels=labels, num_train=400, num_test=10, seed=seed)
     feat = HashedNgramFeaturizer(num_buckets=2**14, min_df=1).fit(train.texts + train.label_titles)
     enc = HashedBagEncoder(num_features=feat.num_features, dim=dim).eval()
-    head = XMCHead(HeadConfig(num_labels=labels, dim=dim, precision=precision))
+    if hf_bag:
+        from tiny_bert import save_tiny_bert
+
+        from training.encoders import HFTextEncoder, HybridEncoder
+
+        words = {w for t in train.texts + train.label_titles for w in t.lower().split()}
+        bert = HFTextEncoder.from_pretrained(save_tiny_bert(words, path.parent / f"{path.name}-bert", layers=1))
+        enc = HybridEncoder(bert.eval(), enc, hf_bag)
+    head = XMCHead(HeadConfig(num_labels=labels, dim=enc.dim, precision=precision))
     model = XMCModel(enc, head, feat)
     with torch.no_grad():
         vectors = 4.0 * model.embed(*model.encoder_inputs(train.label_titles))

@@ -278,14 +278,42 @@ def swap_app(serve_url, artifacts):
     serve.delete("swap")
 
 
-def test_artifact_http_answers_equal_offline_prediction(swap_app, artifacts):
+@pytest.fixture(scope="module")
+def hybrid_artifact(tmp_path_factory):
+    """An "hf" artifact carrying the hashed bag: a tiny random BERT concatenated with the bag (TrainConfig.hf_bag)."""
+    from conftest import make_artifact
+
+    return make_artifact(tmp_path_factory.mktemp("hybrid") / "art", seed=3, hf_bag="concat")
+
+
+def _swap_to(url: str, deploy, path) -> None:
+    """Deploy `path` through the scorer's user_config and wait until the replica serves it."""
+    import time
+
+    deploy(path)
+    deadline = time.time() + 30
+    while (served := httpx.get(url + "/v1/model", timeout=30).json()["artifact"]) != str(path.resolve()):
+        assert time.time() < deadline, f"still serving {served}, not {path}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("name", ["v1", "transformer with the bag"])
+def test_artifact_http_answers_equal_offline_prediction(swap_app, artifacts, hybrid_artifact, name):
     from training.artifact import load_artifact
 
-    url, _ = swap_app
-    art = load_artifact(artifacts["v1"])
+    url, deploy = swap_app
+    path = artifacts["v1"] if name == "v1" else hybrid_artifact
+    art = load_artifact(path)
     m = art.model
     texts = [art.labels[5]["title"], "some words that mean nothing", art.labels[0]["title"] + " extra"]
-    r = httpx.post(url + "/v1/predict", json={"texts": texts, "k": 10}, timeout=30)
+    if name != "v1":
+        assert art.manifest["encoder"]["kind"] == "hf" and art.manifest["encoder"]["config"]["bag"]["mode"] == "concat"
+    try:
+        _swap_to(url, deploy, path)
+        r = httpx.post(url + "/v1/predict", json={"texts": texts, "k": 10}, timeout=30)
+    finally:
+        if name != "v1":  # the tests below start from v1
+            _swap_to(url, deploy, artifacts["v1"])
     assert r.status_code == 200, r.text
     x = m.head.head_input(m.embed(*m.encoder_inputs(texts)))
     ref_s, ref_i = reference_topk(x, m.head.weight, 10, art.num_labels)

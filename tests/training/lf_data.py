@@ -3,8 +3,7 @@ tests."""
 
 import json
 
-import pytest
-import torch
+from tiny_bert import save_tiny_bert
 
 from training.data import make_synthetic
 
@@ -28,25 +27,8 @@ def write_lf(directory, num_labels=60, num_train=400, num_test=80, seed=0):
 def write_tiny_bert(data, path, layers=2, hidden=32):
     """A small BERT (no dropout, random weights) with a word-level vocabulary of the LF dataset in `data`, saved as a
     local Hugging Face directory (nothing is downloaded)."""
-    transformers = pytest.importorskip("transformers", reason="the Hugging Face encoder path needs transformers")
-    from training.encoders import HFTextEncoder
-
     words = set()
     for name in ("trn.json", "lbl.json"):
         for line in (data / name).read_text().splitlines():
             words.update(json.loads(line)["title"].lower().split())
-    path.mkdir()
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    tokenizer = transformers.BertTokenizer(str(path / "vocab.txt"))
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=48,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(0)
-    HFTextEncoder(transformers.BertModel(config), tokenizer, max_length=32).save_pretrained(path)
-    return path
+    return save_tiny_bert(words, path, layers, hidden)

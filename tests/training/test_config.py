@@ -117,3 +117,24 @@ def test_resume_honours_what_comes_next_and_refuses_what_was_trained():
         check_resume(saved, TrainConfig(out="r", resume=True, batch_size=8))
     assert not set(RESUME_FROM_NEW) & set(RESUME_HONOURED)
     assert set(RESUME_FROM_NEW) | set(RESUME_HONOURED) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_hf_bag_needs_the_transformer_on_texts():
+    hf = {"encoder": "hf", "hf_path": "some/bert"}
+    for overrides, got in (
+        ({"hf_bag": "concat"}, "hashed on lf"),
+        ({**hf, "hf_bag": "sum", "format": "bow"}, "hf on bow"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"hf_bag \(--hf-bag\) .* needs encoder \(--encoder\) hf and format \(--format\) lf, not {got}",
+        ):
+            load_config(None, overrides)
+    with pytest.raises(ValueError, match=r"hf_bag \(--hf-bag\) must be one of off, concat, sum; got 'mean'"):
+        load_config(None, {**hf, "hf_bag": "mean"})
+    for bad in (-0.1, float("inf")):
+        with pytest.raises(ValueError, match=r"hf_bag_lr \(--hf-bag-lr\) must be a finite number >= 0"):
+            load_config(None, {**hf, "hf_bag": "concat", "hf_bag_lr": bad})
+    cfg = load_config(None, {**hf, "hf_bag": "sum", "hf_bag_lr": 0.0})
+    assert (cfg.hf_bag, cfg.hf_bag_lr, TrainConfig.hf_bag, TrainConfig.hf_bag_lr) == ("sum", 0.0, "off", 0.002)
+    assert "the bag's dim is then the transformer's hidden size" in field_help(TrainConfig)["hf_bag"]
