@@ -91,8 +91,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
     from training.train import train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    skip = ("command", "func", "config", "init_catalogue")
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
     cfg = load_config(args.config, overrides)
+    if args.init_catalogue is not None:
+        cfg = _fold_init_catalogue(cfg, args.init_catalogue)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # one worker of a torchrun group
         from training.worker import run_distributed
 
@@ -116,6 +119,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _print_metrics(result["metrics"], f"test metrics (%), {result['train_seconds']:.0f} s of training")
     print(f"run: {cfg.out}" + (f"; artifact: {cfg.export}" if cfg.export else ""))
     return 0
+
+
+def _fold_init_catalogue(cfg, log: str):
+    """cfg starting from its init_from artifact with the catalogue `log` folded in (`<out>/init-artifact`; a resumed
+    run keeps the one its first command wrote)."""
+    from dataclasses import replace
+
+    from elmo_serve.fold import fold_catalogue
+
+    if not cfg.init_from:
+        raise ValueError("--init-catalogue LOG folds a live catalogue into the artifact of --init-from ARTIFACT")
+    folded = Path(cfg.out) / "init-artifact"
+    if cfg.resume and (folded / "manifest.json").is_file():
+        return replace(cfg, init_from=str(folded))
+    result = fold_catalogue(cfg.init_from, log, folded)
+    print(
+        f"catalogue {log} (version {result.version}) folded into {folded}: {result.added} added, "
+        f"{result.retitled} retitled, {result.retired} retired labels"
+    )
+    return replace(cfg, init_from=str(folded))
 
 
 def _load_for_eval(path: Path):
@@ -312,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=None, metavar="FILE", help="a JSON or TOML file of TrainConfig keys (default: none)"
     )
     _add_dataclass_flags(tr, TrainConfig, defaults=False)
+    warm = next(g for g in tr._action_groups if g.title == "warm start")  # beside --init-from
+    warm.add_argument(
+        "--init-catalogue",
+        default=None,
+        metavar="LOG",
+        help="with --init-from: a live label catalogue log (elmo serve --catalogue) folded into that artifact first "
+        "(written to <out>/init-artifact), so that the labels added to the service become trained labels "
+        "(default: none)",
+    )
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run directory or an artifact on a dataset split")

@@ -401,7 +401,7 @@ def _require(manifest: dict, key: str, kind: type | tuple, path: Path, where: st
     return value
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     mpath = path / "manifest.json"
     if not mpath.is_file():
         raise _fail(path, "missing file manifest.json")
@@ -595,7 +595,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"invalid artifact {path}: not a directory")
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     weight, scale = _read_head(path, manifest)
     labels = _read_labels(path, manifest["num_labels"])
     encoder, featurizer, frozen = _read_encoder(path, manifest)

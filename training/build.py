@@ -15,6 +15,7 @@ import torch
 
 from elmo_kernels.common import has_fp8_tensor_cores
 from training import data as xd
+from training.artifact import load_artifact
 from training.config import TrainConfig
 from training.encoders import (
     FrozenTextEmbedder,
@@ -69,13 +70,44 @@ def head_config(cfg: TrainConfig, num_labels: int, dim: int) -> HeadConfig:
     )
 
 
-def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) -> XMCModel:
-    """Encoder + head for this data, with label-feature init and the frequency prior for the bias."""
+def build_model(
+    cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray, warm_record: dict | None = None
+) -> XMCModel:
+    """Encoder + head for this data, with label-feature init and the frequency prior for the bias; with
+    cfg.init_from, the artifact's encoder and the head rows of its labels (`training.warm_start`), what was carried
+    over written into `warm_record` when given."""
     torch.manual_seed(cfg.seed)
+    source = None
+    if cfg.init_from:
+        from training.warm_start import source_encoder, source_rows
+
+        source = load_artifact(cfg.init_from)
+        encoder, featurizer, frozen = source_encoder(cfg, source, train_ds)
+    else:
+        encoder, featurizer, frozen = new_encoder(cfg, train_ds)
+    head = XMCHead(head_config(cfg, train_ds.num_labels, encoder.dim))
+    model = XMCModel(encoder, head, featurizer, order, frozen=frozen)
+    prior = frequency_prior(train_ds.label_counts(), train_ds.num_rows)
+    if source is not None:
+        vectors, prior, record = source_rows(cfg, source, model, train_ds, prior)
+        if warm_record is not None:
+            warm_record.update(record)
+    elif cfg.label_init and train_ds.label_titles is not None:  # the zero-shot vectors of the titles
+        vectors = title_vectors(title_embeddings(model, train_ds.label_titles), cfg.label_init_gain)
+    else:
+        vectors = None
+    model.head.init_weights(vectors, prior, seed=cfg.seed)
+    return model
+
+
+def new_encoder(
+    cfg: TrainConfig, train_ds: xd.XMCDataset
+) -> tuple[torch.nn.Module, HashedNgramFeaturizer | None, FrozenTextEmbedder | None]:
+    """(encoder, featurizer, frozen embedder) of a fresh run, the featurizer fitted on the training texts."""
     featurizer = None
     if cfg.encoder == "hf":
         encoder = hf_encoder(cfg)
-        if cfg.fp8_encoder:
+        if cfg.fp8_encoder:  # training only: a checkpoint's encoder is rebuilt without (`encoder_for_state`)
             fp8_linears(encoder, device_of(cfg))
         if cfg.hf_bag != "off":
             featurizer = fit_featurizer(cfg, train_ds)
@@ -93,14 +125,7 @@ def build_model(cfg: TrainConfig, train_ds: xd.XMCDataset, order: np.ndarray) ->
             raise ValueError("frozen_encoder needs texts and the hashed encoder (encoder='hashed', LF data)")
         frozen = frozen_embedder(cfg)
         encoder = FusedEncoder(encoder, frozen.dim)
-    head = XMCHead(head_config(cfg, train_ds.num_labels, encoder.dim))
-    model = XMCModel(encoder, head, featurizer, order, frozen=frozen)
-    vectors = None
-    if cfg.label_init and train_ds.label_titles is not None:  # the zero-shot vectors of the titles (training.zero_shot)
-        vectors = title_vectors(title_embeddings(model, train_ds.label_titles), cfg.label_init_gain)
-    prior = frequency_prior(train_ds.label_counts(), train_ds.num_rows)
-    model.head.init_weights(vectors, prior, seed=cfg.seed)
-    return model
+    return encoder, featurizer, frozen
 
 
 def fit_featurizer(cfg: TrainConfig, train_ds: xd.XMCDataset) -> HashedNgramFeaturizer:
@@ -129,8 +154,13 @@ def encoder_for_state(cfg: TrainConfig, encoder_state: dict) -> tuple[torch.nn.M
 
 
 def hf_encoder(cfg: TrainConfig) -> HFTextEncoder:
-    """The pretrained transformer of cfg.hf_path (bf16 weights), with its max length and gradient checkpointing."""
+    """The pretrained transformer of cfg.hf_path (bf16 weights) with cfg's training options (`hf_options`)."""
     encoder = HFTextEncoder.from_pretrained(resolve_pretrained(cfg.hf_path), max_length=cfg.hf_max_length)
+    return hf_options(cfg, encoder)
+
+
+def hf_options(cfg: TrainConfig, encoder: HFTextEncoder) -> HFTextEncoder:
+    """cfg's gradient checkpointing applied to a transformer, in place; returns it."""
     if cfg.hf_checkpointing:
         if not encoder.model.supports_gradient_checkpointing:
             raise ValueError(f"hf_checkpointing: {type(encoder.model).__name__} has no gradient checkpointing")

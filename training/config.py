@@ -53,6 +53,12 @@ class TrainConfig:
     frozen_encoder: str = ""
     frozen_max_length: int = 64  # frozen_encoder: tokens per text
     frozen_cache: str = ""  # directory caching the embeddings (keyed by model, length and texts); "" off
+    # --- warm start ---
+    # an artifact to start from: its encoder and featurizer, and for each label of the data whose uid it holds, its
+    # head row and bias; the other labels start as in a fresh run (training/warm_start.py). The fields that define the
+    # encoder (encoder, dim, char_ngrams, ...) are the artifact's: another value is an error. With elmo train
+    # --init-catalogue LOG, a live label catalogue is folded into it first, so that added labels become trained ones.
+    init_from: str = ""
     # --- head ---
     # the head's storage and update. fp8+kahan (e4m3 weights, stochastic rounding, bf16 Kahan compensation for
     # the kahan_labels most frequent labels: 2 MB at D = 256) is the paper's FP8 head and the default: P@1 within

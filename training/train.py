@@ -35,7 +35,8 @@ from training.checkpoint import Checkpointer, DirectoryCheckpointer, read_checkp
 from training.config import TrainConfig, check_resume
 from training.evaluation import evaluate_model, propensity_of
 from training.model import XMCHead, XMCModel
-from training.recipe import recipe_for
+from training.recipe import recipe_for, user_set
+from training.warm_start import adopt
 from training.zero_shot import Calibration, reset_unseen
 
 
@@ -173,6 +174,8 @@ def train(
     train_ds, test_ds = load_data(cfg)
     recipe = None
     if ckpt is None:  # a resumed run's saved config already holds the recipe it started with
+        if cfg.init_from:  # the artifact's encoder fields, before the recipe (which leaves them alone)
+            cfg = adopt(cfg, user_set(cfg))
         recipe = recipe_for(cfg, train_ds)
         cfg = recipe.apply(cfg)
         if par.is_main and recipe.levers:
@@ -181,13 +184,22 @@ def train(
     if cfg.batch_size < par.world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {par.world} workers")
     (train_ds, test_ds), order = xd.reindex_by_frequency(train_ds, test_ds)
-    model = build_model(cfg, train_ds, order)
+    warm: dict = {}
+    model = build_model(cfg, train_ds, order, warm)
+    if par.is_main and warm and ckpt is None:
+        print(
+            f"warm start from {warm['init_from']} (version {warm['version']}): {warm['carried']} labels carry its rows,"
+            f" {warm['from_titles']} start from their titles, {warm['random']} at random; {warm['left_out']} of its "
+            "labels are not in the data",
+            flush=True,
+        )
     if ckpt is not None:
         ckpt.load_into(model)
     labels = par.prepare(model, device)
     opts = make_optimizers(model, cfg)
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "history": [], "metrics": {}}
     state["recipe"] = recipe.as_dict() if recipe is not None else {}
+    state["warm_start"] = warm
     if ckpt is not None:
         for o, s in zip(opts, ckpt.common["optimizers"], strict=True):
             schedule = [{k: g[k] for k in ("base_lr", "warmup")} for g in o.param_groups]
@@ -318,6 +330,7 @@ def train(
         "out": str(cfg.out),
         "config": asdict(cfg),
         "recipe": state.get("recipe", {}),  # {field: {"value", "reason", "user_set"}} chosen at the run's start
+        "warm_start": state.get("warm_start", {}),  # with init_from: what the artifact gave (`training.warm_start`)
         "zero_shot": state.get("zero_shot", {}),  # labels with no training point re-set: {calibration, labels}
     }
     whole = par.whole_model(model)

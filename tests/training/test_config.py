@@ -29,6 +29,7 @@ def test_every_field_has_help_from_its_comment_and_a_group():
     assert [g for g, _ in groups] == [
         "data",
         "encoder",
+        "warm start",
         "head",
         "optimisation",
         "evaluation and checkpoints",
