@@ -51,7 +51,7 @@ from training.evaluation import filter_pairs  # noqa: E402
 from training.metrics import XMCMetrics  # noqa: E402
 from training.model import HeadConfig, XMCHead, XMCModel  # noqa: E402
 from training.train import train  # noqa: E402
-from training.zero_shot import CALIBRATIONS, calibrate, set_rows  # noqa: E402
+from training.zero_shot import CALIBRATIONS, calibrate, set_rows, title_embeddings, true_rows  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "debian-deps"
 K = 10
@@ -227,6 +227,21 @@ def holdout(args, full: dict) -> list[dict]:
         **recall(top, test.labels, targets),
         "calibration": art.zero_shot.as_dict(),
     }
+    variants = [added]
+    for spec in args.neighbours:  # rows that also borrow from the nearest trained labels (by title)
+        k, lam, mu, off = (float(v) for v in spec.split(":"))
+        head.weight[h.num_labels : h.num_labels + len(removed)] = h.stored_rows(
+            neighbour_rows(art, titles, int(k), lam, mu, off)
+        )
+        top = top_ids(art.model, test, featurize(art.model, test), head=head)
+        variants.append(
+            {
+                "seed": cfg.seed,
+                "variant": f"holdout {args.holdout}: + neighbours K={int(k)} lambda={lam} mu={mu} offset={off}",
+                **precision(top, test.labels),
+                **recall(top, test.labels, targets),
+            }
+        )
     # the run trained with them: the same labels in its own head order
     order = full["order"]
     head_of_orig = np.empty_like(order)
@@ -238,7 +253,27 @@ def holdout(args, full: dict) -> list[dict]:
         **precision(top_full, full["test"].labels),
         **recall(top_full, full["test"].labels, head_of_orig[removed]),
     }
-    return [with_them, added]
+    return [with_them, *variants]
+
+
+@torch.no_grad()
+def neighbour_rows(art, titles: list[str], k: int, lam: float, mu: float, offset: float, tau: float = 0.05):
+    """Zero-shot rows (true units) that borrow from trained labels: the title's row (`zero_shot.true_rows`) plus lam
+    times the softmax(cos / tau)-weighted mean of the rows of the k trained labels whose titles embed nearest; the
+    bias (1 - mu) * the calibrated bias + mu * those labels' weighted bias, + offset (logits)."""
+    model, head = art.model, art.model.head
+    dim, cal = head.config.dim, art.zero_shot
+    rows = true_rows(model, titles, cal)
+    unit = lambda e: e / e.norm(dim=1, keepdim=True).clamp_min(1e-6)  # noqa: E731
+    sim = unit(title_embeddings(model, titles)) @ unit(title_embeddings(model, [lb["title"] for lb in art.labels])).T
+    near_s, near_i = sim.topk(k, dim=1)
+    w = torch.softmax(near_s / tau, dim=1)
+    trained = head.true_weight()
+    rows[:, :dim] += lam * (w[:, :, None] * trained[near_i][:, :, :dim]).sum(1)
+    if head.config.bias:
+        bias = (1 - mu) * cal.bias + mu * (w * trained[near_i][:, :, dim]).sum(1) * head.config.bias_input
+        rows[:, dim] = (bias + offset) / head.config.bias_input
+    return rows
 
 
 def replace_head(c: HeadConfig, num_labels: int) -> HeadConfig:
@@ -264,6 +299,13 @@ def main(argv=None) -> None:
     p.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=CALIBRATIONS)
     p.add_argument("--holdout", type=int, default=0, help="labels removed and re-added (0: off); first seed only")
     p.add_argument("--holdout-seed", type=int, default=0)
+    p.add_argument(
+        "--neighbours",
+        nargs="*",
+        default=[],
+        metavar="K:LAMBDA:MU:OFFSET",
+        help="with --holdout: also add the labels with rows that borrow from their K nearest trained labels",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "unseen_labels.json"))
     args = p.parse_args(argv)
