@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from conftest import toy_model
+from conftest import make_artifact, toy_model  # at import time: tests/training has a conftest too
 
 from elmo_kernels.topk import reference_topk
 from elmo_serve.model import Query
@@ -281,8 +281,6 @@ def swap_app(serve_url, artifacts):
 @pytest.fixture(scope="module")
 def hybrid_artifact(tmp_path_factory):
     """An "hf" artifact carrying the hashed bag: a tiny random BERT concatenated with the bag (TrainConfig.hf_bag)."""
-    from conftest import make_artifact
-
     return make_artifact(tmp_path_factory.mktemp("hybrid") / "art", seed=3, hf_bag="concat")
 
 
