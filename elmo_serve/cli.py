@@ -133,12 +133,16 @@ def _fold_init_catalogue(cfg, log: str):
     folded = Path(cfg.out) / "init-artifact"
     if cfg.resume and (folded / "manifest.json").is_file():
         return replace(cfg, init_from=str(folded))
-    result = fold_catalogue(cfg.init_from, log, folded)
-    print(
-        f"catalogue {log} (version {result.version}) folded into {folded}: {result.added} added, "
-        f"{result.retitled} retitled, {result.retired} retired labels"
-    )
+    _print_folded(log, fold_catalogue(cfg.init_from, log, folded), f"into {folded}")
     return replace(cfg, init_from=str(folded))
+
+
+def _print_folded(log: str, folded, where: str = "in") -> None:
+    """What `fold_catalogue` folded (a `Folded`) `where`, one line."""
+    print(
+        f"catalogue {log} (version {folded.version}) folded {where}: {folded.added} added, "
+        f"{folded.retitled} retitled, {folded.retired} retired labels"
+    )
 
 
 def _load_for_eval(path: Path):
@@ -195,10 +199,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.run-") as tmp:
             folded = fold_catalogue(export_run(args.run, Path(tmp) / "artifact", args.data), args.catalogue, out)
     if folded is not None:
-        print(
-            f"catalogue {args.catalogue} (version {folded.version}) folded in: {folded.added} added, "
-            f"{folded.retitled} retitled, {folded.retired} retired labels"
-        )
+        _print_folded(args.catalogue, folded)
     path = Path(args.artifact)
     art = load_artifact(path)
     h = art.manifest["head"]

@@ -23,7 +23,7 @@ import torch
 from training import data as xd
 from training.artifact import Artifact, read_manifest
 from training.config import TrainConfig
-from training.encoders import HFTextEncoder, HybridEncoder
+from training.encoders import HashedBagEncoder, HFTextEncoder, HybridEncoder
 from training.model import XMCModel
 from training.zero_shot import title_embeddings, title_vectors
 
@@ -96,11 +96,9 @@ def source_encoder(cfg: TrainConfig, source: Artifact, train_ds: xd.XMCDataset):
             raise ValueError(f"--init-from {source.path}: its encoder reads {want}; the data has {got}")
     elif featurizer is None and not isinstance(encoder, HFTextEncoder):
         raise ValueError(f"--init-from {source.path}: its encoder reads feature vectors; the data has texts")
-    for module in encoder.modules():
-        if isinstance(module, torch.nn.EmbeddingBag):
-            module.sparse = True
-        if hasattr(module, "config") and hasattr(module.config, "sparse"):
-            module.config = replace(module.config, sparse=True)
+    for bag in (m for m in encoder.modules() if isinstance(m, HashedBagEncoder)):  # as a fresh run builds them
+        bag.config = replace(bag.config, sparse=True)
+        bag.bag.sparse = True
     hf = encoder.hf if isinstance(encoder, HybridEncoder) else encoder
     if isinstance(hf, HFTextEncoder):
         hf_options(cfg, hf)

@@ -68,7 +68,7 @@ def recall_of(artifact, data, uids, k=5) -> float:
     test = xd.read_lf(data, "tst")
     ids = {lb["uid"]: lb["id"] for lb in art.labels}
     hits = total = 0
-    rows = [i for i in range(test.num_rows)]
+    rows = range(test.num_rows)
     with torch.inference_mode():
         scores = art.queries([test.texts[i] for i in rows]) @ art.model.head.weight[: art.num_labels].float().T
         top = scores.topk(k, dim=1).indices.tolist()
