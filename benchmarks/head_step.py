@@ -1,4 +1,4 @@
-"""Head-step benchmark: the fused kernel vs the three-pass kernels vs a plain PyTorch chunked head, checked first.
+"""Head-step benchmark: the Triton paths (two-pass, three-pass, fused) vs a plain PyTorch chunked head, checked first.
 
     python3 benchmarks/head_step.py --out $OUT/head_step.json                  # GPU (H200): check, sweep, table
     python3 benchmarks/head_step.py --run-steps 3 --sizes 2812281            # a few fp8 steps only (for ncu)
@@ -6,10 +6,11 @@
 
 1. Correctness on the GPU, both Triton kernels against the mirrored torch reference (same quantisation, same random
    stream) at odd and real shapes, and against fp64 unquantised math at L = 131,072; a failure stops the run.
-2. A sweep of the fused kernel's plan at 2.8M labels (fp8, B = 128); the best plan is used for fp8 below.
+2. Sweeps of the two-pass and fused kernels' plans at 2.8M labels (fp8, B = 128); the best are used for fp8 below.
+   With --profile, the CUDA time of each kernel of one step at 2.8M fp8 (three-pass and two-pass).
 3. The table: labels 131K / 670K / 2.8M / 8.6M, B = 128 and 256, D = 768, heads bf16 / fp8 (fp8 dots) / fp8 +
-   Kahan (bf16 compensation on 20% of the rows), kernels fused / three-pass, and torch-bf16 (plain chunked head,
-   materialised weight gradient). Median ms per step (`triton.testing.do_bench`, CUDA events), peak GiB
+   Kahan (bf16 compensation on 20% of the rows), kernels two-pass / three-pass / fused, and torch-bf16 (plain
+   chunked head, materialised weight gradient). Median ms per step (`triton.testing.do_bench`, CUDA events), peak GiB
    (max_memory_allocated over one step after a reset, weights and batch included), the floor
    max(6 B L D / peak rate, (weights + Kahan) read once and written once / bandwidth) and the ratio to it.
 JSON is rewritten after every section, so a run cut short still leaves what it measured.
@@ -35,6 +36,7 @@ import triton  # noqa: E402
 
 from elmo_kernels import head_step as hs  # noqa: E402
 from elmo_kernels import head_step_fused as hsf  # noqa: E402
+from elmo_kernels import head_step_two as hst  # noqa: E402
 
 PAPER_SIZES = [131072, 670091, 2812281, 8623847]
 BF16_RATE = 690e12  # FLOP/s, measured on the H200 (bf16 matmul)
@@ -42,6 +44,7 @@ FP8_RATE = 1260e12  # FLOP/s, measured on the H200 (fp8 _scaled_mm)
 BANDWIDTH = 4.25e12  # B/s, measured device copy on the H200
 CHUNK = 262144
 DIM = 768
+TAGS = {"fused": "fused", "three-pass": "three", "two-pass": "two"}  # column prefixes of the correctness rows
 
 
 def make_head(num_labels: int, dim: int, dtype: torch.dtype, device, chunk: int = CHUNK) -> list[torch.Tensor]:
@@ -95,7 +98,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, exclude, chunk, fp64=False) -> dict:
-    """Fused and three-pass kernels vs the reference (and vs fp64 math when asked) on one problem."""
+    """Every Triton kernel vs the reference (and vs fp64 math when asked) on one problem."""
     torch.manual_seed(hash(name) % 1000)
     w0 = make_head(labels, dim, dtype, device, chunk=chunk)
     x, rows, cols = make_batch(batch, dim, labels, device, seed=1)
@@ -108,7 +111,7 @@ def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, ex
         ex["exclude_cols"][0] = cols[0]
     k0 = (torch.randn(kahan_rows, dim, device=device) * 1e-4).to(torch.bfloat16) if kahan_rows else None
     out = {}
-    for impl, kernel in (("triton", "fused"), ("triton", "three-pass"), ("torch", "fused")):
+    for impl, kernel in [("triton", k) for k in hs.KERNELS] + [("torch", "fused")]:
         cfg = hs.HeadStepConfig(
             lr=0.05, weight_decay=1e-4, seed=11, fp8_dots=fp8_dots, compute_loss=True, kernel=kernel
         )
@@ -121,9 +124,9 @@ def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, ex
     row = {"case": name, "batch": batch, "labels": labels, "dim": dim, "dtype": str(dtype).split(".")[-1]}
     row["fp8_dots"], row["kahan_rows"], row["exclude"] = fp8_dots, kahan_rows, exclude
     ok = True
-    for kernel in ("fused", "three-pass"):
+    for kernel in hs.KERNELS:
         wt, rt, kt = out[kernel]
-        tag = "fused" if kernel == "fused" else "three"
+        tag = TAGS[kernel]
         row[f"{tag}_w_differ"] = _differ(wt, wr)
         row[f"{tag}_dx_rel"] = _rel(rt.dx, rr.dx)
         row[f"{tag}_loss_rel"] = abs(rt.loss - rr.loss) / abs(rr.loss)
@@ -142,16 +145,21 @@ def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, ex
         row[f"{tag}_ok"] = bool(good)
         ok = ok and good
     row["fused_vs_three_w_differ"] = _differ(out["fused"][0], out["three-pass"][0])
-    # Determinism: the fused kernel again, same inputs: identical bits.
-    cfg = hs.HeadStepConfig(lr=0.05, weight_decay=1e-4, seed=11, fp8_dots=fp8_dots, compute_loss=True)
-    w = [c.clone() for c in w0]
-    k = k0.clone() if k0 is not None else None
-    again = hs.head_step(w, x, rows, cols, cfg, num_labels=labels, kahan=k, impl="triton", **ex)
-    row["fused_deterministic"] = bool(
-        torch.equal(again.dx, out["fused"][1].dx)
-        and all(torch.equal(a, b) for a, b in zip(w, out["fused"][0], strict=True))
-    )
-    ok = ok and row["fused_deterministic"]
+    row["two_vs_three_w_differ"] = _differ(out["two-pass"][0], out["three-pass"][0])
+    # Determinism: the kernels with dX partials again, same inputs: identical bits.
+    for kernel in ("fused", "two-pass"):
+        cfg = hs.HeadStepConfig(
+            lr=0.05, weight_decay=1e-4, seed=11, fp8_dots=fp8_dots, compute_loss=True, kernel=kernel
+        )
+        w = [c.clone() for c in w0]
+        k = k0.clone() if k0 is not None else None
+        again = hs.head_step(w, x, rows, cols, cfg, num_labels=labels, kahan=k, impl="triton", **ex)
+        same = bool(
+            torch.equal(again.dx, out[kernel][1].dx)
+            and all(torch.equal(a, b) for a, b in zip(w, out[kernel][0], strict=True))
+        )
+        row[f"{TAGS[kernel]}_deterministic"] = same
+        ok = ok and same
     if fp64:
         w64 = torch.cat(w0).double()[:labels]
         x64 = x.double()
@@ -162,7 +170,7 @@ def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, ex
             g64[ex["exclude_rows"], ex["exclude_cols"]] = 0.0
         dx64 = g64 @ w64
         upd64 = -0.05 * (g64.T @ x64 + 1e-4 * w64)
-        for tag, key in (("fused", "fused"), ("three", "three-pass"), ("reference", "torch")):
+        for tag, key in [(TAGS[k], k) for k in hs.KERNELS] + [("reference", "torch")]:
             wt, rt, _ = out[key]
             upd = torch.cat(wt).double()[:labels] - w64
             row[f"{tag}_dx_rel_vs_fp64"] = _rel(rt.dx, dx64)
@@ -189,9 +197,10 @@ CHECKS = [
 
 def table_order(sizes, batches, variants, kernels) -> list[tuple]:
     """The table's rows, most telling first (the headline 2.8M FP8 row, then what a short run should still hold)."""
-    first = [(2812281, 128, v, k) for v in ("fp8", "bf16", "fp8+kahan") for k in ("fused", "three-pass", "torch")]
-    first += [(8623847, 128, "fp8", k) for k in ("fused", "three-pass")]
-    first += [(2812281, 256, "fp8", k) for k in ("fused", "three-pass")]
+    paths = ("two-pass", "three-pass", "fused")
+    first = [(2812281, 128, v, k) for v in ("fp8", "bf16", "fp8+kahan") for k in (*paths, "torch")]
+    first += [(8623847, 128, "fp8", k) for k in paths]
+    first += [(2812281, 256, "fp8", k) for k in paths]
     rest = [(n, b, v, k) for n in sizes for b in batches for v in variants for k in kernels]
     rows = [r for r in first + rest if r[0] in sizes and r[1] in batches and r[2] in variants and r[3] in kernels]
     rows = [r for r in rows if r[3] != "torch" or r[2] == "bf16"]
@@ -241,27 +250,31 @@ def bench_one(device, num_labels, batch, variant, kernel) -> dict:
     }
 
 
-def with_plan(fields: dict | None):
-    """Make the fused kernel use the default plan with `fields` replaced (None: restore the default)."""
-    hsf.fused_plan = DEFAULT_PLAN
+def with_plan(fields: dict | None, kernel: str = "fused"):
+    """Make `kernel` (fused, two-pass) use its default plan with `fields` replaced (None: restore the defaults)."""
+    hsf.fused_plan, hst.two_pass_plan = DEFAULT_PLANS["fused"], DEFAULT_PLANS["two-pass"]
     if fields:
+        default = DEFAULT_PLANS[kernel]
 
-        def plan(batch, dim, fp8_dots, num_sms, _fields=fields):
-            return dataclasses.replace(DEFAULT_PLAN(batch, dim, fp8_dots, num_sms), **_fields)
+        def plan(*args, _fields=fields):
+            return dataclasses.replace(default(*args), **_fields)
 
-        hsf.fused_plan = plan
+        if kernel == "fused":
+            hsf.fused_plan = plan
+        else:
+            hst.two_pass_plan = plan
 
 
-DEFAULT_PLAN = hsf.fused_plan
+DEFAULT_PLANS = {"fused": hsf.fused_plan, "two-pass": hst.two_pass_plan}
 
 
-def sweep(device, num_labels, batch, variant, candidates) -> tuple[dict, list[dict]]:
+def sweep(device, num_labels, batch, variant, candidates, kernel="fused") -> tuple[dict, list[dict]]:
     timings = []
     for cand in candidates:
-        with_plan(cand)
+        with_plan(cand, kernel)
         try:
             t = time.time()
-            r = bench_one(device, num_labels, batch, variant, "fused")
+            r = bench_one(device, num_labels, batch, variant, kernel)
             timings.append({"plan": cand, "ms": r["ms"], "peak_gib": r["peak_gib"]})
             print(f"  plan {cand}: {r['ms']:.3f} ms, {r['peak_gib']:.3f} GiB ({time.time() - t:.0f} s)", flush=True)
         except Exception as e:  # a plan that does not compile (e.g. out of shared memory) is skipped
@@ -277,7 +290,13 @@ def compiled_report() -> list[dict]:
     from elmo_kernels import head_step_three as hs3
 
     out = []
-    kernels = (hsf._fused_step_kernel, hs3._logits_grad_kernel, hs3._dx_kernel, hs3._update_kernel)
+    kernels = (
+        hsf._fused_step_kernel,
+        hs3._logits_grad_kernel,
+        hs3._dx_kernel,
+        hs3._update_kernel,
+        hst._dx_update_kernel,
+    )
     for kernel in kernels:
         for cache in getattr(kernel, "device_caches", {}).values():
             entries = cache[0] if isinstance(cache, tuple) else cache
@@ -301,6 +320,51 @@ def compiled_report() -> list[dict]:
     return out
 
 
+FUSED_SWEEP = [
+    {},
+    {"sc_bytes": 1 << 30},
+    {"sc_bytes": 48 << 20},
+    {"sc_bytes": 12 << 20},
+    {"num_a": 44, "num_groups": 14},
+    {"num_a": 22, "num_groups": 18},
+    {"block_db": 64, "num_groups": 8},
+    {"num_stages": 2},
+    {"num_warps": 4},
+    {"block_la": 128},
+]
+TWO_PASS_SWEEP = [
+    {},
+    {"programs_per_sm": 2},
+    {"num_stages": 3},
+    {"num_warps": 4, "programs_per_sm": 2},
+    {"block_l": 32, "programs_per_sm": 2},
+    {"block_l": 128, "num_stages": 1},
+]
+CHECK_COLUMNS = ["case", "two_w_differ", "two_dx_rel", "three_w_differ", "fused_w_differ", "two_deterministic"]
+
+
+def profile_step(device, num_labels: int, batch: int, kernel: str) -> dict:
+    """CUDA time per kernel name over 5 fp8 steps (torch profiler), in ms per step."""
+    chunks = make_head(num_labels, DIM, torch.float8_e4m3fn, device)
+    x, rows, cols = make_batch(batch, DIM, num_labels, device, seed=2)
+    cfg = hs.HeadStepConfig(lr=0.05, weight_decay=1e-4, seed=3, fp8_dots=True, kernel=kernel)
+    hs.head_step(chunks, x, rows, cols, cfg, num_labels=num_labels, impl="triton")
+    torch.cuda.synchronize(device)
+    steps = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            hs.head_step(chunks, x, rows, cols, cfg, num_labels=num_labels, impl="triton")
+        torch.cuda.synchronize(device)
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if cuda_us:
+            times[evt.key[:60]] = times.get(evt.key[:60], 0.0) + cuda_us / 1e3 / steps
+    del chunks
+    torch.cuda.empty_cache()
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
+
+
 def print_table(rows: list[dict], cols: list[str]) -> None:
     print(" | ".join(f"{c:>12}" for c in cols))
     for r in rows:
@@ -318,11 +382,13 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=PAPER_SIZES)
     ap.add_argument("--batches", type=int, nargs="*", default=[128, 256])
     ap.add_argument("--variants", nargs="*", default=["fp8", "fp8+kahan", "bf16"])
-    ap.add_argument("--kernels", nargs="*", default=["fused", "three-pass", "torch"])
+    ap.add_argument("--kernels", nargs="*", default=["two-pass", "three-pass", "fused", "torch"])
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--checks", type=int, default=len(CHECKS), help="run the first N correctness cases")
     ap.add_argument("--sweep", type=int, default=10, help="try the first N fused plans of the sweep")
+    ap.add_argument("--sweep-two", type=int, default=6, help="try the first N two-pass plans of the sweep")
+    ap.add_argument("--profile", action="store_true", help="per-kernel CUDA time of one step at 2.8M fp8")
     ap.add_argument("--plan", default="", help="JSON fields of the fused plan to use instead of sweeping")
     ap.add_argument("--run-steps", type=int, default=0, help="only run this many fp8 steps at the first size (ncu)")
     args = ap.parse_args()
@@ -337,8 +403,6 @@ def main() -> None:
             print(kernel, "max |dx diff|", float((a.dx - b.dx).abs().max()), "W differ", _differ(chunks, ref))
         return
     device = torch.device("cuda")
-    if args.plan:
-        with_plan(json.loads(args.plan))
     if args.run_steps:
         chunks = make_head(args.sizes[0], DIM, torch.float8_e4m3fn, device)
         x, rows, cols = make_batch(128, DIM, args.sizes[0], device, seed=2)
@@ -377,32 +441,35 @@ def main() -> None:
             save()
             if not row["ok"]:
                 print("CORRECTNESS FAILED: stopping", flush=True)
-                print_table(result["correctness"], ["case", "fused_w_differ", "fused_dx_rel", "three_w_differ"])
+                print_table(result["correctness"], CHECK_COLUMNS)
                 sys.exit(1)
-    plan = {}
+    plans = {"fused": json.loads(args.plan) if args.plan else {}, "two-pass": {}}
     if not args.no_sweep and not args.plan:
-        print("== fused plan sweep, fp8, B = 128, L = 2812281 ==", flush=True)
-        candidates = [
-            {},
-            {"sc_bytes": 1 << 30},
-            {"sc_bytes": 48 << 20},
-            {"sc_bytes": 12 << 20},
-            {"num_a": 44, "num_groups": 14},
-            {"num_a": 22, "num_groups": 18},
-            {"block_db": 64, "num_groups": 8},
-            {"num_stages": 2},
-            {"num_warps": 4},
-            {"block_la": 128},
-        ]
-        plan, timings = sweep(device, 2812281, 128, "fp8", candidates[: args.sweep])
-        result["sweep_fp8_b128"] = timings
-        result["best_plan_fp8"] = plan
-        save()
-        print("best plan:", plan, flush=True)
+        for kernel, candidates, count in (
+            ("two-pass", TWO_PASS_SWEEP, args.sweep_two),
+            ("fused", FUSED_SWEEP, args.sweep),
+        ):
+            if kernel not in args.kernels or not count:
+                continue
+            print(f"== {kernel} plan sweep, fp8, B = 128, L = 2812281 ==", flush=True)
+            plans[kernel], timings = sweep(device, 2812281, 128, "fp8", candidates[:count], kernel)
+            result[f"sweep_{kernel}_fp8_b128"] = timings
+            result[f"best_plan_{kernel}_fp8"] = plans[kernel]
+            save()
+            print("best plan:", plans[kernel], flush=True)
+    if args.profile:
+        print("== where the time goes: 2.8M fp8, B = 128 ==", flush=True)
+        result["profile"] = {}
+        for kernel in [k for k in ("three-pass", "two-pass") if k in args.kernels]:
+            with_plan(plans.get(kernel), kernel)
+            result["profile"][kernel] = profile_step(device, 2812281, 128, kernel)
+            with_plan(None)
+            print(kernel, result["profile"][kernel], flush=True)
+            save()
     print("== benchmark ==", flush=True)
     rows = []
     for n, batch, variant, kernel in table_order(args.sizes, args.batches, args.variants, args.kernels):
-        with_plan(plan if variant != "bf16" and kernel == "fused" else None)
+        with_plan(plans.get(kernel) if variant != "bf16" else None, kernel if kernel in plans else "fused")
         try:
             r = bench_one(device, n, batch, variant, kernel)
         except Exception as e:  # OOM or a plan that does not compile: the row says so, the run goes on
@@ -420,7 +487,7 @@ def main() -> None:
     if "correctness" in result:
         print_table(
             result["correctness"],
-            ["case", "fused_w_differ", "fused_dx_rel", "three_w_differ", "three_dx_rel", "fused_deterministic"],
+            CHECK_COLUMNS,
         )
     print_table(rows, ["labels", "batch", "variant", "kernel", "ms", "peak_gib", "floor_ms", "x_floor"])
 

@@ -29,6 +29,7 @@ from elmo_kernels import reference
 from elmo_kernels.common import LABEL_ALIGN, has_fp8_tensor_cores, interpreting
 from elmo_kernels.head_step_fused import fused_step
 from elmo_kernels.head_step_three import three_pass_step
+from elmo_kernels.head_step_two import two_pass_step
 
 __all__ = [
     "KAHAN_DTYPES",
@@ -44,7 +45,7 @@ __all__ = [
 WEIGHT_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 KAHAN_DTYPES = (torch.bfloat16, torch.float8_e5m2)
 MAX_BATCH = 256  # the logits tile of a label block lives in registers
-KERNELS = ("three-pass", "fused")
+KERNELS = ("three-pass", "two-pass", "fused")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class HeadStepConfig:
     compute_loss: bool = False
     fp8_dots: bool | None = None
     stochastic_rounding: bool = True  # False rounds weights to nearest: the ablation that shows why SR exists
-    kernel: Literal["three-pass", "fused"] = "three-pass"  # the Triton path (impl="triton")
+    kernel: Literal["three-pass", "two-pass", "fused"] = "three-pass"  # the Triton path (impl="triton")
 
 
 class HeadStepOutput(NamedTuple):
@@ -252,6 +253,8 @@ def _head_step_triton(
     )
     if config.kernel == "fused":
         fused_step(prep, chunks, kahan)
+    elif config.kernel == "two-pass":
+        two_pass_step(prep, chunks, kahan)
     else:
         three_pass_step(prep, chunks, kahan)
     return HeadStepOutput(prep.dx, float(prep.loss) / x.shape[0] if config.compute_loss else None)

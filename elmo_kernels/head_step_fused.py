@@ -31,6 +31,7 @@ import triton.language as tl
 
 from elmo_kernels import head_step_utils as hsu
 from elmo_kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
+from elmo_kernels.rounding import random_u16
 
 
 @triton.jit(
@@ -178,13 +179,12 @@ def _fused_step_kernel(
                 kahan_ptr,
                 w.to(tl.float32),
                 dw,
+                random_u16(seed, b_offset + labels, d),
                 labels,
                 d,
                 b_valid,
                 num_kahan,
                 b_kahan_row0,
-                b_offset,
-                seed,
                 grad_coef,
                 decay_coef,
                 D,

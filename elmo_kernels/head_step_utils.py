@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from elmo_kernels.rounding import cast_on_grid, nearest_bf16, random_u16, round_to
+from elmo_kernels.rounding import cast_on_grid, nearest_bf16, random_u16, round_to, saturate
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -157,13 +157,12 @@ def update_tile(
     kahan_ptr,
     wf,
     dw,
+    rand16,
     labels,
     d,
     num_valid,
     num_kahan,
     kahan_row0,
-    row_offset,
-    seed,
     grad_coef,
     decay_coef,
     D,
@@ -174,7 +173,8 @@ def update_tile(
     HAS_KAHAN: tl.constexpr,
     STOCHASTIC: tl.constexpr,
 ):
-    """W <- round(W - lr (G^T X + wd W)) for one (labels x d) tile: wf = the old tile (fp32), dw = G^T X.
+    """W <- round(W - lr (G^T X + wd W)) for one (labels x d) tile: wf = the old tile (fp32), dw = G^T X, rand16
+    the tile's random bits (`random_u16` of its global rows and columns).
 
     Labels whose Kahan row kahan_row0 + label is < num_kahan also carry the compensation buffer.
     """
@@ -183,7 +183,6 @@ def update_tile(
     w_mask = label_ok[:, None] & d_ok[None, :]
     w_offs = labels[:, None].to(tl.int64) * stride_wl + d[None, :]
     delta = dw * grad_coef + wf * decay_coef  # -lr (G^T X + wd W), constants folded on the host
-    rand16 = random_u16(seed, row_offset + labels, d)
     if HAS_KAHAN:
         # Kahan: c holds what earlier roundings lost; feed it back, then keep what this rounding loses.
         k_rows = kahan_row0 + labels
@@ -191,7 +190,7 @@ def update_tile(
         k_offs = k_rows[:, None].to(tl.int64) * stride_kl + d[None, :]
         comp = tl.load(kahan_ptr + k_offs, mask=k_mask, other=0.0).to(tl.float32)
         corrected = delta - comp
-        new_w = round_to(wf + corrected, rand16, W_DTYPE, STOCHASTIC)
+        new_w = saturate(round_to(wf + corrected, rand16, W_DTYPE, STOCHASTIC), W_DTYPE)
         new_comp = round_to((new_w - wf) - corrected, rand16, KAHAN_DTYPE, False)
         tl.store(kahan_ptr + k_offs, cast_on_grid(new_comp, KAHAN_DTYPE), mask=k_mask)
     else:

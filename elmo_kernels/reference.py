@@ -6,8 +6,10 @@ fallback path (`impl="torch"`) of the functional API. They mirror the kernels; t
 
 Random stream (shared with the kernels, `elmo_kernels.rounding.random_u16`): element (row, col) of a matrix whose rows
 are global row ids (label ids for the head, so that a label shard draws the bits of those rows of the whole head)
-draws the top 16 bits of mix32(h(row) ^ col * 0x9E3779B9), with h(row) = mix32(mix32(row ^ seed_lo) + seed_hi)
-and mix32 the lowbias32 mixer; all arithmetic on uint32, wrapping.
+draws 16 bits of the word mix32(h(row) ^ key(col) * 0x9E3779B9), with h(row) = mix32(mix32(row ^ seed_lo) +
+seed_hi), key(col) = 64 (col // 128) + col % 64 and mix32 the lowbias32 mixer: the word's top half in the low 64
+columns of each 128-column block, its bottom half in the high 64 (so columns c and c + 64 share one mixer); all
+arithmetic on uint32, wrapping.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def random_u16(seed: int, rows: int, cols: int, row_offset: int = 0) -> torch.Te
         k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
         r = np.arange(row_offset, row_offset + rows, dtype=np.uint64).astype(np.uint32)
         h = mix32(mix32(r ^ k0) + k1)
-        c = np.arange(cols, dtype=np.uint32) * _GOLDEN
-        bits = mix32(h[:, None] ^ c[None, :]) >> np.uint32(16)
+        c = np.arange(cols, dtype=np.uint32)
+        key = ((c >> np.uint32(7)) << np.uint32(6)) | (c & np.uint32(63))
+        word = mix32(h[:, None] ^ (key * _GOLDEN)[None, :])
+        bits = np.where(((c & np.uint32(64)) != 0)[None, :], word & np.uint32(0xFFFF), word >> np.uint32(16))
     return torch.from_numpy(bits.astype(np.int32))
 
 
@@ -62,22 +66,21 @@ def round_fp8(x: torch.Tensor, rand16: torch.Tensor | None, dtype: torch.dtype) 
     """fp32 -> fp8 grid of `dtype` by the kernels' bit trick: stochastic with 16 random bits, else nearest-even.
 
     Normal range: add the random bits at the top of the dropped mantissa field (or half a step for nearest) and
-    mask the field off. Subnormals: shift into the first normal binade by adding 2^min_exp, round, subtract.
-    Saturates at the largest finite value, keeps NaN. Returns fp32 on the grid.
+    mask the field off; the sign bit is untouched. Subnormals: shift into the first normal binade by adding 2^min_exp
+    with x's sign, round, subtract it back (so values that round to 0 come out +0, as in the kernels). Saturates at
+    the largest finite value, keeps NaN. Returns fp32 on the grid.
     """
     man_bits, min_exp, max_val = FP8_FORMATS[dtype]
     drop = 23 - man_bits
-    min_normal = 2.0**min_exp
     x = x.float()
-    small = x.abs() < min_normal
     # In place on one buffer: this is also the CPU training path, where every pass over the head counts.
-    a = x.abs().clamp_(max=max_val).add_(small, alpha=min_normal)
-    bits = a.view(torch.int32)  # |x| <= max: no int32 overflow below
+    magic = torch.where(x.abs() < 2.0**min_exp, torch.full_like(x, 2.0**min_exp).copysign_(x), 0.0)
+    bits = (x + magic).view(torch.int32)  # int32 wraps like uint32; only inf / NaN patterns carry that far
     if rand16 is None:
         bits.add_((1 << (drop - 1)) - 1 + ((bits >> drop) & 1))
     else:
         bits.add_(rand16.to(torch.int32) << (drop - 16))
-    y = bits.bitwise_and_(-(1 << drop)).view(torch.float32).add_(small, alpha=-min_normal).copysign_(x)
+    y = bits.bitwise_and_(-(1 << drop)).view(torch.float32).sub_(magic).clamp_(-max_val, max_val)
     nan = torch.isnan(x)
     return torch.where(nan, x, y) if nan.any() else y
 

@@ -32,24 +32,50 @@ def mix32(x):
     return x
 
 
+PAIR_COLS = tl.constexpr(64)  # columns c and c + 64 of each 128-column block share one hash word (its two halves)
+
+
+@triton.jit
+def row_hash(seed, rows):
+    """h(r) = mix32(mix32(r ^ seed_lo) + seed_hi) for (R,) global row ids: one hash per row."""
+    s = tl.cast(seed, tl.int64)  # seed may arrive as a constexpr (an argument equal to 1)
+    k0 = (s & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (s >> 32).to(tl.uint32)
+    return mix32(mix32(rows.to(tl.uint32) ^ k0) + k1)
+
+
+@triton.jit
+def pair_word(h, cols):
+    """The 32-bit word of (R,) row hashes and (C,) columns: mix32(h(r) ^ key(c) * 0x9E3779B9), with
+    key(c) = 64 (c // 128) + c % 64, the same for c and c + 64 in a 128-column block."""
+    key = ((cols >> 7) << 6) | (cols & (PAIR_COLS - 1))
+    return mix32(h[:, None] ^ (key.to(tl.uint32) * 0x9E3779B9)[None, :])
+
+
 @triton.jit
 def random_u16(seed, rows, cols):
     """16 random bits per element: (R,) global row ids and (C,) column ids -> (R, C) int32 values in [0, 65536).
 
-    bits(r, c) = mix32(h(r) ^ c * 0x9E3779B9) >> 16 with h(r) = mix32(mix32(r ^ seed_lo) + seed_hi): one hash per
-    row, then one mixer per element, computed from the element's own indices in whatever register layout the
-    consumer has (no shuffles), about half the integer work of one Philox-4x32-10 call per 8 elements.
+    bits(r, c) = the top half of pair_word(h(r), c) in the low 64 columns of each 128-column block, its bottom half
+    in the high 64: one mixer per two elements (see `random_u16_pair`, which draws both halves at once), computed
+    from the element's own indices in whatever register layout the consumer has (no shuffles).
     Statistical quality (what was tested, see `elmo_kernels.reference.random_u16`): 16-bit values uniform (chi-square
-    over 2^16 bins, 2^24 draws), no correlation between neighbouring columns, rows or seeds (|r| < 1e-3 over
-    2^24 pairs), and the stochastic-rounding tests (unbiased in the e4m3 normal and subnormal ranges, in bf16 and
-    e5m2; only the two neighbouring grid points appear). It is not a cryptographic or BigCrush-tested generator.
+    over 2^16 bins, 2^24 draws), no correlation between neighbouring columns, columns 64 apart (the two halves of
+    one word), rows or seeds (|r| < 1e-3 over 2^24 pairs), and the stochastic-rounding tests (unbiased in the e4m3
+    normal and subnormal ranges, in bf16 and e5m2; only the two neighbouring grid points appear). It is not a
+    cryptographic or BigCrush-tested generator.
     """
-    s = tl.cast(seed, tl.int64)  # seed may arrive as a constexpr (an argument equal to 1)
-    k0 = (s & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (s >> 32).to(tl.uint32)
-    h = mix32(mix32(rows.to(tl.uint32) ^ k0) + k1)
-    c = cols.to(tl.uint32) * 0x9E3779B9
-    return (mix32(h[:, None] ^ c[None, :]) >> 16).to(tl.int32)
+    word = pair_word(row_hash(seed, rows), cols)
+    high = (cols & PAIR_COLS) != 0
+    return tl.where(high[None, :], word & 0xFFFF, word >> 16).to(tl.int32)
+
+
+@triton.jit
+def random_u16_pair(seed, rows, cols):
+    """`random_u16` of columns `cols` and `cols + 64` at once, for (C,) columns in the low half of their 128-column
+    block: (bits of cols, bits of cols + 64), each (R, C) int32, from one mixer per pair."""
+    word = pair_word(row_hash(seed, rows), cols)
+    return (word >> 16).to(tl.int32), (word & 0xFFFF).to(tl.int32)
 
 
 @triton.jit
@@ -73,34 +99,32 @@ def nearest_bf16(x):
 
 
 @triton.jit
-def round_fp8_bits(
-    x, rand16, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, MAX_VAL: tl.constexpr, STOCHASTIC: tl.constexpr
-):
-    """Round fp32 x onto an fp8 grid (MAN_BITS mantissa bits, smallest normal 2^MIN_EXP, largest MAX_VAL).
+def round_fp8_bits(x, rand16, MAN_BITS: tl.constexpr, MIN_EXP: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Round fp32 x onto an fp8 grid (MAN_BITS mantissa bits, smallest normal 2^MIN_EXP).
 
     Normal range: the fp8 grid is the fp32 grid with the low 23 - MAN_BITS mantissa bits dropped, so adding
     random bits there (stochastic: 16 random bits at the top of the dropped field; nearest: half a step minus one,
-    plus the kept lsb for ties-to-even) and masking them off rounds in one integer add. Subnormal range
-    (|x| < 2^MIN_EXP, uniform step 2^(MIN_EXP - MAN_BITS)): adding 2^MIN_EXP moves |x| into the first normal
-    binade, whose step is that same step, so the same bit trick applies, and subtracting 2^MIN_EXP back is exact.
-    |x| is saturated at MAX_VAL first; MAX_VAL is on the grid, so rounding never overflows (no NaN from overflow).
-    NaN stays NaN. Returns fp32 on the grid, so the cast to fp8 afterwards is exact.
+    plus the kept lsb for ties-to-even) and masking them off rounds the magnitude in one integer add; the sign bit
+    is left alone, so both signs round alike. Subnormal range (|x| < 2^MIN_EXP, uniform step 2^(MIN_EXP -
+    MAN_BITS)): adding 2^MIN_EXP with x's sign moves x into the first normal binade, whose step is that same step,
+    so the same bit trick applies, and subtracting it back is exact (`magic` is 0 elsewhere: no select after).
+    Values past the largest finite fp8 value stay past it: `cast_on_grid` saturates them, as the GPU's cast does
+    for free; `saturate` gives the fp32 value that is stored. NaN stays NaN (-0
+    and values that round to 0 from below come out +0). Returns fp32 on the grid, so the cast afterwards is exact.
     """
     DROP: tl.constexpr = 23 - MAN_BITS
     MIN_NORMAL: tl.constexpr = 2.0**MIN_EXP
     KEEP: tl.constexpr = (0xFFFFFFFF << DROP) & 0xFFFFFFFF
+    MIN_NORMAL_BITS: tl.constexpr = (127 + MIN_EXP) << 23
     x_bits = x.to(tl.uint32, bitcast=True)
-    a = tl.minimum((x_bits & 0x7FFFFFFF).to(tl.float32, bitcast=True), MAX_VAL)
-    small = a < MIN_NORMAL
-    t = tl.where(small, a + MIN_NORMAL, a)
-    bits = t.to(tl.uint32, bitcast=True)
+    small = tl.abs(x) < MIN_NORMAL
+    magic = tl.where(small, ((x_bits & 0x80000000) | MIN_NORMAL_BITS).to(tl.float32, bitcast=True), 0.0)
+    bits = (x + magic).to(tl.uint32, bitcast=True)
     if STOCHASTIC:
         add = rand16.to(tl.uint32) << (DROP - 16)
     else:
         add = (1 << (DROP - 1)) - 1 + ((bits >> DROP) & 1)
-    y = ((bits + add) & KEEP).to(tl.float32, bitcast=True)
-    y = tl.where(small, y - MIN_NORMAL, y)
-    y = (y.to(tl.uint32, bitcast=True) | (x_bits & 0x80000000)).to(tl.float32, bitcast=True)
+    y = ((bits + add) & KEEP).to(tl.float32, bitcast=True) - magic
     return tl.where(x != x, x, y)
 
 
@@ -113,17 +137,28 @@ def round_to(x, rand16, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
         else:
             y = nearest_bf16(x)
     elif DTYPE == tl.float8e4nv:
-        y = round_fp8_bits(x, rand16, 3, -6, 448.0, STOCHASTIC)
+        y = round_fp8_bits(x, rand16, 3, -6, STOCHASTIC)
     else:
-        y = round_fp8_bits(x, rand16, 2, -14, 57344.0, STOCHASTIC)
+        y = round_fp8_bits(x, rand16, 2, -14, STOCHASTIC)
+    return y
+
+
+@triton.jit
+def saturate(y, DTYPE: tl.constexpr):
+    """The fp32 value `cast_on_grid` stores for a `round_to` result: fp8 clamped to its largest finite value."""
+    if DTYPE == tl.float8e4nv:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    elif DTYPE == tl.float8e5:
+        y = tl.minimum(tl.maximum(y, -57344.0), 57344.0)
     return y
 
 
 @triton.jit
 def cast_on_grid(y, DTYPE: tl.constexpr):
-    """Cast fp32 values already on DTYPE's grid (exact). Under the interpreter NaN is set by its bits."""
+    """Cast fp32 values on DTYPE's grid (exact; fp8 saturating). Under the interpreter, whose casts neither
+    saturate nor keep NaN, both are done by hand."""
     if INTERPRETED and (DTYPE == tl.float8e4nv or DTYPE == tl.float8e5):
-        bits = y.to(DTYPE).to(tl.uint8, bitcast=True)
+        bits = saturate(y, DTYPE).to(DTYPE).to(tl.uint8, bitcast=True)
         return tl.where(y != y, 0x7F, bits).to(tl.uint8).to(DTYPE, bitcast=True)
     else:
         return y.to(DTYPE)

@@ -8,6 +8,7 @@ from kernel_checks import assert_same_bits
 
 from elmo_kernels import head_step as hs
 from elmo_kernels import head_step_fused as hsf
+from elmo_kernels import head_step_two as hst
 from elmo_kernels import head_step_utils as hsu
 
 
@@ -141,6 +142,27 @@ def test_fused_schedule_edge_cases(name, monkeypatch):
         assert_same_bits(a, b, max_fraction=1e-4, what=f"{name} chunk {i}")
     torch.testing.assert_close(rt.dx, rr.dx, rtol=1e-5, atol=1e-5)
     assert rt.loss == pytest.approx(rr.loss, rel=1e-5)
+    if kahan is not None:
+        assert_same_bits(kt, kr, max_fraction=1e-4, what=f"{name} kahan")
+    flat_new, flat_old = torch.cat([w.float() for w in wt]), torch.cat([w.float() for w in chunks])
+    assert torch.equal(flat_new[case.num_labels :], flat_old[case.num_labels :]), "padding rows must never change"
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_two_pass_groups_share_blocks_unevenly(name, monkeypatch):
+    # The dX + update kernel's label groups: more groups than blocks ("one-block"), a ragged last block, groups
+    # that get one block more than others, chunks smaller than the groups' stride.
+    _poison(monkeypatch)
+    case, _, groups, _, _ = SCHEDULES[name]
+    monkeypatch.setattr(hst, "two_pass_plan", lambda batch, dim, fp8_dots: hst.TwoPassPlan(16, groups, 4, 1))
+    chunks, x, rows, cols, kahan, ex = _problem(case)
+    cfg = _config(case, "two-pass")
+    (wt, rt, kt), (wr, rr, kr) = (
+        _run(case, chunks, x, rows, cols, kahan, ex, cfg, impl) for impl in ("triton", "torch")
+    )
+    for i, (a, b) in enumerate(zip(wt, wr, strict=True)):
+        assert_same_bits(a, b, max_fraction=1e-4, what=f"{name} chunk {i}")
+    torch.testing.assert_close(rt.dx, rr.dx, rtol=1e-5, atol=1e-5)
     if kahan is not None:
         assert_same_bits(kt, kr, max_fraction=1e-4, what=f"{name} kahan")
     flat_new, flat_old = torch.cat([w.float() for w in wt]), torch.cat([w.float() for w in chunks])

@@ -105,6 +105,7 @@ def test_random_bits_are_uniform_and_uncorrelated():
     other = reference.random_u16(4, 1024, 1024, row_offset=5).numpy() - 32767.5
     pairs = {
         "columns": (centred[:, :-1], centred[:, 1:]),
+        "columns 64 apart (one word's halves)": (centred[:, :-64], centred[:, 64:]),
         "rows": (centred[:-1], centred[1:]),
         "seeds": (centred, other),
     }

@@ -1,0 +1,310 @@
+"""The two-pass head step: the logits/G kernel, then one kernel that forms dX and updates W from the same tiles.
+
+Two kernels per chunk, so W is read twice and written once per step (the three-pass path reads it three times):
+  1. `head_step_three._logits_grad_kernel`: G of the chunk, stored (B, Lc) and (Lc, B).
+  2. `_dx_update_kernel`: program (group, D-block) owns 128 columns of D (two halves of 64 that share their random
+     words, `random_u16_pair`) and the label blocks group, group + num_groups, ...; for each block it loads G, G^T
+     and the old W tile once, accumulates dX += G W in registers (W before its update), forms G^T X for the tile
+     and stores the rounded new W (and Kahan rows) once. Its dX block goes to its own partial dx_parts[group];
+     the partials are summed on the host in a fixed order, so dX has the same bits on every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from elmo_kernels import head_step_utils as hsu
+from elmo_kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
+from elmo_kernels.head_step_three import _logits_grad_kernel, launch_plan
+from elmo_kernels.rounding import PAIR_COLS, random_u16_pair
+
+
+@triton.jit
+def _dx_update_half(
+    w_ptr,
+    kahan_ptr,
+    g,
+    gt,
+    xt,
+    rand16,
+    acc,
+    labels,
+    d,
+    num_valid,
+    num_kahan,
+    kahan_row0,
+    grad_coef,
+    decay_coef,
+    D,
+    stride_wl,
+    stride_kl,
+    DOT_DTYPE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    KAHAN_DTYPE: tl.constexpr,
+    HAS_KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    w = tl.load(
+        w_ptr + labels[:, None].to(tl.int64) * stride_wl + d[None, :],
+        mask=(labels < num_valid)[:, None] & (d < D)[None, :],
+        other=0.0,
+    )
+    acc = hsu.mma(g, w, acc, DOT_DTYPE)  # dX sees W before its update
+    dw = hsu.mma(gt, tl.trans(xt), tl.zeros((labels.shape[0], d.shape[0]), dtype=tl.float32), DOT_DTYPE)
+    hsu.update_tile(
+        w_ptr,
+        kahan_ptr,
+        w.to(tl.float32),
+        dw,
+        rand16,
+        labels,
+        d,
+        num_valid,
+        num_kahan,
+        kahan_row0,
+        grad_coef,
+        decay_coef,
+        D,
+        stride_wl,
+        stride_kl,
+        W_DTYPE,
+        KAHAN_DTYPE,
+        HAS_KAHAN,
+        STOCHASTIC,
+    )
+    return acc
+
+
+@triton.jit
+def _dx_update_kernel(
+    xt_ptr,
+    w_ptr,
+    g_ptr,
+    gt_ptr,
+    kahan_ptr,
+    dx_part_ptr,
+    B,
+    D,
+    num_valid,
+    num_kahan,
+    kahan_row0,
+    row_offset,
+    num_groups,
+    seed,
+    grad_coef,
+    decay_coef,
+    grad_scale_inv,
+    stride_xtd,
+    stride_wl,
+    stride_gb,
+    stride_gtl,
+    stride_kl,
+    stride_dxg,
+    stride_dxb,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    KAHAN_DTYPE: tl.constexpr,
+    HAS_KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_dblocks = tl.cdiv(D, 2 * PAIR_COLS)
+    dblock = pid % num_dblocks
+    group = pid // num_dblocks
+    rows = tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    lo = dblock * 2 * PAIR_COLS + tl.arange(0, PAIR_COLS)
+    hi = lo + PAIR_COLS
+    xt_rows = xt_ptr + rows[None, :]
+    xt_lo = tl.load(xt_rows + lo[:, None] * stride_xtd, mask=(lo < D)[:, None] & row_ok[None, :], other=0.0)
+    xt_hi = tl.load(xt_rows + hi[:, None] * stride_xtd, mask=(hi < D)[:, None] & row_ok[None, :], other=0.0)
+    acc_lo = tl.zeros((BLOCK_B, PAIR_COLS), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_B, PAIR_COLS), dtype=tl.float32)
+    for blk in range(group, tl.cdiv(num_valid, BLOCK_L), num_groups):
+        labels = blk * BLOCK_L + tl.arange(0, BLOCK_L)
+        label_ok = labels < num_valid
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_gb + labels[None, :], mask=row_ok[:, None] & label_ok[None, :], other=0.0
+        )
+        gt = tl.load(
+            gt_ptr + labels[:, None].to(tl.int64) * stride_gtl + rows[None, :],
+            mask=label_ok[:, None] & row_ok[None, :],
+            other=0.0,
+        )
+        if STOCHASTIC:
+            rand_lo, rand_hi = random_u16_pair(seed, row_offset + labels, lo)
+        else:
+            rand_lo = 0
+            rand_hi = 0
+        acc_lo = _dx_update_half(
+            w_ptr,
+            kahan_ptr,
+            g,
+            gt,
+            xt_lo,
+            rand_lo,
+            acc_lo,
+            labels,
+            lo,
+            num_valid,
+            num_kahan,
+            kahan_row0,
+            grad_coef,
+            decay_coef,
+            D,
+            stride_wl,
+            stride_kl,
+            DOT_DTYPE,
+            W_DTYPE,
+            KAHAN_DTYPE,
+            HAS_KAHAN,
+            STOCHASTIC,
+        )
+        acc_hi = _dx_update_half(
+            w_ptr,
+            kahan_ptr,
+            g,
+            gt,
+            xt_hi,
+            rand_hi,
+            acc_hi,
+            labels,
+            hi,
+            num_valid,
+            num_kahan,
+            kahan_row0,
+            grad_coef,
+            decay_coef,
+            D,
+            stride_wl,
+            stride_kl,
+            DOT_DTYPE,
+            W_DTYPE,
+            KAHAN_DTYPE,
+            HAS_KAHAN,
+            STOCHASTIC,
+        )
+    # This program alone owns dx_parts[group][:, its 128 columns]: a plain store.
+    part = dx_part_ptr + group * stride_dxg + rows[:, None] * stride_dxb
+    tl.store(part + lo[None, :], acc_lo * grad_scale_inv, mask=row_ok[:, None] & (lo < D)[None, :])
+    tl.store(part + hi[None, :], acc_hi * grad_scale_inv, mask=row_ok[:, None] & (hi < D)[None, :])
+
+
+@dataclass(frozen=True)
+class TwoPassPlan:
+    block_l: int  # labels per block of the dX + update kernel
+    programs_per_sm: int  # (groups x D-blocks) programs per SM
+    num_warps: int
+    num_stages: int
+
+
+def two_pass_plan(batch: int, dim: int, fp8_dots: bool) -> TwoPassPlan:
+    """Launch plan of the dX + update kernel (first guesses; benchmarks/head_step.py sweeps them)."""
+    if interpreting():
+        return TwoPassPlan(64, 1, 4, 1)
+    return TwoPassPlan(block_l=64, programs_per_sm=1, num_warps=8, num_stages=2)
+
+
+def two_pass_step(
+    prep: hsu.StepInputs, chunks: list[torch.Tensor], kahan: torch.Tensor | None, plan: TwoPassPlan | None = None
+) -> None:
+    """Run the two kernels on every chunk; dX accumulates into prep.dx, the summed loss into prep.loss."""
+    batch, dim = prep.xq.shape
+    fwd = launch_plan(batch, dim, prep.fp8_dots)
+    plan = plan or two_pass_plan(batch, dim, prep.fp8_dots)
+    max_rows = max(w.shape[0] for w in chunks)
+    g_dtype = torch.float8_e4m3fn if prep.fp8_dots else torch.bfloat16
+    g_buf = hsu.empty((batch, max_rows), g_dtype, prep.xq.device)
+    gt_buf = hsu.empty((max_rows, batch), g_dtype, prep.xq.device)
+    num_dblocks = triton.cdiv(dim, 2 * PAIR_COLS)
+    max_groups = max(1, plan.programs_per_sm * prep.num_sms // num_dblocks)
+    dx_parts = hsu.empty((max_groups, batch, dim), torch.float32, prep.xq.device)
+    scale_inv = 1.0 / GRAD_FP8_SCALE if prep.fp8_dots else 1.0
+    cfg = prep.config
+    start = 0
+    for w in chunks:
+        n = w.shape[0]
+        num_valid = max(0, min(n, prep.num_labels - start))
+        if num_valid == 0:
+            start += n
+            continue
+        offset = prep.label_offset + start
+        block_start, ex_start = prep.pair_starts(offset, n, fwd.fwd_block_l)
+        _logits_grad_kernel[(triton.cdiv(n, fwd.fwd_block_l),)](
+            prep.xq,
+            w,
+            g_buf,
+            gt_buf,
+            prep.pos_rows,
+            prep.pos_cols,
+            block_start,
+            prep.ex_rows,
+            prep.ex_cols,
+            ex_start,
+            prep.loss,
+            batch,
+            dim,
+            n,
+            num_valid,
+            offset,
+            cfg.seed,
+            prep.xq.stride(0),
+            w.stride(0),
+            g_buf.stride(0),
+            gt_buf.stride(0),
+            BLOCK_B=fwd.block_b,
+            BLOCK_L=fwd.fwd_block_l,
+            BLOCK_D=fwd.fwd_block_d,
+            BLOCK_P=16,
+            DOT_DTYPE=prep.dot_dtype,
+            HOT_DTYPE=prep.hot_dtype,
+            G_FP8=prep.fp8_dots,
+            COMPUTE_LOSS=cfg.compute_loss,
+            HAS_EXCLUDE=prep.has_exclude,
+            num_warps=fwd.fwd_warps,
+            num_stages=fwd.fwd_stages,
+        )
+        groups = min(max_groups, triton.cdiv(num_valid, plan.block_l))
+        _dx_update_kernel[(groups * num_dblocks,)](
+            prep.xt,
+            w,
+            g_buf,
+            gt_buf,
+            kahan if kahan is not None else w,
+            dx_parts,
+            batch,
+            dim,
+            num_valid,
+            kahan.shape[0] if kahan is not None else 0,
+            start,
+            offset,
+            groups,
+            cfg.seed,
+            -cfg.lr * scale_inv,
+            -cfg.lr * cfg.weight_decay,
+            scale_inv,
+            prep.xt.stride(0),
+            w.stride(0),
+            g_buf.stride(0),
+            gt_buf.stride(0),
+            kahan.stride(0) if kahan is not None else 0,
+            dx_parts.stride(0),
+            dx_parts.stride(1),
+            BLOCK_B=fwd.block_b,
+            BLOCK_L=plan.block_l,
+            DOT_DTYPE=prep.dot_dtype,
+            W_DTYPE=TL_DTYPES[w.dtype],
+            KAHAN_DTYPE=TL_DTYPES[kahan.dtype] if kahan is not None else tl.bfloat16,
+            HAS_KAHAN=kahan is not None and start < kahan.shape[0],
+            STOCHASTIC=cfg.stochastic_rounding,
+            num_warps=plan.num_warps,
+            num_stages=plan.num_stages,
+        )
+        prep.dx += dx_parts[:groups].sum(dim=0)
+        start += n
