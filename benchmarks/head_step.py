@@ -36,6 +36,7 @@ import triton  # noqa: E402
 
 from elmo_kernels import head_step as hs  # noqa: E402
 from elmo_kernels import head_step_fused as hsf  # noqa: E402
+from elmo_kernels import head_step_three as hs3  # noqa: E402
 from elmo_kernels import head_step_two as hst  # noqa: E402
 
 PAPER_SIZES = [131072, 670091, 2812281, 8623847]
@@ -251,21 +252,21 @@ def bench_one(device, num_labels, batch, variant, kernel) -> dict:
 
 
 def with_plan(fields: dict | None, kernel: str = "fused"):
-    """Make `kernel` (fused, two-pass) use its default plan with `fields` replaced (None: restore the defaults)."""
-    hsf.fused_plan, hst.two_pass_plan = DEFAULT_PLANS["fused"], DEFAULT_PLANS["two-pass"]
+    """Make `kernel` use its default plan with `fields` replaced (None: restore every default)."""
+    for name, (module, attr) in PLAN_HOOKS.items():
+        setattr(module, attr, DEFAULT_PLANS[name])
     if fields:
         default = DEFAULT_PLANS[kernel]
 
         def plan(*args, _fields=fields):
             return dataclasses.replace(default(*args), **_fields)
 
-        if kernel == "fused":
-            hsf.fused_plan = plan
-        else:
-            hst.two_pass_plan = plan
+        module, attr = PLAN_HOOKS[kernel]
+        setattr(module, attr, plan)
 
 
-DEFAULT_PLANS = {"fused": hsf.fused_plan, "two-pass": hst.two_pass_plan}
+PLAN_HOOKS = {"fused": (hsf, "fused_plan"), "two-pass": (hst, "two_pass_plan"), "three-pass": (hs3, "launch_plan")}
+DEFAULT_PLANS = {name: getattr(module, attr) for name, (module, attr) in PLAN_HOOKS.items()}
 
 
 def sweep(device, num_labels, batch, variant, candidates, kernel="fused") -> tuple[dict, list[dict]]:
@@ -287,8 +288,6 @@ def sweep(device, num_labels, batch, variant, candidates, kernel="fused") -> tup
 
 def compiled_report() -> list[dict]:
     """Registers, spills, shared memory and MMA instructions of every compiled variant of the head-step kernels."""
-    from elmo_kernels import head_step_three as hs3
-
     out = []
     kernels = (
         hsf._fused_step_kernel,
@@ -334,12 +333,14 @@ FUSED_SWEEP = [
 ]
 TWO_PASS_SWEEP = [
     {},
-    {"programs_per_sm": 2},
+    {"block_d": 128},
+    {"block_d": 128, "paired_bits": True},
+    {"block_d": 128, "paired_bits": True, "num_warps": 8, "programs_per_sm": 1},
+    {"num_warps": 8, "programs_per_sm": 1},
     {"num_stages": 3},
-    {"num_warps": 4, "programs_per_sm": 2},
-    {"block_l": 32, "programs_per_sm": 2},
     {"block_l": 128, "num_stages": 1},
 ]
+THREE_PASS_SWEEP = [{}, {"upd_paired_bits": True}, {"upd_stages": 2}, {"upd_warps": 4}]
 CHECK_COLUMNS = ["case", "two_w_differ", "two_dx_rel", "three_w_differ", "fused_w_differ", "two_deterministic"]
 
 
@@ -387,7 +388,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--checks", type=int, default=len(CHECKS), help="run the first N correctness cases")
     ap.add_argument("--sweep", type=int, default=10, help="try the first N fused plans of the sweep")
-    ap.add_argument("--sweep-two", type=int, default=6, help="try the first N two-pass plans of the sweep")
+    ap.add_argument("--sweep-two", type=int, default=7, help="try the first N two-pass plans of the sweep")
+    ap.add_argument("--sweep-three", type=int, default=4, help="try the first N three-pass plans of the sweep")
     ap.add_argument("--profile", action="store_true", help="per-kernel CUDA time of one step at 2.8M fp8")
     ap.add_argument("--plan", default="", help="JSON fields of the fused plan to use instead of sweeping")
     ap.add_argument("--run-steps", type=int, default=0, help="only run this many fp8 steps at the first size (ncu)")
@@ -443,9 +445,10 @@ def main() -> None:
                 print("CORRECTNESS FAILED: stopping", flush=True)
                 print_table(result["correctness"], CHECK_COLUMNS)
                 sys.exit(1)
-    plans = {"fused": json.loads(args.plan) if args.plan else {}, "two-pass": {}}
+    plans = {"fused": json.loads(args.plan) if args.plan else {}, "two-pass": {}, "three-pass": {}}
     if not args.no_sweep and not args.plan:
         for kernel, candidates, count in (
+            ("three-pass", THREE_PASS_SWEEP, args.sweep_three),
             ("two-pass", TWO_PASS_SWEEP, args.sweep_two),
             ("fused", FUSED_SWEEP, args.sweep),
         ):

@@ -6,9 +6,8 @@ Three kernels per chunk, each streaming W (so W is read three times and written 
   2. `_dx_kernel`: split-K GEMM dX = G W over the labels of one split, for one D-tile; partials are summed on the
      host in a fixed order, so the result does not depend on scheduling. It runs before the update: dX sees the
      old W.
-  3. `_update_kernel`: one block of labels, all of D: G^T stays in registers while the program walks D in blocks
-     of 128 columns (two halves of 64 sharing their random words), forming G^T X for one half at a time and writing
-     the rounded new weights (and Kahan compensation).
+  3. `_update_kernel`: one block of labels, all of D: G^T stays in registers while the program walks the D-tiles,
+     forming G^T X for one tile at a time and writing the rounded new weights (and Kahan compensation).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import triton.language as tl
 
 from elmo_kernels import head_step_utils as hsu
 from elmo_kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
-from elmo_kernels.rounding import PAIR_COLS, random_u16_pair
+from elmo_kernels.rounding import PAIR_COLS, random_u16, random_u16_pair
 
 
 @triton.jit
@@ -130,60 +129,6 @@ def _dx_kernel(
 
 
 @triton.jit
-def _update_half(
-    w_ptr,
-    kahan_ptr,
-    xt_ptr,
-    gt,
-    rand16,
-    labels,
-    rows,
-    d,
-    B,
-    D,
-    num_valid,
-    num_kahan,
-    kahan_row0,
-    grad_coef,
-    decay_coef,
-    stride_xtd,
-    stride_wl,
-    stride_kl,
-    DOT_DTYPE: tl.constexpr,
-    W_DTYPE: tl.constexpr,
-    KAHAN_DTYPE: tl.constexpr,
-    HAS_KAHAN: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-):
-    d_ok = d < D
-    xt = tl.load(xt_ptr + d[:, None] * stride_xtd + rows[None, :], mask=d_ok[:, None] & (rows < B)[None, :], other=0.0)
-    dw = hsu.mma(gt, tl.trans(xt), tl.zeros((labels.shape[0], d.shape[0]), dtype=tl.float32), DOT_DTYPE)
-    w_offs = labels[:, None].to(tl.int64) * stride_wl + d[None, :]
-    wf = tl.load(w_ptr + w_offs, mask=(labels < num_valid)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    hsu.update_tile(
-        w_ptr,
-        kahan_ptr,
-        wf,
-        dw,
-        rand16,
-        labels,
-        d,
-        num_valid,
-        num_kahan,
-        kahan_row0,
-        grad_coef,
-        decay_coef,
-        D,
-        stride_wl,
-        stride_kl,
-        W_DTYPE,
-        KAHAN_DTYPE,
-        HAS_KAHAN,
-        STOCHASTIC,
-    )
-
-
-@triton.jit
 def _update_kernel(
     xt_ptr,
     w_ptr,
@@ -204,6 +149,8 @@ def _update_kernel(
     stride_kl,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAIRED_BITS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     W_DTYPE: tl.constexpr,
     KAHAN_DTYPE: tl.constexpr,
@@ -220,41 +167,39 @@ def _update_kernel(
         mask=label_ok[:, None] & row_ok[None, :],
         other=0.0,
     )
-    # D in blocks of 128 columns, as two halves of 64 that share one random word per element pair (the stream's
-    # layout, `random_u16_pair`): half the hashing of one word per element.
-    for d0 in range(0, D, 2 * PAIR_COLS):
-        lo = d0 + tl.arange(0, PAIR_COLS)
-        if STOCHASTIC:
-            rand_lo, rand_hi = random_u16_pair(seed, row_offset + labels, lo)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xt = tl.load(xt_ptr + d[:, None] * stride_xtd + rows[None, :], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        dw = hsu.mma(gt, tl.trans(xt), tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32), DOT_DTYPE)
+        w_offs = labels[:, None].to(tl.int64) * stride_wl + d[None, :]
+        wf = tl.load(w_ptr + w_offs, mask=label_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if PAIRED_BITS:  # BLOCK_D == 128: one word per column pair (c, c + 64), the halves joined back in order
+            lo, hi = random_u16_pair(seed, row_offset + labels, d0 + tl.arange(0, PAIR_COLS))
+            rand16 = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_L, BLOCK_D))
         else:
-            rand_lo = 0
-            rand_hi = 0
-        for half in tl.static_range(2):
-            _update_half(
-                w_ptr,
-                kahan_ptr,
-                xt_ptr,
-                gt,
-                rand_hi if half else rand_lo,
-                labels,
-                rows,
-                lo + half * PAIR_COLS,
-                B,
-                D,
-                num_valid,
-                num_kahan,
-                kahan_row0,
-                grad_coef,
-                decay_coef,
-                stride_xtd,
-                stride_wl,
-                stride_kl,
-                DOT_DTYPE,
-                W_DTYPE,
-                KAHAN_DTYPE,
-                HAS_KAHAN,
-                STOCHASTIC,
-            )
+            rand16 = random_u16(seed, row_offset + labels, d)
+        hsu.update_tile(
+            w_ptr,
+            kahan_ptr,
+            wf,
+            dw,
+            rand16,
+            labels,
+            d,
+            num_valid,
+            num_kahan,
+            kahan_row0,
+            grad_coef,
+            decay_coef,
+            D,
+            stride_wl,
+            stride_kl,
+            W_DTYPE,
+            KAHAN_DTYPE,
+            HAS_KAHAN,
+            STOCHASTIC,
+        )
 
 
 @dataclass(frozen=True)
@@ -264,7 +209,9 @@ class LaunchPlan:
     fwd_block_d: int
     dx_block_k: int
     dx_block_d: int
-    upd_block_l: int  # the update walks D in 128-column blocks, two halves of 64 (the random stream's pairs)
+    upd_block_l: int
+    upd_block_d: int
+    upd_paired_bits: bool = False  # draw one random word per column pair (needs upd_block_d == 128)
     fwd_warps: int = 8
     dx_warps: int = 4
     upd_warps: int = 4
@@ -280,7 +227,7 @@ def launch_plan(batch: int, dim: int, fp8_dots: bool) -> LaunchPlan:
     if interpreting():
         # The interpreter pays per program: few, large blocks.
         bd = min(256, max(16, triton.next_power_of_2(dim)))
-        return LaunchPlan(block_b, 64, bd, 64, bd, 64, 4, 4, 4, 1, 1, 1, 1)
+        return LaunchPlan(block_b, 64, bd, 64, bd, 64, bd, False, 4, 4, 4, 1, 1, 1, 1)
     big_b = block_b > 128
     return LaunchPlan(
         block_b=block_b,
@@ -289,6 +236,7 @@ def launch_plan(batch: int, dim: int, fp8_dots: bool) -> LaunchPlan:
         dx_block_k=64 if big_b or not fp8_dots else 128,
         dx_block_d=64 if fp8_dots else 128,
         upd_block_l=64,
+        upd_block_d=128 if fp8_dots and not big_b else 64,
         upd_warps=8 if fp8_dots else 4,
         upd_stages=3 if fp8_dots else 2,
     )
@@ -399,6 +347,8 @@ def three_pass_step(prep: hsu.StepInputs, chunks: list[torch.Tensor], kahan: tor
             kahan.stride(0) if kahan is not None else 0,
             BLOCK_B=plan.block_b,
             BLOCK_L=plan.upd_block_l,
+            BLOCK_D=plan.upd_block_d,
+            PAIRED_BITS=plan.upd_paired_bits and plan.upd_block_d == 2 * PAIR_COLS and cfg.stochastic_rounding,
             DOT_DTYPE=prep.dot_dtype,
             W_DTYPE=TL_DTYPES[w.dtype],
             KAHAN_DTYPE=TL_DTYPES[kahan.dtype] if kahan is not None else tl.bfloat16,

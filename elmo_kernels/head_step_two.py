@@ -2,11 +2,12 @@
 
 Two kernels per chunk, so W is read twice and written once per step (the three-pass path reads it three times):
   1. `head_step_three._logits_grad_kernel`: G of the chunk, stored (B, Lc) and (Lc, B).
-  2. `_dx_update_kernel`: program (group, D-block) owns 128 columns of D (two halves of 64 that share their random
-     words, `random_u16_pair`) and the label blocks group, group + num_groups, ...; for each block it loads G, G^T
-     and the old W tile once, accumulates dX += G W in registers (W before its update), forms G^T X for the tile
-     and stores the rounded new W (and Kahan rows) once. Its dX block goes to its own partial dx_parts[group];
-     the partials are summed on the host in a fixed order, so dX has the same bits on every run.
+  2. `_dx_update_kernel`: program (group, D-tile) owns block_d columns of D (with paired_bits, 128 as two halves of
+     64 that share their random words, `random_u16_pair`) and the label blocks group, group + num_groups, ...;
+     for each block it loads G, G^T and the old W tile once, accumulates dX += G W in registers (W before its
+     update), forms G^T X for the tile and stores the rounded new W (and Kahan rows) once. Its dX tile goes to
+     its own partial dx_parts[group]; the partials are summed on the host in a fixed order, so dX has the same
+     bits on every run.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import triton.language as tl
 from elmo_kernels import head_step_utils as hsu
 from elmo_kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
 from elmo_kernels.head_step_three import _logits_grad_kernel, launch_plan
-from elmo_kernels.rounding import PAIR_COLS, random_u16_pair
+from elmo_kernels.rounding import PAIR_COLS, random_u16, random_u16_pair
 
 
 @triton.jit
-def _dx_update_half(
+def _dx_update_tile(
     w_ptr,
     kahan_ptr,
     g,
@@ -107,6 +108,8 @@ def _dx_update_kernel(
     stride_dxb,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAIRED_BITS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     W_DTYPE: tl.constexpr,
     KAHAN_DTYPE: tl.constexpr,
@@ -114,18 +117,25 @@ def _dx_update_kernel(
     STOCHASTIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_dblocks = tl.cdiv(D, 2 * PAIR_COLS)
+    num_dblocks = tl.cdiv(D, BLOCK_D)
     dblock = pid % num_dblocks
     group = pid // num_dblocks
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    lo = dblock * 2 * PAIR_COLS + tl.arange(0, PAIR_COLS)
-    hi = lo + PAIR_COLS
     xt_rows = xt_ptr + rows[None, :]
-    xt_lo = tl.load(xt_rows + lo[:, None] * stride_xtd, mask=(lo < D)[:, None] & row_ok[None, :], other=0.0)
-    xt_hi = tl.load(xt_rows + hi[:, None] * stride_xtd, mask=(hi < D)[:, None] & row_ok[None, :], other=0.0)
-    acc_lo = tl.zeros((BLOCK_B, PAIR_COLS), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_B, PAIR_COLS), dtype=tl.float32)
+    part = dx_part_ptr + group * stride_dxg + rows[:, None] * stride_dxb
+    if PAIRED_BITS:
+        # BLOCK_D == 128 as two halves of 64 whose elements share one random word (`random_u16_pair`).
+        lo = dblock * BLOCK_D + tl.arange(0, PAIR_COLS)
+        hi = lo + PAIR_COLS
+        xt_lo = tl.load(xt_rows + lo[:, None] * stride_xtd, mask=(lo < D)[:, None] & row_ok[None, :], other=0.0)
+        xt_hi = tl.load(xt_rows + hi[:, None] * stride_xtd, mask=(hi < D)[:, None] & row_ok[None, :], other=0.0)
+        acc_lo = tl.zeros((BLOCK_B, PAIR_COLS), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_B, PAIR_COLS), dtype=tl.float32)
+    else:
+        d = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
+        xt = tl.load(xt_rows + d[:, None] * stride_xtd, mask=(d < D)[:, None] & row_ok[None, :], other=0.0)
+        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     for blk in range(group, tl.cdiv(num_valid, BLOCK_L), num_groups):
         labels = blk * BLOCK_L + tl.arange(0, BLOCK_L)
         label_ok = labels < num_valid
@@ -137,68 +147,94 @@ def _dx_update_kernel(
             mask=label_ok[:, None] & row_ok[None, :],
             other=0.0,
         )
-        if STOCHASTIC:
+        if PAIRED_BITS:
             rand_lo, rand_hi = random_u16_pair(seed, row_offset + labels, lo)
+            acc_lo = _dx_update_tile(
+                w_ptr,
+                kahan_ptr,
+                g,
+                gt,
+                xt_lo,
+                rand_lo,
+                acc_lo,
+                labels,
+                lo,
+                num_valid,
+                num_kahan,
+                kahan_row0,
+                grad_coef,
+                decay_coef,
+                D,
+                stride_wl,
+                stride_kl,
+                DOT_DTYPE,
+                W_DTYPE,
+                KAHAN_DTYPE,
+                HAS_KAHAN,
+                STOCHASTIC,
+            )
+            acc_hi = _dx_update_tile(
+                w_ptr,
+                kahan_ptr,
+                g,
+                gt,
+                xt_hi,
+                rand_hi,
+                acc_hi,
+                labels,
+                hi,
+                num_valid,
+                num_kahan,
+                kahan_row0,
+                grad_coef,
+                decay_coef,
+                D,
+                stride_wl,
+                stride_kl,
+                DOT_DTYPE,
+                W_DTYPE,
+                KAHAN_DTYPE,
+                HAS_KAHAN,
+                STOCHASTIC,
+            )
         else:
-            rand_lo = 0
-            rand_hi = 0
-        acc_lo = _dx_update_half(
-            w_ptr,
-            kahan_ptr,
-            g,
-            gt,
-            xt_lo,
-            rand_lo,
-            acc_lo,
-            labels,
-            lo,
-            num_valid,
-            num_kahan,
-            kahan_row0,
-            grad_coef,
-            decay_coef,
-            D,
-            stride_wl,
-            stride_kl,
-            DOT_DTYPE,
-            W_DTYPE,
-            KAHAN_DTYPE,
-            HAS_KAHAN,
-            STOCHASTIC,
-        )
-        acc_hi = _dx_update_half(
-            w_ptr,
-            kahan_ptr,
-            g,
-            gt,
-            xt_hi,
-            rand_hi,
-            acc_hi,
-            labels,
-            hi,
-            num_valid,
-            num_kahan,
-            kahan_row0,
-            grad_coef,
-            decay_coef,
-            D,
-            stride_wl,
-            stride_kl,
-            DOT_DTYPE,
-            W_DTYPE,
-            KAHAN_DTYPE,
-            HAS_KAHAN,
-            STOCHASTIC,
-        )
-    # This program alone owns dx_parts[group][:, its 128 columns]: a plain store.
-    part = dx_part_ptr + group * stride_dxg + rows[:, None] * stride_dxb
-    tl.store(part + lo[None, :], acc_lo * grad_scale_inv, mask=row_ok[:, None] & (lo < D)[None, :])
-    tl.store(part + hi[None, :], acc_hi * grad_scale_inv, mask=row_ok[:, None] & (hi < D)[None, :])
+            acc = _dx_update_tile(
+                w_ptr,
+                kahan_ptr,
+                g,
+                gt,
+                xt,
+                random_u16(seed, row_offset + labels, d),
+                acc,
+                labels,
+                d,
+                num_valid,
+                num_kahan,
+                kahan_row0,
+                grad_coef,
+                decay_coef,
+                D,
+                stride_wl,
+                stride_kl,
+                DOT_DTYPE,
+                W_DTYPE,
+                KAHAN_DTYPE,
+                HAS_KAHAN,
+                STOCHASTIC,
+            )
+    # This program alone owns dx_parts[group][:, its columns]: a plain store.
+    if PAIRED_BITS:
+        tl.store(part + lo[None, :], acc_lo * grad_scale_inv, mask=row_ok[:, None] & (lo < D)[None, :])
+        tl.store(part + hi[None, :], acc_hi * grad_scale_inv, mask=row_ok[:, None] & (hi < D)[None, :])
+    else:
+        tl.store(part + d[None, :], acc * grad_scale_inv, mask=row_ok[:, None] & (d < D)[None, :])
 
 
 @dataclass(frozen=True)
 class TwoPassPlan:
     block_l: int  # labels per block of the dX + update kernel
+    block_d: int  # columns of D per program
+    paired_bits: bool  # block_d == 128 as two halves sharing their random words
     programs_per_sm: int  # (groups x D-blocks) programs per SM
     num_warps: int
     num_stages: int
@@ -207,8 +243,8 @@ class TwoPassPlan:
 def two_pass_plan(batch: int, dim: int, fp8_dots: bool) -> TwoPassPlan:
     """Launch plan of the dX + update kernel (first guesses; benchmarks/head_step.py sweeps them)."""
     if interpreting():
-        return TwoPassPlan(64, 1, 4, 1)
-    return TwoPassPlan(block_l=64, programs_per_sm=1, num_warps=8, num_stages=2)
+        return TwoPassPlan(64, 128, False, 1, 4, 1)
+    return TwoPassPlan(block_l=64, block_d=64, paired_bits=False, programs_per_sm=2, num_warps=4, num_stages=2)
 
 
 def two_pass_step(
@@ -222,7 +258,8 @@ def two_pass_step(
     g_dtype = torch.float8_e4m3fn if prep.fp8_dots else torch.bfloat16
     g_buf = hsu.empty((batch, max_rows), g_dtype, prep.xq.device)
     gt_buf = hsu.empty((max_rows, batch), g_dtype, prep.xq.device)
-    num_dblocks = triton.cdiv(dim, 2 * PAIR_COLS)
+    paired = plan.paired_bits and plan.block_d == 2 * PAIR_COLS and prep.config.stochastic_rounding
+    num_dblocks = triton.cdiv(dim, plan.block_d)
     max_groups = max(1, plan.programs_per_sm * prep.num_sms // num_dblocks)
     dx_parts = hsu.empty((max_groups, batch, dim), torch.float32, prep.xq.device)
     scale_inv = 1.0 / GRAD_FP8_SCALE if prep.fp8_dots else 1.0
@@ -298,6 +335,8 @@ def two_pass_step(
             dx_parts.stride(1),
             BLOCK_B=fwd.block_b,
             BLOCK_L=plan.block_l,
+            BLOCK_D=plan.block_d,
+            PAIRED_BITS=paired,
             DOT_DTYPE=prep.dot_dtype,
             W_DTYPE=TL_DTYPES[w.dtype],
             KAHAN_DTYPE=TL_DTYPES[kahan.dtype] if kahan is not None else tl.bfloat16,

@@ -1,6 +1,6 @@
 """Fused head step (Triton, interpreted on CPU) vs the plain-torch reference, plus validation and learning tests."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from kernel_checks import assert_same_bits
 
 from elmo_kernels import head_step as hs
 from elmo_kernels import head_step_fused as hsf
+from elmo_kernels import head_step_three as hs3
 from elmo_kernels import head_step_two as hst
 from elmo_kernels import head_step_utils as hsu
 
@@ -154,7 +155,9 @@ def test_two_pass_groups_share_blocks_unevenly(name, monkeypatch):
     # that get one block more than others, chunks smaller than the groups' stride.
     _poison(monkeypatch)
     case, _, groups, _, _ = SCHEDULES[name]
-    monkeypatch.setattr(hst, "two_pass_plan", lambda batch, dim, fp8_dots: hst.TwoPassPlan(16, groups, 4, 1))
+    paired = name != "one-block"  # both ways of drawing the bits: per element, and one word per column pair
+    plan = hst.TwoPassPlan(16, 128 if paired else 32, paired, groups, 4, 1)
+    monkeypatch.setattr(hst, "two_pass_plan", lambda batch, dim, fp8_dots: plan)
     chunks, x, rows, cols, kahan, ex = _problem(case)
     cfg = _config(case, "two-pass")
     (wt, rt, kt), (wr, rr, kr) = (
@@ -167,6 +170,22 @@ def test_two_pass_groups_share_blocks_unevenly(name, monkeypatch):
         assert_same_bits(kt, kr, max_fraction=1e-4, what=f"{name} kahan")
     flat_new, flat_old = torch.cat([w.float() for w in wt]), torch.cat([w.float() for w in chunks])
     assert torch.equal(flat_new[case.num_labels :], flat_old[case.num_labels :]), "padding rows must never change"
+
+
+@pytest.mark.parametrize("name", ["bf16-odd", "fp8-dots-exclude-kahan"])
+def test_three_pass_paired_bits(name, monkeypatch):
+    # The update kernel's other way of drawing the bits (one word per column pair, joined back): the same stream.
+    _poison(monkeypatch)
+    default = hs3.launch_plan
+    monkeypatch.setattr(hs3, "launch_plan", lambda *a: replace(default(*a), upd_block_d=128, upd_paired_bits=True))
+    case = CASES[name]
+    chunks, x, rows, cols, kahan, ex = _problem(case)
+    cfg = _config(case, "three-pass")
+    (wt, _, kt), (wr, _, kr) = (_run(case, chunks, x, rows, cols, kahan, ex, cfg, impl) for impl in ("triton", "torch"))
+    for i, (a, b) in enumerate(zip(wt, wr, strict=True)):
+        assert_same_bits(a, b, max_fraction=1e-4, what=f"{name} chunk {i}")
+    if kahan is not None:
+        assert_same_bits(kt, kr, max_fraction=1e-4, what=f"{name} kahan")
 
 
 @pytest.mark.parametrize("kernel", hs.KERNELS)
