@@ -340,7 +340,19 @@ TWO_PASS_SWEEP = [
     {"num_stages": 3},
     {"block_l": 128, "num_stages": 1},
 ]
-THREE_PASS_SWEEP = [{}, {"upd_paired_bits": True}, {"upd_stages": 2}, {"upd_warps": 4}]
+THREE_PASS_SWEEP = [
+    {},
+    {"upd_warps": 4},
+    {"upd_warps": 4, "upd_paired_bits": True},
+    {"upd_warps": 4, "upd_stages": 2},
+    {"upd_warps": 4, "upd_block_l": 128},
+    {"upd_warps": 4, "fwd_warps": 4},
+    {"upd_warps": 4, "fwd_stages": 4},
+    {"upd_warps": 4, "dx_warps": 8},
+    {"upd_warps": 4, "dx_block_k": 64},
+    {"upd_warps": 4, "dx_stages": 4},
+    {"upd_warps": 4, "programs_per_sm": 2},
+]
 CHECK_COLUMNS = ["case", "two_w_differ", "two_dx_rel", "three_w_differ", "fused_w_differ", "two_deterministic"]
 
 
@@ -389,7 +401,7 @@ def main() -> None:
     ap.add_argument("--checks", type=int, default=len(CHECKS), help="run the first N correctness cases")
     ap.add_argument("--sweep", type=int, default=10, help="try the first N fused plans of the sweep")
     ap.add_argument("--sweep-two", type=int, default=7, help="try the first N two-pass plans of the sweep")
-    ap.add_argument("--sweep-three", type=int, default=4, help="try the first N three-pass plans of the sweep")
+    ap.add_argument("--sweep-three", type=int, default=11, help="try the first N three-pass plans of the sweep")
     ap.add_argument("--profile", action="store_true", help="per-kernel CUDA time of one step at 2.8M fp8")
     ap.add_argument("--plan", default="", help="JSON fields of the fused plan to use instead of sweeping")
     ap.add_argument("--run-steps", type=int, default=0, help="only run this many fp8 steps at the first size (ncu)")

@@ -94,6 +94,7 @@ def _dx_kernel(
     B,
     D,
     num_valid,
+    num_rows,
     labels_per_split,
     grad_scale_inv,
     stride_gb,
@@ -116,10 +117,14 @@ def _dx_kernel(
     acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
     first = split * labels_per_split
     last = tl.minimum(first + labels_per_split, num_valid)
+    # G is written (0) up to the chunk's rows, a multiple of 16: bounding its loads there keeps them vectorised.
+    g_last = tl.minimum(first + labels_per_split, num_rows)
     for k0 in range(first, last, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < last
-        g = tl.load(g_ptr + rows[:, None] * stride_gb + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_gb + k[None, :], mask=row_ok[:, None] & (k < g_last)[None, :], other=0.0
+        )
         w = tl.load(
             w_ptr + k[:, None].to(tl.int64) * stride_wl + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0
         )
@@ -313,6 +318,7 @@ def three_pass_step(prep: hsu.StepInputs, chunks: list[torch.Tensor], kahan: tor
             batch,
             dim,
             num_valid,
+            n,
             per_split,
             scale_inv,
             g_buf.stride(0),

@@ -91,6 +91,7 @@ def _dx_update_kernel(
     B,
     D,
     num_valid,
+    num_rows,
     num_kahan,
     kahan_row0,
     row_offset,
@@ -139,8 +140,11 @@ def _dx_update_kernel(
     for blk in range(group, tl.cdiv(num_valid, BLOCK_L), num_groups):
         labels = blk * BLOCK_L + tl.arange(0, BLOCK_L)
         label_ok = labels < num_valid
+        # G is written (0) up to the chunk's rows, a multiple of 16: bounding its loads there keeps them vectorised.
         g = tl.load(
-            g_ptr + rows[:, None] * stride_gb + labels[None, :], mask=row_ok[:, None] & label_ok[None, :], other=0.0
+            g_ptr + rows[:, None] * stride_gb + labels[None, :],
+            mask=row_ok[:, None] & (labels < num_rows)[None, :],
+            other=0.0,
         )
         gt = tl.load(
             gt_ptr + labels[:, None].to(tl.int64) * stride_gtl + rows[None, :],
@@ -318,6 +322,7 @@ def two_pass_step(
             batch,
             dim,
             num_valid,
+            n,
             kahan.shape[0] if kahan is not None else 0,
             start,
             offset,

@@ -26,8 +26,9 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 
 
 def sorted_pairs(rows: torch.Tensor, cols: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, label) pairs sorted by label then row, duplicates removed (int64 rows, int64 labels)."""
-    keys = torch.unique(cols.to(torch.int64) * batch + rows.to(torch.int64))
+    """(row, label) pairs sorted by label then row (int64 rows, int64 labels). Duplicates stay (the kernels count a
+    listed cell once): a sort needs no host synchronisation, where removing them (torch.unique) does."""
+    keys = torch.sort(cols.to(torch.int64) * batch + rows.to(torch.int64)).values
     return keys % batch, keys // batch
 
 
@@ -42,8 +43,8 @@ def mma(a, b, acc, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def pair_hits(row_ptr, col_ptr, start, end, labels, rows, BLOCK_P: tl.constexpr, HOT_DTYPE: tl.constexpr):
-    # Which (label, row) cells of this tile are listed: H = C R^T, with C / R the one-hot labels / rows of the
-    # block's pairs (sorted by label on the host, duplicates removed). A few small dots, no dense L x B matrix.
+    # How often each (label, row) cell of this tile is listed: H = C R^T, with C / R the one-hot labels / rows of
+    # the block's pairs (sorted by label on the host). A few small dots, no dense L x B matrix.
     hits = tl.zeros((labels.shape[0], rows.shape[0]), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
@@ -105,7 +106,7 @@ def block_gradient(
     # Targets from this block's positive pairs; excluded pairs (e.g. an item's own label) get no gradient.
     global_labels = row_offset + labels
     p_start, p_end = tl.load(pos_start_ptr), tl.load(pos_start_ptr + 1)
-    y = pair_hits(pos_row_ptr, pos_col_ptr, p_start, p_end, global_labels, rows, BLOCK_P, HOT_DTYPE)
+    y = tl.minimum(pair_hits(pos_row_ptr, pos_col_ptr, p_start, p_end, global_labels, rows, BLOCK_P, HOT_DTYPE), 1.0)
     valid = label_ok[:, None] & row_ok[None, :]
     if HAS_EXCLUDE:
         e_start, e_end = tl.load(ex_start_ptr), tl.load(ex_start_ptr + 1)

@@ -54,6 +54,7 @@ def _problem(case: Case):
     npos = 3 * case.batch
     rows = torch.randint(0, case.batch, (npos,))
     cols = torch.cat([torch.randint(0, case.num_labels, (npos - 2,)), torch.tensor([0, case.num_labels - 1])])
+    rows, cols = torch.cat([rows, rows[-1:]]), torch.cat([cols, cols[-1:]])  # a listed pair twice is one target
     kahan = (torch.randn(case.kahan_rows, case.dim) * 1e-3).to(case.kahan_dtype) if case.kahan_rows else None
     ex = None
     if case.exclude:
