@@ -227,7 +227,7 @@ class LaunchPlan:
 
 
 def launch_plan(batch: int, dim: int, fp8_dots: bool) -> LaunchPlan:
-    """Block shapes of the three kernels for a batch of `batch` rows of `dim` (swept on the H200, 2026-11-29 and 12-04)."""
+    """Block shapes of the three kernels for a batch of `batch` rows of `dim` (swept on the H200, 2026-11-29, 12-04)."""
     block_b = max(32 if fp8_dots else 16, triton.next_power_of_2(batch))
     if interpreting():
         # The interpreter pays per program: few, large blocks.
