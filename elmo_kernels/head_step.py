@@ -6,13 +6,15 @@ Per label chunk W (Lc x D), embeddings X (B x D) and targets Y (given as positiv
     dX += G W                                      (with W before its update)
     W  <- SR(W - lr (G^T X + wd W))                (the weight gradient G^T X is never written to memory)
 
-Paths (`HeadStepConfig.kernel` picks the Triton one):
-  "three-pass" `elmo_kernels.head_step_three` (default): logits/G, dX and update kernels per chunk, W read three times
+Paths (`HeadStepConfig.kernel` picks the Triton one; "auto", the default, takes the one measured fastest for the
+shape on the H200, BENCHMARKS.md: two-pass for bf16 weights with B > 128, three-pass otherwise):
+  "three-pass" `elmo_kernels.head_step_three`: logits/G, dX and update kernels per chunk, W read three times
+  "two-pass"   `elmo_kernels.head_step_two`: logits/G, then dX and the update from the same W tiles, W read twice;
+               30 % faster than three-pass for bf16 at B = 256, slower for fp8 (9.0 vs 8.2 ms at 2.8M, B = 128)
   "fused"      `elmo_kernels.head_step_fused`: one persistent kernel per super-chunk of the head, W read once from DRAM;
-               correct, but 3x slower than three-pass on the H200 (24.7 vs 8.2 ms at 2.8M fp8, BENCHMARKS.md), so
-               opt-in until it wins on every shape
+               correct, but 3x slower than three-pass on the H200 (24.7 vs 8.2 ms at 2.8M fp8), so opt-in
   impl="torch" the plain-torch reference (`elmo_kernels.reference`), the CPU fallback
-All three round with the same rule on the same random stream (`elmo_kernels.rounding.random_u16`), so they agree bit for
+All round with the same rule on the same random stream (`elmo_kernels.rounding.random_u16`), so they agree bit for
 bit up to the summation order of the logits.
 """
 
@@ -58,7 +60,7 @@ class HeadStepConfig:
     compute_loss: bool = False
     fp8_dots: bool | None = None
     stochastic_rounding: bool = True  # False rounds weights to nearest: the ablation that shows why SR exists
-    kernel: Literal["three-pass", "two-pass", "fused"] = "three-pass"  # the Triton path (impl="triton")
+    kernel: Literal["auto", "three-pass", "two-pass", "fused"] = "auto"  # the Triton path (impl="triton")
 
 
 class HeadStepOutput(NamedTuple):
@@ -150,8 +152,8 @@ def head_step(
         raise ValueError(f"seed must be in [0, 2**62), got {config.seed}")
     if not 0 <= label_offset <= 2**32 - sum(w.shape[0] for w in chunks):
         raise ValueError(f"label_offset must be >= 0 and leave the head's global ids below 2**32, got {label_offset}")
-    if config.kernel not in KERNELS:
-        raise ValueError(f"config.kernel must be one of {KERNELS}, got {config.kernel!r}")
+    if config.kernel not in ("auto", *KERNELS):
+        raise ValueError(f"config.kernel must be 'auto' or one of {KERNELS}, got {config.kernel!r}")
     if impl == "auto":
         impl = "triton" if x.is_cuda else "torch"
     if impl not in ("triton", "torch"):
@@ -251,9 +253,12 @@ def _head_step_triton(
         dx=torch.zeros(x.shape, dtype=torch.float32, device=x.device),
         loss=torch.zeros(1, dtype=torch.float32, device=x.device),
     )
-    if config.kernel == "fused":
+    kernel = config.kernel
+    if kernel == "auto":
+        kernel = "two-pass" if chunks[0].dtype == torch.bfloat16 and x.shape[0] > 128 else "three-pass"
+    if kernel == "fused":
         fused_step(prep, chunks, kahan)
-    elif config.kernel == "two-pass":
+    elif kernel == "two-pass":
         two_pass_step(prep, chunks, kahan)
     else:
         three_pass_step(prep, chunks, kahan)

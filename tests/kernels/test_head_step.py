@@ -317,3 +317,18 @@ def test_shards_round_like_the_whole_head(impl):
         dx += out.dx
     assert_same_bits(torch.cat(shards), ref_w[0], max_fraction=1e-3, what="sharded vs whole")
     torch.testing.assert_close(dx, ref.dx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "batch", "expected"),
+    [(torch.bfloat16, 256, "two-pass"), (torch.bfloat16, 128, "three-pass"), (torch.float8_e4m3fn, 256, "three-pass")],
+)
+def test_auto_kernel_takes_the_measured_fastest(dtype, batch, expected, monkeypatch):
+    # kernel="auto" (the default): two-pass for bf16 weights at B > 128, three-pass otherwise (BENCHMARKS.md).
+    taken = []
+    monkeypatch.setattr(hs, "two_pass_step", lambda *a: taken.append("two-pass"))
+    monkeypatch.setattr(hs, "three_pass_step", lambda *a: taken.append("three-pass"))
+    chunks = [torch.randn(32, 8).to(dtype)]
+    rows, cols = torch.tensor([0, batch - 1]), torch.tensor([1, 31])
+    hs.head_step(chunks, torch.randn(batch, 8), rows, cols, hs.HeadStepConfig(lr=0.1), impl="triton")
+    assert taken == [expected]
