@@ -285,7 +285,8 @@ class XMCHead(nn.Module):
     ) -> tuple[torch.Tensor, float | None]:
         """One SGD step on the summed BCE; returns (dL/dx (B, D) fp32, mean-over-rows loss or None).
 
-        positives / exclude: (P, 2) int64 (row, label) pairs on the device of x: the targets, and the pairs that get
+        positives / exclude: (P, 2) int64 (row, label) pairs, on the CPU (cheapest: the kernels' path checks and
+        splits them there, with no device synchronisation) or on the device of x: the targets, and the pairs that get
         no gradient. lr and weight_decay are in true units; the scale s is applied here (stored lr = lr s^2, stored
         wd = wd). impl: "kernels" (`elmo_kernels.head_step`: Triton on CUDA, its reference elsewhere; bf16 / fp8 heads),
         "cpu" (`elmo_kernels.head_step_cpu`, with the fp32 master bias), "auto" (kernels for bf16 / fp8 heads on CUDA).
@@ -304,10 +305,11 @@ class XMCHead(nn.Module):
             # a label shard draws its own stream (torch's RNG cannot skip ahead to the shard's rows)
             stream = int(seed) + self.config.label_offset * 1_000_003
             gen = torch.Generator(device=xin.device).manual_seed(stream % 2**63)
+            exclude = exclude.to(xin.device) if exclude is not None else None
             dxin, loss = head_step_cpu(
                 self.chunks(),
                 xin,
-                positives,
+                positives.to(xin.device),
                 lr=lr * s * s,
                 weight_decay=weight_decay,
                 generator=gen,

@@ -247,11 +247,12 @@ def train(
                 lo, hi = par.batch_rows(len(b.rows))
                 rows = b.rows.numpy()[lo:hi]
                 x = par.encode(model, encoder_inputs(model, train_ds, train_feats, rows))
-                excl = xd.pairs_in_rows(b.filtered, lo, hi).to(device) if exclude_self else None
+                # The pairs stay on the CPU: the head step checks and sorts them without a device synchronisation.
+                excl = xd.pairs_in_rows(b.filtered, lo, hi) if exclude_self else None
                 dx, loss = par.head_step(
                     model.head,
                     x,
-                    xd.pairs_in_rows(b.positives, lo, hi).to(device),
+                    xd.pairs_in_rows(b.positives, lo, hi),
                     excl,
                     lr=cfg.head_lr * f,
                     weight_decay=cfg.head_weight_decay,

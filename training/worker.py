@@ -221,6 +221,7 @@ class LabelShards:
             return head.step(x_all, pos_all, exclude=exclude_all, **step)
 
         start, span = self.shard.start, self.shard.end - self.shard.start
+        pos, exclude = pos.to(self._device), exclude.to(self._device) if exclude is not None else None
         out = sharded_step(step_fn, start, span, x.detach(), pos, exclude=exclude, group=self.group)
         return out.dx * self.grads.dx_scale, out.loss
 
