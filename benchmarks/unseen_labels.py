@@ -19,9 +19,10 @@ the fraction of their test rows that rank them in the top k. P@1 / P@5 are the t
 
 --holdout N: N labels with training points (drawn with --holdout-seed) are removed from the label set and from every
 training row (a reduced copy of the data under <runs>), a model is trained on the rest with the run's seed, exported
-as an artifact, and the N labels are added back as `Artifact.zero_shot_rows` of their titles (rows appended to the
-head, as a live catalogue adds them); their recall on the test rows that carry them is reported next to the run
-trained with them. A table is printed; rows are appended to the JSON (--out) with the date and machine.
+as an artifact (export fits the title map, `training.zero_shot.fit_title_map`), and the N labels are added back as
+`Artifact.zero_shot_rows` of their titles (rows appended to the head, as a live catalogue adds them: the map's rows;
+the title rows without the map are measured beside them); their recall on the test rows that carry them is reported
+next to the run trained with them. A table is printed; rows are appended to the JSON (--out) with the date and machine.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ from training.evaluation import filter_pairs  # noqa: E402
 from training.metrics import XMCMetrics  # noqa: E402
 from training.model import HeadConfig, XMCHead, XMCModel  # noqa: E402
 from training.train import train  # noqa: E402
-from training.zero_shot import CALIBRATIONS, calibrate, set_rows, title_embeddings, true_rows  # noqa: E402
+from training.zero_shot import (  # noqa: E402
+    CALIBRATIONS,
+    calibrate,
+    set_rows,
+    stored_rows,
+    title_embeddings,
+    true_rows,
+)
 
 DATA = ROOT.parent / "shared" / "data" / "debian-deps"
 K = 10
@@ -208,7 +216,7 @@ def holdout(args, full: dict) -> list[dict]:
     save_artifact(art_path, model, rtrain, config=asdict(rcfg))  # export measures and records the calibration
     art = load_artifact(art_path)
     titles = [full_train.label_titles[j] for j in removed]
-    new_rows = art.zero_shot_rows(titles)
+    new_rows = art.zero_shot_rows(titles)  # what the service adds: the title map's rows (title rows without one)
     # the artifact's head (label id order: reduced ids) with the new labels appended: original ids via `ids`
     h = art.model.head
     head = XMCHead(replace_head(h.config, h.num_labels + len(removed)))
@@ -220,14 +228,27 @@ def holdout(args, full: dict) -> list[dict]:
     test = xd.permute_labels(full_test, ids)  # the full test split, labels in extended-head order
     top = top_ids(art.model, test, featurize(art.model, test), head=head)
     targets = ext_of_orig[removed]
+    kind = "title map" if art.title_map else "title rows"
     added = {
         "seed": cfg.seed,
-        "variant": f"holdout {args.holdout}: added by zero_shot_rows",
+        "variant": f"holdout {args.holdout}: added by zero_shot_rows ({kind})",
         **precision(top, test.labels),
         **recall(top, test.labels, targets),
         "calibration": art.zero_shot.as_dict(),
+        **({"title_map": art.title_map.details} if art.title_map else {}),
     }
     variants = [added]
+    if art.title_map is not None:  # the title rows the artifact would give without its map, for comparison
+        head.weight[h.num_labels : h.num_labels + len(removed)] = stored_rows(art.model, titles, art.zero_shot)
+        top = top_ids(art.model, test, featurize(art.model, test), head=head)
+        variants.append(
+            {
+                "seed": cfg.seed,
+                "variant": f"holdout {args.holdout}: added as title rows (no map)",
+                **precision(top, test.labels),
+                **recall(top, test.labels, targets),
+            }
+        )
     for spec in args.neighbours:  # rows that also borrow from the nearest trained labels (by title)
         k, lam, mu, off = (float(v) for v in spec.split(":"))
         head.weight[h.num_labels : h.num_labels + len(removed)] = h.stored_rows(
