@@ -10,7 +10,8 @@ evaluation does, by one top-10 ranking per variant:
 - "trained": the run's head as training left it (labels with no training point keep the rows that negatives pushed);
 - "reset:<calibration>": the labels with no training point re-set to their zero-shot rows through the trained
   encoder (`training.zero_shot.set_rows`), with that calibration ("config": label_init_gain and the 0-point prior
-  bias; "tail": measured on the trained tail labels, `training.zero_shot.calibrate`).
+  bias; "tail": measured on the trained tail labels, `training.zero_shot.calibrate`);
+- "reset:tail+map": re-set as `--zero-shot-unseen` does (`training.zero_shot.reset_unseen`): the title map's rows.
 
 Recall of a label set U at k (the figures of issue 20): over the test (row, label) pairs with label in U, the
 fraction whose label is in the row's top k ("pairs", the headline); "rows": the mean over test rows carrying a label
@@ -54,7 +55,9 @@ from training.model import HeadConfig, XMCHead, XMCModel  # noqa: E402
 from training.train import train  # noqa: E402
 from training.zero_shot import (  # noqa: E402
     CALIBRATIONS,
+    Calibration,
     calibrate,
+    reset_unseen,
     set_rows,
     stored_rows,
     title_embeddings,
@@ -137,9 +140,21 @@ def unseen_variants(run: Path, calibrations: list[str]) -> tuple[list[dict], dic
     unseen = np.flatnonzero(counts == 0)
     snap = Snapshot(model.head)
     rows, tops = [], {}
-    for variant in ["trained", *(f"reset:{c}" for c in calibrations)]:
+    for variant in ["trained", *(f"reset:{c}" for c in calibrations), "reset:tail+map"]:
         cal = None
-        if variant != "trained":
+        if variant == "reset:tail+map":  # what --zero-shot-unseen does: the rows of the title map fitted now
+            done = reset_unseen(
+                model,
+                train_ds.label_titles,
+                counts,
+                gain=cfg.label_init_gain,
+                num_rows=train_ds.num_rows,
+                labels=train_ds.labels,
+                texts=train_ds.texts,
+                exclude=train_ds.filters,
+            )
+            cal = Calibration.from_dict(done["calibration"])
+        elif variant != "trained":
             cal = calibrate(
                 model,
                 train_ds.label_titles,
