@@ -281,6 +281,14 @@ def test_export_stores_the_title_map_and_the_service_rows_use_it(tmp_path):
     titles = ["n203", "n230", "a title never seen"]
     assert torch.equal(_bits(art.zero_shot_rows(titles)), _bits(stored_rows(art.model, titles, cal, want)))
     assert not torch.equal(_bits(art.zero_shot_rows(titles)), _bits(stored_rows(art.model, titles, cal)))
+    # a folded artifact (a live catalogue written into it) keeps the map: its next added labels get map rows too
+    from training.artifact import save_relabelled
+
+    labels = [(lb["uid"], lb["title"]) for lb in art.labels] + [("new", "n203")]
+    rows = torch.cat([art.model.head.weight[: art.num_labels], art.zero_shot_rows(["n203"])])
+    folded = load_artifact(save_relabelled(art, tmp_path / "folded", labels, rows, {"added": 1}))
+    assert torch.equal(folded.title_map.weight, art.title_map.weight)
+    assert torch.equal(_bits(folded.zero_shot_rows(titles)), _bits(art.zero_shot_rows(titles)))
     # a map of the wrong shape is refused, naming the file
     t = art.title_map.tensors()
     bad = TitleMap(t["weight"][:3], t["bias_weight"], 0.0)
