@@ -10,7 +10,8 @@ evaluation does, by one top-10 ranking per variant:
 - "trained": the run's head as training left it (labels with no training point keep the rows that negatives pushed);
 - "reset:<calibration>": the labels with no training point re-set to their zero-shot rows through the trained
   encoder (`training.zero_shot.set_rows`), with that calibration ("config": label_init_gain and the 0-point prior
-  bias; "tail": measured on the trained tail labels, `training.zero_shot.calibrate`).
+  bias; "tail": measured on the trained tail labels, `training.zero_shot.calibrate`);
+- "reset:tail+map": re-set as `--zero-shot-unseen` does (`training.zero_shot.reset_unseen`): the title map's rows.
 
 Recall of a label set U at k (the figures of issue 20): over the test (row, label) pairs with label in U, the
 fraction whose label is in the row's top k ("pairs", the headline); "rows": the mean over test rows carrying a label
@@ -19,9 +20,10 @@ the fraction of their test rows that rank them in the top k. P@1 / P@5 are the t
 
 --holdout N: N labels with training points (drawn with --holdout-seed) are removed from the label set and from every
 training row (a reduced copy of the data under <runs>), a model is trained on the rest with the run's seed, exported
-as an artifact, and the N labels are added back as `Artifact.zero_shot_rows` of their titles (rows appended to the
-head, as a live catalogue adds them); their recall on the test rows that carry them is reported next to the run
-trained with them. A table is printed; rows are appended to the JSON (--out) with the date and machine.
+as an artifact (export fits the title map, `training.zero_shot.fit_title_map`), and the N labels are added back as
+`Artifact.zero_shot_rows` of their titles (rows appended to the head, as a live catalogue adds them: the map's rows;
+the title rows without the map are measured beside them); their recall on the test rows that carry them is reported
+next to the run trained with them. A table is printed; rows are appended to the JSON (--out) with the date and machine.
 """
 
 from __future__ import annotations
@@ -51,7 +53,16 @@ from training.evaluation import filter_pairs  # noqa: E402
 from training.metrics import XMCMetrics  # noqa: E402
 from training.model import HeadConfig, XMCHead, XMCModel  # noqa: E402
 from training.train import train  # noqa: E402
-from training.zero_shot import CALIBRATIONS, calibrate, set_rows, title_embeddings, true_rows  # noqa: E402
+from training.zero_shot import (  # noqa: E402
+    CALIBRATIONS,
+    Calibration,
+    calibrate,
+    reset_unseen,
+    set_rows,
+    stored_rows,
+    title_embeddings,
+    true_rows,
+)
 
 DATA = ROOT.parent / "shared" / "data" / "debian-deps"
 K = 10
@@ -129,9 +140,21 @@ def unseen_variants(run: Path, calibrations: list[str]) -> tuple[list[dict], dic
     unseen = np.flatnonzero(counts == 0)
     snap = Snapshot(model.head)
     rows, tops = [], {}
-    for variant in ["trained", *(f"reset:{c}" for c in calibrations)]:
+    for variant in ["trained", *(f"reset:{c}" for c in calibrations), "reset:tail+map"]:
         cal = None
-        if variant != "trained":
+        if variant == "reset:tail+map":  # what --zero-shot-unseen does: the rows of the title map fitted now
+            done = reset_unseen(
+                model,
+                train_ds.label_titles,
+                counts,
+                gain=cfg.label_init_gain,
+                num_rows=train_ds.num_rows,
+                labels=train_ds.labels,
+                texts=train_ds.texts,
+                exclude=train_ds.filters,
+            )
+            cal = Calibration.from_dict(done["calibration"])
+        elif variant != "trained":
             cal = calibrate(
                 model,
                 train_ds.label_titles,
@@ -208,7 +231,7 @@ def holdout(args, full: dict) -> list[dict]:
     save_artifact(art_path, model, rtrain, config=asdict(rcfg))  # export measures and records the calibration
     art = load_artifact(art_path)
     titles = [full_train.label_titles[j] for j in removed]
-    new_rows = art.zero_shot_rows(titles)
+    new_rows = art.zero_shot_rows(titles)  # what the service adds: the title map's rows (title rows without one)
     # the artifact's head (label id order: reduced ids) with the new labels appended: original ids via `ids`
     h = art.model.head
     head = XMCHead(replace_head(h.config, h.num_labels + len(removed)))
@@ -220,14 +243,27 @@ def holdout(args, full: dict) -> list[dict]:
     test = xd.permute_labels(full_test, ids)  # the full test split, labels in extended-head order
     top = top_ids(art.model, test, featurize(art.model, test), head=head)
     targets = ext_of_orig[removed]
+    kind = "title map" if art.title_map else "title rows"
     added = {
         "seed": cfg.seed,
-        "variant": f"holdout {args.holdout}: added by zero_shot_rows",
+        "variant": f"holdout {args.holdout}: added by zero_shot_rows ({kind})",
         **precision(top, test.labels),
         **recall(top, test.labels, targets),
         "calibration": art.zero_shot.as_dict(),
+        **({"title_map": art.title_map.details} if art.title_map else {}),
     }
     variants = [added]
+    if art.title_map is not None:  # the title rows the artifact would give without its map, for comparison
+        head.weight[h.num_labels : h.num_labels + len(removed)] = stored_rows(art.model, titles, art.zero_shot)
+        top = top_ids(art.model, test, featurize(art.model, test), head=head)
+        variants.append(
+            {
+                "seed": cfg.seed,
+                "variant": f"holdout {args.holdout}: added as title rows (no map)",
+                **precision(top, test.labels),
+                **recall(top, test.labels, targets),
+            }
+        )
     for spec in args.neighbours:  # rows that also borrow from the nearest trained labels (by title)
         k, lam, mu, off = (float(v) for v in spec.split(":"))
         head.weight[h.num_labels : h.num_labels + len(removed)] = h.stored_rows(

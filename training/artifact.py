@@ -21,6 +21,12 @@ A directory:
 manifest.json "zero_shot" (optional, written by save_artifact): {gain, bias, method, details}, the calibration of the
 head rows `Artifact.zero_shot_rows` gives a new label's title (`training.zero_shot`); an artifact without it uses the
 training config's label_init_gain and the prior bias of a label with 0 training points.
+manifest.json "zero_shot_map" (optional, written by save_artifact when the training split has texts and enough
+labels with points): {"file": "zero_shot_map.safetensors", "details": {...how it was fitted}}; that file holds the
+title map (`training.zero_shot.TitleMap`, `fit_title_map`): "weight" (dim, dim), "bias_weight" (dim,) and
+"intercept" () float32. A new label's row is then [u @ weight, (u @ bias_weight + intercept) / bias_input] with
+u = e / |e|^2, e the encoder's embedding of its title (true units, then scaled and rounded as the head stores rows);
+an artifact without it gives title rows (the calibration above).
 manifest.json "files" maps every other file's relative path to its sha256: `load_artifact` checks each (a file changed
 in place, torn or bit-rotted is refused, naming it) and that the loaded weights are finite; an artifact without
 "files" (written before checksums) loads unverified, with a warning. `Artifact.version` derives from the content.
@@ -61,7 +67,17 @@ from training.encoders import (
     HybridEncoder,
 )
 from training.model import LABEL_ALIGN, HeadConfig, XMCHead, XMCModel, padded
-from training.zero_shot import ZERO_SHOT_KEY, Calibration, calibrate, config_calibration, stored_rows
+from training.zero_shot import (
+    MAP_FILE,
+    MAP_KEY,
+    ZERO_SHOT_KEY,
+    Calibration,
+    TitleMap,
+    calibrate,
+    config_calibration,
+    fit_title_map,
+    stored_rows,
+)
 
 FORMAT = "elmo-artifact"
 FORMAT_VERSION = 1
@@ -144,6 +160,7 @@ class Artifact:
     labels: list[dict]  # {"id", "uid", "title"}
     files: dict[str, str] = field(default_factory=dict)  # {relative path: sha256} of the files read
     verified: bool = False  # the manifest listed checksums and every file matched them
+    title_map: TitleMap | None = None  # the learned title -> row map (MAP_FILE), None: title rows
 
     @property
     def num_labels(self) -> int:
@@ -173,9 +190,10 @@ class Artifact:
 
     def zero_shot_rows(self, titles: Sequence[str]) -> torch.Tensor:
         """(n, in_dim) head rows for new labels' titles, in the stored dtype (float8_e4m3fn / bfloat16, times the
-        scale s, on the head's device): the trained encoder's zero-shot vector of each title and the unseen-label bias
-        (`training.zero_shot.stored_rows`), so that queries(texts) @ rows^T are their scores."""
-        return stored_rows(self.model, titles, self.zero_shot)
+        scale s, on the head's device), so that queries(texts) @ rows^T are their scores: the title map's rows when
+        the artifact has one, else the trained encoder's zero-shot vector of each title and the unseen-label bias
+        (`training.zero_shot.stored_rows`)."""
+        return stored_rows(self.model, titles, self.zero_shot, self.title_map)
 
 
 def fallback_calibration(manifest: dict) -> Calibration:
@@ -228,10 +246,13 @@ def save_artifact(
     metrics: dict | None = None,
     config: dict | None = None,
     zero_shot: Calibration | None = None,
+    title_map: bool = True,
 ) -> Path:
     """Write the artifact of `model` (trained on `train_ds`, labels possibly re-indexed) to `path`, atomically.
 
-    zero_shot: the calibration recorded for new labels' rows; None measures it (`export_calibration`)."""
+    zero_shot: the calibration recorded for new labels' rows; None measures it (`export_calibration`).
+    title_map: fit the title map on `train_ds` and store it (`export_title_map`; none without texts or with too few
+    labels with points); False: new labels get title rows."""
     from training.data import data_fingerprint
 
     path = Path(path)
@@ -280,6 +301,10 @@ def save_artifact(
     with open(tmp / "labels.jsonl", "w", encoding="utf-8") as f:
         for i in range(head.num_labels):
             f.write(json.dumps({"id": i, "uid": uids[i], "title": titles[i]}, ensure_ascii=False) + "\n")
+    cal = zero_shot or export_calibration(model, train_ds, config or {})
+    fitted = export_title_map(model, train_ds, cal) if title_map else None
+    if fitted is not None:
+        save_file(fitted.tensors(), tmp / MAP_FILE)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -304,7 +329,8 @@ def save_artifact(
             **({"frozen": frozen} if frozen else {}),
         },
         "metrics": metrics or {},
-        ZERO_SHOT_KEY: (zero_shot or export_calibration(model, train_ds, config or {})).as_dict(),
+        ZERO_SHOT_KEY: cal.as_dict(),
+        **({MAP_KEY: {"file": MAP_FILE, "details": fitted.details}} if fitted is not None else {}),
         "data_fingerprint": data_fingerprint(train_ds),
         "training": config or {},
         "files": file_digests(tmp),  # written last: every other file is in place
@@ -386,6 +412,37 @@ def export_calibration(model: XMCModel, train_ds, config: dict) -> Calibration:
         return calibrate(model, train_ds.label_titles, train_ds.label_counts(), gain=gain, num_rows=train_ds.num_rows)
     finally:
         model.train(was_training)
+
+
+def export_title_map(model: XMCModel, train_ds, cal: Calibration) -> TitleMap | None:
+    """The title map fitted on the trained model over `train_ds` in the model's head order, its filter pairs left out
+    (`training.zero_shot.fit_title_map`); None without texts or label titles."""
+    if train_ds.texts is None or train_ds.label_titles is None:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return fit_title_map(
+            model, train_ds.label_titles, train_ds.labels, train_ds.texts, cal, exclude=train_ds.filters
+        )
+    finally:
+        model.train(was_training)
+
+
+def _read_title_map(path: Path, manifest: dict) -> TitleMap | None:
+    """The artifact's title map (manifest.json MAP_KEY, its file), or None for an artifact without one."""
+    spec = manifest.get(MAP_KEY)
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("file"), str) or "/" in spec["file"]:
+        raise _fail(path, f"manifest.json {MAP_KEY!r} must be {{'file': <name in the artifact>, 'details': {{}}}}")
+    mpath = path / spec["file"]
+    if not mpath.is_file():
+        raise _fail(path, f"missing file {spec['file']}")
+    try:
+        return TitleMap.from_tensors(load_file(mpath), manifest["dim"], spec.get("details") or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _fail(path, f"{spec['file']}: {e}") from None
 
 
 def _fail(path: Path, problem: str) -> ValueError:
@@ -599,6 +656,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     weight, scale = _read_head(path, manifest)
     labels = _read_labels(path, manifest["num_labels"])
     encoder, featurizer, frozen = _read_encoder(path, manifest)
+    title_map = _read_title_map(path, manifest)
     # The checksums after the parsers (their message is the more specific one for a malformed file), before the
     # weights are used; a file the manifest lists must be there and match.
     files = file_digests(path)
@@ -631,4 +689,12 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     )
     head.weight.copy_(weight)
     model = XMCModel(encoder, head, featurizer, frozen=frozen).to(device).eval()
-    return Artifact(path=path, manifest=manifest, model=model, labels=labels, files=files, verified=listed is not None)
+    return Artifact(
+        path=path,
+        manifest=manifest,
+        model=model,
+        labels=labels,
+        files=files,
+        verified=listed is not None,
+        title_map=title_map,
+    )

@@ -67,8 +67,10 @@ class TrainConfig:
     label_init: bool = True  # start each label's vector at the encoder's embedding of its title
     label_init_gain: float = 20.0  # logit of a text identical to the title at init
     # with label_init: at the end of training, the labels with no training point get their zero-shot rows (the
-    # trained encoder's vector of the title, training/zero_shot.py), replacing the rows that only negatives trained.
-    # Off by default: on DebianDeps it lifts their recall@5 18.2 -> 33.6 % but costs 0.8 P@1 (BENCHMARKS.md, Quality)
+    # title map's rows, fitted then on the trained labels, else the trained encoder's vector of the title:
+    # training/zero_shot.py), replacing the rows that only negatives trained. Off by default: on DebianDeps the
+    # title-map rows lift their recall@5 18.1 -> 35.9 % at +0.05 P@1 but cost 1.45 P@5 (one seed; the title-vector
+    # rows: 33.5 % at -0.8 P@1; BENCHMARKS.md, labels without training points)
     zero_shot_unseen: bool = False
     exclude_self: bool = True  # training filter pairs (a package's own label) get no gradient
     bias: bool = True  # per-label bias column, initialised from the label's training frequency

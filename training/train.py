@@ -300,12 +300,17 @@ def train(
         state["train_seconds"] += time.perf_counter() - t0
         if state["epoch"] == cfg.epochs and cfg.zero_shot_unseen and cfg.label_init and train_ds.label_titles:
             start, end = labels  # this process's rows of the head
+            f = train_ds.filters
+            f = f[(f[:, 1] >= start) & (f[:, 1] < end)] - np.array([0, start])
             state["zero_shot"] = reset_unseen(
                 model,
                 train_ds.label_titles[start:end],
                 counts[start:end],
                 gain=cfg.label_init_gain,
                 num_rows=train_ds.num_rows,
+                labels=train_ds.labels[:, start:end],
+                texts=train_ds.texts,
+                exclude=f,
             )
         if state["epoch"] % max(1, cfg.eval_every) == 0 or state["epoch"] == cfg.epochs:
             m = par.evaluate(model, test_ds, test_feats, propensity)
