@@ -291,7 +291,7 @@ def compiled_report() -> list[dict]:
     out = []
     kernels = (
         hsf._fused_step_kernel,
-        hs3._logits_grad_kernel,
+        hs3.logits_grad_kernel,
         hs3._dx_kernel,
         hs3._update_kernel,
         hst._dx_update_kernel,

@@ -1,7 +1,7 @@
 """The three-pass head step, the default Triton path (`head_step_fused` reads W once but is slower today).
 
 Three kernels per chunk, each streaming W (so W is read three times and written once per step):
-  1. `_logits_grad_kernel`: one program per block of labels computes the B x BLOCK_L logits over all of D in
+  1. `logits_grad_kernel`: one program per block of labels computes the B x BLOCK_L logits over all of D in
      registers and writes G twice, (B, Lc) and (Lc, B) (`head_step_utils.store_gradient`): the per-chunk buffers.
   2. `_dx_kernel`: split-K GEMM dX = G W over the labels of one split, for one D-tile; partials are summed on the
      host in a fixed order, so the result does not depend on scheduling. It runs before the update: dX sees the
@@ -24,7 +24,7 @@ from elmo_kernels.rounding import PAIR_COLS, random_u16, random_u16_pair
 
 
 @triton.jit
-def _logits_grad_kernel(
+def logits_grad_kernel(
     x_ptr,
     w_ptr,
     g_ptr,
@@ -272,7 +272,7 @@ def three_pass_step(prep: hsu.StepInputs, chunks: list[torch.Tensor], kahan: tor
         fwd_blocks = triton.cdiv(n, plan.fwd_block_l)
         offset = prep.label_offset + start
         block_start, ex_start = prep.pair_starts(offset, n, plan.fwd_block_l)
-        _logits_grad_kernel[(fwd_blocks,)](
+        logits_grad_kernel[(fwd_blocks,)](
             prep.xq,
             w,
             g_buf,

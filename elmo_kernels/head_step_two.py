@@ -1,7 +1,7 @@
 """The two-pass head step: the logits/G kernel, then one kernel that forms dX and updates W from the same tiles.
 
 Two kernels per chunk, so W is read twice and written once per step (the three-pass path reads it three times):
-  1. `head_step_three._logits_grad_kernel`: G of the chunk, stored (B, Lc) and (Lc, B).
+  1. `head_step_three.logits_grad_kernel`: G of the chunk, stored (B, Lc) and (Lc, B).
   2. `_dx_update_kernel`: program (group, D-tile) owns block_d columns of D (with paired_bits, 128 as two halves of
      64 that share their random words, `random_u16_pair`) and the label blocks group, group + num_groups, ...;
      for each block it loads G, G^T and the old W tile once, accumulates dX += G W in registers (W before its
@@ -20,7 +20,7 @@ import triton.language as tl
 
 from elmo_kernels import head_step_utils as hsu
 from elmo_kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
-from elmo_kernels.head_step_three import _logits_grad_kernel, launch_plan
+from elmo_kernels.head_step_three import launch_plan, logits_grad_kernel
 from elmo_kernels.rounding import PAIR_COLS, random_u16, random_u16_pair
 
 
@@ -250,7 +250,7 @@ def two_pass_plan(batch: int, dim: int, fp8_dots: bool) -> TwoPassPlan:
         return TwoPassPlan(64, 128, False, 1, 4, 1)
     if fp8_dots:  # 9.02 ms at 2.8M, B = 128 (paired halves 9.42, 8 warps one program per SM 13.6)
         return TwoPassPlan(block_l=128, block_d=64, paired_bits=False, programs_per_sm=2, num_warps=4, num_stages=1)
-    # bf16: paired halves, 8 warps, one program per SM: 14.96 ms at 2.8M, B = 256, against 21.67 for three-pass
+    # bf16: paired halves, 8 warps, one program per SM: 14.96 ms at 2.8M, B = 256, against 20.9-21.7 for three-pass
     return TwoPassPlan(block_l=64, block_d=128, paired_bits=True, programs_per_sm=1, num_warps=8, num_stages=2)
 
 
@@ -280,7 +280,7 @@ def two_pass_step(
             continue
         offset = prep.label_offset + start
         block_start, ex_start = prep.pair_starts(offset, n, fwd.fwd_block_l)
-        _logits_grad_kernel[(triton.cdiv(n, fwd.fwd_block_l),)](
+        logits_grad_kernel[(triton.cdiv(n, fwd.fwd_block_l),)](
             prep.xq,
             w,
             g_buf,
