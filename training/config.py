@@ -69,8 +69,8 @@ class TrainConfig:
     # with label_init: at the end of training, the labels with no training point get their zero-shot rows (the
     # title map's rows, fitted then on the trained labels, else the trained encoder's vector of the title:
     # training/zero_shot.py), replacing the rows that only negatives trained. Off by default: on DebianDeps the
-    # title-map rows lift their recall@5 18.1 -> 35.9 % at +0.05 P@1 but cost 1.45 P@5 (one seed; the title-vector
-    # rows: 33.5 % at -0.8 P@1; BENCHMARKS.md, labels without training points)
+    # title-map rows lift their recall@5 18.4 -> 35.7 % at +0.06 P@1 but cost 1.2 P@5 (3 seeds; the title-vector
+    # rows: 33.5 % at -0.8 P@1, one seed; BENCHMARKS.md, labels without training points)
     zero_shot_unseen: bool = False
     exclude_self: bool = True  # training filter pairs (a package's own label) get no gradient
     bias: bool = True  # per-label bias column, initialised from the label's training frequency
