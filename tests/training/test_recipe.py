@@ -60,10 +60,11 @@ def test_a_dense_label_space_gets_the_small_batch_low_head_lr_and_mlp():
     sparse = measure(_data(2000, 1000))  # ~1.5
     assert dense.points_per_label >= DENSE_POINTS_PER_LABEL > sparse.points_per_label
     got = choose(TrainConfig(), dense)
-    assert {k: _values(got)[k] for k in ("batch_size", "head_lr", "mlp_hidden")} == {
+    assert {k: _values(got)[k] for k in ("batch_size", "head_lr", "mlp_hidden", "encoder_lr")} == {
         "batch_size": 64,
         "head_lr": 0.004,
         "mlp_hidden": 2048,
+        "encoder_lr": 0.0015,
     }
     assert "dense label space" in _reasons(got)["batch_size"] and "1000 rows" in _reasons(got)["batch_size"]
     plain = choose(TrainConfig(), sparse)
@@ -73,6 +74,7 @@ def test_a_dense_label_space_gets_the_small_batch_low_head_lr_and_mlp():
         "batch_size": defaults.batch_size,
         "head_lr": defaults.head_lr,
         "mlp_hidden": defaults.mlp_hidden,
+        "encoder_lr": defaults.encoder_lr,
     }
     assert all("sparse label space, the default" in _reasons(plain)[k] for k in ("batch_size", "mlp_hidden"))
 
@@ -87,7 +89,8 @@ def test_a_transformer_gets_its_own_encoder_lr_and_warmup_and_no_mlp():
     cfg = TrainConfig(encoder="hf", hf_path="some/model")
     got = _values(choose(cfg, measure(_data(20, 1000))))
     assert (got["encoder_lr"], got["encoder_warmup"], got["mlp_hidden"], got["batch_size"]) == (5e-5, 0.1, 0, 64)
-    assert "encoder_lr" not in _values(choose(TrainConfig(), measure(_data(20, 1000))))
+    hashed = _values(choose(TrainConfig(), measure(_data(20, 1000))))
+    assert hashed["encoder_lr"] == 0.0015 and "encoder_warmup" not in hashed  # the bag: a dense space's lower lr
 
 
 def test_user_flags_and_config_files_win(tmp_path):
@@ -145,5 +148,6 @@ def test_a_run_records_its_recipe_and_a_resumed_run_keeps_it(tmp_path, capsys):
         "batch_size": 64,
         "head_lr": 0.004,
         "mlp_hidden": 2048,
+        "encoder_lr": 0.0015,
     }
     assert "dense label space" in written["mlp_hidden"]["reason"] and not written["head_lr"]["user_set"]
