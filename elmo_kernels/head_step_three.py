@@ -246,14 +246,70 @@ def launch_plan(batch: int, dim: int, fp8_dots: bool) -> LaunchPlan:
     )
 
 
+def gradient_buffers(prep: hsu.StepInputs, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """G of one chunk of up to `rows` labels in both layouts, (B, rows) and (rows, B), as the dots consume it."""
+    g_dtype = torch.float8_e4m3fn if prep.fp8_dots else torch.bfloat16
+    batch = prep.xq.shape[0]
+    return hsu.empty((batch, rows), g_dtype, prep.xq.device), hsu.empty((rows, batch), g_dtype, prep.xq.device)
+
+
+def launch_logits_grad(
+    prep: hsu.StepInputs,
+    w: torch.Tensor,
+    g_buf: torch.Tensor,
+    gt_buf: torch.Tensor,
+    start: int,
+    num_valid: int,
+    plan: LaunchPlan,
+) -> None:
+    """`logits_grad_kernel` over chunk `w` (head rows from `start`, `num_valid` of them real): G into the buffers."""
+    batch, dim = prep.xq.shape
+    n = w.shape[0]
+    cfg = prep.config
+    offset = prep.label_offset + start
+    block_start, ex_start = prep.pair_starts(offset, n, plan.fwd_block_l)
+    logits_grad_kernel[(triton.cdiv(n, plan.fwd_block_l),)](
+        prep.xq,
+        w,
+        g_buf,
+        gt_buf,
+        prep.pos_rows,
+        prep.pos_cols,
+        block_start,
+        prep.ex_rows,
+        prep.ex_cols,
+        ex_start,
+        prep.loss,
+        batch,
+        dim,
+        n,
+        num_valid,
+        offset,
+        cfg.seed,
+        prep.xq.stride(0),
+        w.stride(0),
+        g_buf.stride(0),
+        gt_buf.stride(0),
+        BLOCK_B=plan.block_b,
+        BLOCK_L=plan.fwd_block_l,
+        BLOCK_D=plan.fwd_block_d,
+        BLOCK_P=16,
+        DOT_DTYPE=prep.dot_dtype,
+        HOT_DTYPE=prep.hot_dtype,
+        G_FP8=prep.fp8_dots,
+        COMPUTE_LOSS=cfg.compute_loss,
+        HAS_EXCLUDE=prep.has_exclude,
+        num_warps=plan.fwd_warps,
+        num_stages=plan.fwd_stages,
+    )
+
+
 def three_pass_step(prep: hsu.StepInputs, chunks: list[torch.Tensor], kahan: torch.Tensor | None) -> None:
     """Run the three kernels on every chunk; dX accumulates into prep.dx, the summed loss into prep.loss."""
     batch, dim = prep.xq.shape
     plan = launch_plan(batch, dim, prep.fp8_dots)
     max_rows = max(w.shape[0] for w in chunks)
-    g_dtype = torch.float8_e4m3fn if prep.fp8_dots else torch.bfloat16
-    g_buf = hsu.empty((batch, max_rows), g_dtype, prep.xq.device)
-    gt_buf = hsu.empty((max_rows, batch), g_dtype, prep.xq.device)
+    g_buf, gt_buf = gradient_buffers(prep, max_rows)
     num_dtiles = triton.cdiv(dim, plan.dx_block_d)
     sms = prep.num_sms
     max_splits = max(
@@ -269,43 +325,8 @@ def three_pass_step(prep: hsu.StepInputs, chunks: list[torch.Tensor], kahan: tor
         if num_valid == 0:
             start += n
             continue
-        fwd_blocks = triton.cdiv(n, plan.fwd_block_l)
         offset = prep.label_offset + start
-        block_start, ex_start = prep.pair_starts(offset, n, plan.fwd_block_l)
-        logits_grad_kernel[(fwd_blocks,)](
-            prep.xq,
-            w,
-            g_buf,
-            gt_buf,
-            prep.pos_rows,
-            prep.pos_cols,
-            block_start,
-            prep.ex_rows,
-            prep.ex_cols,
-            ex_start,
-            prep.loss,
-            batch,
-            dim,
-            n,
-            num_valid,
-            offset,
-            cfg.seed,
-            prep.xq.stride(0),
-            w.stride(0),
-            g_buf.stride(0),
-            gt_buf.stride(0),
-            BLOCK_B=plan.block_b,
-            BLOCK_L=plan.fwd_block_l,
-            BLOCK_D=plan.fwd_block_d,
-            BLOCK_P=16,
-            DOT_DTYPE=prep.dot_dtype,
-            HOT_DTYPE=prep.hot_dtype,
-            G_FP8=prep.fp8_dots,
-            COMPUTE_LOSS=cfg.compute_loss,
-            HAS_EXCLUDE=prep.has_exclude,
-            num_warps=plan.fwd_warps,
-            num_stages=plan.fwd_stages,
-        )
+        launch_logits_grad(prep, w, g_buf, gt_buf, start, num_valid, plan)
         k_blocks = triton.cdiv(num_valid, plan.dx_block_k)
         splits = min(max_splits, k_blocks)
         per_split = triton.cdiv(k_blocks, splits) * plan.dx_block_k

@@ -1,7 +1,7 @@
 """The two-pass head step: the logits/G kernel, then one kernel that forms dX and updates W from the same tiles.
 
 Two kernels per chunk, so W is read twice and written once per step (the three-pass path reads it three times):
-  1. `head_step_three.logits_grad_kernel`: G of the chunk, stored (B, Lc) and (Lc, B).
+  1. `head_step_three.logits_grad_kernel` (`launch_logits_grad`): G of the chunk, stored (B, Lc) and (Lc, B).
   2. `_dx_update_kernel`: program (group, D-tile) owns block_d columns of D (with paired_bits, 128 as two halves of
      64 that share their random words, `random_u16_pair`) and the label blocks group, group + num_groups, ...;
      for each block it loads G, G^T and the old W tile once, accumulates dX += G W in registers (W before its
@@ -20,7 +20,7 @@ import triton.language as tl
 
 from elmo_kernels import head_step_utils as hsu
 from elmo_kernels.common import GRAD_FP8_SCALE, TL_DTYPES, interpreting
-from elmo_kernels.head_step_three import launch_plan, logits_grad_kernel
+from elmo_kernels.head_step_three import gradient_buffers, launch_logits_grad, launch_plan
 from elmo_kernels.rounding import PAIR_COLS, random_u16, random_u16_pair
 
 
@@ -261,10 +261,7 @@ def two_pass_step(
     batch, dim = prep.xq.shape
     fwd = launch_plan(batch, dim, prep.fp8_dots)
     plan = plan or two_pass_plan(batch, dim, prep.fp8_dots)
-    max_rows = max(w.shape[0] for w in chunks)
-    g_dtype = torch.float8_e4m3fn if prep.fp8_dots else torch.bfloat16
-    g_buf = hsu.empty((batch, max_rows), g_dtype, prep.xq.device)
-    gt_buf = hsu.empty((max_rows, batch), g_dtype, prep.xq.device)
+    g_buf, gt_buf = gradient_buffers(prep, max(w.shape[0] for w in chunks))
     paired = plan.paired_bits and plan.block_d == 2 * PAIR_COLS and prep.config.stochastic_rounding
     num_dblocks = triton.cdiv(dim, plan.block_d)
     max_groups = max(1, plan.programs_per_sm * prep.num_sms // num_dblocks)
@@ -279,41 +276,7 @@ def two_pass_step(
             start += n
             continue
         offset = prep.label_offset + start
-        block_start, ex_start = prep.pair_starts(offset, n, fwd.fwd_block_l)
-        logits_grad_kernel[(triton.cdiv(n, fwd.fwd_block_l),)](
-            prep.xq,
-            w,
-            g_buf,
-            gt_buf,
-            prep.pos_rows,
-            prep.pos_cols,
-            block_start,
-            prep.ex_rows,
-            prep.ex_cols,
-            ex_start,
-            prep.loss,
-            batch,
-            dim,
-            n,
-            num_valid,
-            offset,
-            cfg.seed,
-            prep.xq.stride(0),
-            w.stride(0),
-            g_buf.stride(0),
-            gt_buf.stride(0),
-            BLOCK_B=fwd.block_b,
-            BLOCK_L=fwd.fwd_block_l,
-            BLOCK_D=fwd.fwd_block_d,
-            BLOCK_P=16,
-            DOT_DTYPE=prep.dot_dtype,
-            HOT_DTYPE=prep.hot_dtype,
-            G_FP8=prep.fp8_dots,
-            COMPUTE_LOSS=cfg.compute_loss,
-            HAS_EXCLUDE=prep.has_exclude,
-            num_warps=fwd.fwd_warps,
-            num_stages=fwd.fwd_stages,
-        )
+        launch_logits_grad(prep, w, g_buf, gt_buf, start, num_valid, fwd)
         groups = min(max_groups, triton.cdiv(num_valid, plan.block_l))
         _dx_update_kernel[(groups * num_dblocks,)](
             prep.xt,
