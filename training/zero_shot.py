@@ -317,9 +317,9 @@ def fit_title_map(
         return None
     if exclude is not None and len(exclude):
         ex = np.asarray(exclude)
-        y = y - y.multiply(sp.csr_matrix((np.ones(len(ex), np.float32), (ex[:, 0], ex[:, 1])), shape=y.shape))
-        y.eliminate_zeros()
         skip = sp.csr_matrix((np.ones(len(ex), np.float32), (ex[:, 0], ex[:, 1])), shape=y.shape)
+        y = y - y.multiply(skip)
+        y.eliminate_zeros()
     else:
         skip = sp.csr_matrix(y.shape, dtype=np.float32)
     gen = torch.Generator().manual_seed(config.seed)
