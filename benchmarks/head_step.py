@@ -58,14 +58,17 @@ def make_head(num_labels: int, dim: int, dtype: torch.dtype, device, chunk: int 
     return chunks
 
 
-def make_batch(batch: int, dim: int, num_labels: int, device, seed: int):
+def make_batch(batch: int, dim: int, num_labels: int, device, seed: int, pairs_on: str | None = None):
+    """x on `device`; the pairs on `pairs_on` (default: the CPU, where the trainer keeps them: the head step then
+    checks and sorts them without a device synchronisation)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(batch, dim, generator=g).to(device=device, dtype=torch.bfloat16)
     # Zipf-like positives: ~5 per row, frequent labels first (as after frequency re-indexing).
     ranks = torch.distributions.Pareto(torch.tensor(1.0), torch.tensor(1.1)).sample((batch * 5,)).long() - 1
     cols = ranks.clamp(max=num_labels - 1)
     rows = torch.arange(batch).repeat_interleave(5)
-    return x, rows.to(device), cols.to(device)
+    where = device if pairs_on in ("device", device) else "cpu"
+    return x, rows.to(where), cols.to(where)
 
 
 def torch_chunked_step(chunks, x, rows, cols, lr, wd):
@@ -102,7 +105,7 @@ def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, ex
     """Every Triton kernel vs the reference (and vs fp64 math when asked) on one problem."""
     torch.manual_seed(hash(name) % 1000)
     w0 = make_head(labels, dim, dtype, device, chunk=chunk)
-    x, rows, cols = make_batch(batch, dim, labels, device, seed=1)
+    x, rows, cols = make_batch(batch, dim, labels, device, seed=1, pairs_on=device)  # the device-pair path
     ex = {}
     if exclude:
         ex = {
@@ -208,12 +211,14 @@ def table_order(sizes, batches, variants, kernels) -> list[tuple]:
     return list(dict.fromkeys(rows))
 
 
-def bench_one(device, num_labels, batch, variant, kernel) -> dict:
+def bench_one(device, num_labels, batch, variant, kernel, pairs_on="cpu") -> dict:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     dtype = torch.bfloat16 if variant == "bf16" else torch.float8_e4m3fn
     chunks = make_head(num_labels, DIM, dtype, device)
-    x, rows, cols = make_batch(batch, DIM, num_labels, device, seed=2)
+    x, rows, cols = make_batch(batch, DIM, num_labels, device, seed=2, pairs_on=pairs_on)
+    if kernel == "torch":
+        rows, cols = rows.to(device), cols.to(device)
     kahan = None
     if variant == "fp8+kahan":
         kahan = torch.zeros(int(0.2 * num_labels), DIM, dtype=torch.bfloat16, device=device)
@@ -396,6 +401,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="*", default=[128, 256])
     ap.add_argument("--variants", nargs="*", default=["fp8", "fp8+kahan", "bf16"])
     ap.add_argument("--kernels", nargs="*", default=["two-pass", "three-pass", "fused", "torch"])
+    ap.add_argument(
+        "--pairs",
+        nargs="*",
+        default=["cpu"],
+        choices=["cpu", "device"],
+        help="where the table's positive pairs live: cpu (as the trainer passes them) and/or device (a bounds check "
+        "that synchronises)",
+    )
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--checks", type=int, default=len(CHECKS), help="run the first N correctness cases")
@@ -484,17 +497,19 @@ def main() -> None:
     print("== benchmark ==", flush=True)
     rows = []
     for n, batch, variant, kernel in table_order(args.sizes, args.batches, args.variants, args.kernels):
-        with_plan(plans.get(kernel) if variant != "bf16" else None, kernel if kernel in plans else "fused")
-        try:
-            r = bench_one(device, n, batch, variant, kernel)
-        except Exception as e:  # OOM or a plan that does not compile: the row says so, the run goes on
-            r = {"variant": variant, "kernel": kernel, "labels": n, "batch": batch, "error": str(e)[:200]}
-        finally:
-            with_plan(None)
-        rows.append(r)
-        print(r, flush=True)
-        result["benchmark"] = rows
-        save()
+        for pairs_on in args.pairs if kernel != "torch" else ["device"]:
+            with_plan(plans.get(kernel) if variant != "bf16" else None, kernel if kernel in plans else "fused")
+            try:
+                r = bench_one(device, n, batch, variant, kernel, pairs_on)
+            except Exception as e:  # OOM or a plan that does not compile: the row says so, the run goes on
+                r = {"variant": variant, "kernel": kernel, "labels": n, "batch": batch, "error": str(e)[:200]}
+            finally:
+                with_plan(None)
+            r["pairs"] = pairs_on
+            rows.append(r)
+            print(r, flush=True)
+            result["benchmark"] = rows
+            save()
     result["compiled"] = compiled_report()
     for row in result["compiled"]:
         print(row)
@@ -504,7 +519,7 @@ def main() -> None:
             result["correctness"],
             CHECK_COLUMNS,
         )
-    print_table(rows, ["labels", "batch", "variant", "kernel", "ms", "peak_gib", "floor_ms", "x_floor"])
+    print_table(rows, ["labels", "batch", "variant", "kernel", "pairs", "ms", "peak_gib", "floor_ms", "x_floor"])
 
 
 if __name__ == "__main__":
