@@ -72,6 +72,9 @@ class TrainConfig:
     # title-map rows lift their recall@5 18.4 -> 35.7 % at +0.06 P@1 but cost 1.2 P@5 (3 seeds; the title-vector
     # rows: 33.5 % at -0.8 P@1, one seed; BENCHMARKS.md, labels without training points)
     zero_shot_unseen: bool = False
+    # zero_shot_unseen: the fraction of the training rows a nested run leaves out to choose how far below the map's
+    # intercept those rows sit (training/unseen_offset.py: about 0.9x more training time); 0: no nested run, offset 0
+    zero_shot_holdout: float = 0.1
     exclude_self: bool = True  # training filter pairs (a package's own label) get no gradient
     bias: bool = True  # per-label bias column, initialised from the label's training frequency
     kahan_labels: int = 4096  # fp8+kahan: compensated rows for the most frequent labels
@@ -158,6 +161,7 @@ class TrainConfig:
             ("frozen_max_length", self.frozen_max_length >= 1, ">= 1"),
             ("hf_max_length", self.hf_max_length >= 2, ">= 2 (a text's tokens and the special ones)"),
             ("label_init_gain", finite(self.label_init_gain), "a finite number"),
+            ("zero_shot_holdout", 0 <= self.zero_shot_holdout < 1, "a fraction in [0, 1) (0: off)"),
             ("kahan_labels", self.kahan_labels >= 0, ">= 0"),
             ("chunk_budget_mb", finite(self.chunk_budget_mb) and self.chunk_budget_mb > 0, "> 0"),
             ("epochs", self.epochs >= 1, ">= 1"),

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -155,12 +155,17 @@ def train(
     parallel: Parallelism | None = None,
     checkpointer: Checkpointer | None = None,
     on_step: Callable[[int], None] | None = None,
+    datasets: tuple[xd.XMCDataset, xd.XMCDataset] | None = None,
+    after_training: Callable[..., dict] | None = None,
 ) -> dict:
     """Train (or resume) per `cfg`; returns {"metrics", "metrics_master_bias", "history", "train_seconds", ...}.
 
     `parallel`: this process's part of a label-sharded run (default: the whole run). checkpointer: default
     `<cfg.out>/checkpoint/`. on_step(step) is called after each optimizer step (tests use it to kill a worker).
-    train_seconds counts data loading, featurization, model building and the steps; not evaluation or checkpoints.
+    datasets: (train, test) splits instead of cfg.data's. after_training(model, train_ds, test_ds, test_feats) (head
+    order) is called after the last epoch's evaluation; its dict is the result's "after_training".
+    train_seconds counts data loading, featurization, model building and the steps (and the nested run that chooses
+    the unseen labels' offset); not evaluation or checkpoints.
     """
     t0 = time.perf_counter()
     if cfg.threads:
@@ -171,7 +176,7 @@ def train(
     with checkpointer.restore() as ckpt_dir:
         ckpt = read_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     cfg = check_resume(ckpt.config if ckpt is not None else None, cfg)
-    train_ds, test_ds = load_data(cfg)
+    train_ds, test_ds = datasets if datasets is not None else load_data(cfg)
     recipe = None
     if ckpt is None:  # a resumed run's saved config already holds the recipe it started with
         if cfg.init_from:  # the artifact's encoder fields, before the recipe (which leaves them alone)
@@ -183,6 +188,9 @@ def train(
             print(f"recipe chosen from the training data (--recipe off: the defaults):\n  {lines}", flush=True)
     if cfg.batch_size < par.world:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {par.world} workers")
+    unseen_offset = None
+    if ckpt is None and wants_unseen_offset(cfg, train_ds, par):
+        unseen_offset = choose_unseen_offset(cfg, train_ds)
     (train_ds, test_ds), order = xd.reindex_by_frequency(train_ds, test_ds)
     warm: dict = {}
     model = build_model(cfg, train_ds, order, warm)
@@ -200,6 +208,7 @@ def train(
     state = {"step": 0, "epoch": 0, "batch": 0, "train_seconds": 0.0, "history": [], "metrics": {}}
     state["recipe"] = recipe.as_dict() if recipe is not None else {}
     state["warm_start"] = warm
+    state["unseen_offset"] = unseen_offset
     if ckpt is not None:
         for o, s in zip(opts, ckpt.common["optimizers"], strict=True):
             schedule = [{k: g[k] for k in ("base_lr", "warmup")} for g in o.param_groups]
@@ -311,6 +320,7 @@ def train(
                 labels=train_ds.labels[:, start:end],
                 texts=train_ds.texts,
                 exclude=f,
+                offset=(state.get("unseen_offset") or {}).get("offset", 0.0),
             )
         if state["epoch"] % max(1, cfg.eval_every) == 0 or state["epoch"] == cfg.epochs:
             m = par.evaluate(model, test_ds, test_feats, propensity)
@@ -338,7 +348,11 @@ def train(
         "recipe": state.get("recipe", {}),  # {field: {"value", "reason", "user_set"}} chosen at the run's start
         "warm_start": state.get("warm_start", {}),  # with init_from: what the artifact gave (`training.warm_start`)
         "zero_shot": state.get("zero_shot", {}),  # labels with no training point re-set: {calibration, labels}
+        # the offset of their rows, chosen on a held-out slice (`training.unseen_offset`); None: not chosen
+        "unseen_offset": state.get("unseen_offset"),
     }
+    if after_training is not None:
+        result["after_training"] = after_training(model, train_ds, test_ds, test_feats)
     whole = par.whole_model(model)
     if par.is_main:
         out = Path(cfg.out)
@@ -351,6 +365,56 @@ def train(
     summary = {k: result[k] for k in ("train_seconds", "step_ms", "comm_mb_per_step", "workers")}
     checkpointer.report({**result["metrics"], **summary, "step": state["step"], "epoch": state["epoch"]})
     return result
+
+
+def wants_unseen_offset(cfg: TrainConfig, train_ds: xd.XMCDataset, par: Parallelism) -> bool:
+    """Whether this run chooses its unseen labels' offset on a held-out slice: it re-sets them (zero_shot_unseen with
+    label_init and titled labels), some label has no training point, and it runs as one process (a label-sharded
+    run re-sets them with offset 0)."""
+    wanted = cfg.zero_shot_unseen and cfg.label_init and cfg.zero_shot_holdout > 0
+    if not (wanted and train_ds.label_titles and train_ds.texts is not None):
+        return False
+    if par.world > 1:
+        if par.is_main:
+            print("zero_shot_holdout: not in a label-sharded run; the unseen labels are re-set with offset 0")
+        return False
+    return bool((train_ds.label_counts() == 0).any()) and train_ds.num_rows >= 2
+
+
+def choose_unseen_offset(cfg: TrainConfig, train_ds: xd.XMCDataset) -> dict:
+    """The offset of the unseen labels' re-set rows (`training.unseen_offset`): a nested run of `cfg` (its recipe
+    already applied) on all but cfg.zero_shot_holdout of the training rows, in <out>/unseen-holdout, measured on the
+    rows left out. Returns `sweep_offsets`' dict."""
+    from training.unseen_offset import holdout_split, sweep_offsets
+
+    fit_ds, held_ds = holdout_split(train_ds, cfg.zero_shot_holdout, cfg.seed)
+    nested = replace(
+        cfg,
+        recipe="off",
+        zero_shot_unseen=False,
+        zero_shot_holdout=0.0,
+        export="",
+        checkpoint_every=-1,
+        eval_every=cfg.epochs,
+        resume=False,
+        stop_after=0,
+        out=str(Path(cfg.out) / "unseen-holdout"),
+    )
+    if cfg.progress:
+        print(
+            f"choosing the offset of the labels with no training point: a run on {fit_ds.num_rows} rows, "
+            f"{held_ds.num_rows} held out (--zero-shot-holdout {cfg.zero_shot_holdout:g}; 0: off)",
+            flush=True,
+        )
+
+    def sweep(model, fit, held, held_feats) -> dict:
+        return sweep_offsets(model, fit, held, held_feats, nested)
+
+    chosen = train(nested, datasets=(fit_ds, held_ds), after_training=sweep)["after_training"]
+    if cfg.progress:
+        curve = ", ".join(f"{c['offset']:g}: {c['P@1']:.2f}/{c['unseen_R@5']:.1f}" for c in chosen["curve"])
+        print(f"offset {chosen['offset']:g} (held-out P@1/unseen R@5 by offset: {curve})", flush=True)
+    return chosen
 
 
 def finish(cfg: TrainConfig, model: XMCModel, train_ds, test_ds, test_feats, counts: np.ndarray, result: dict) -> None:

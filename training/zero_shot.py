@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -211,12 +211,40 @@ def reset_unseen(
     labels: sp.spmatrix | None = None,
     texts: Sequence[str] | None = None,
     exclude: np.ndarray | None = None,
+    offset: float = 0.0,
 ) -> dict:
     """Re-set the rows of the labels with no training point (head order: titles[j], counts[j] are row j's) to their
     zero-shot rows through the trained encoder, with `calibrate`'s calibration of this model; training pushed only
     negatives into them. With the training split's `labels` (rows x head labels) and `texts` (and its filter pairs
-    `exclude`), the rows come from the title map fitted on them (`fit_title_map`, what export stores). Returns
-    {"calibration", "labels"} (how many were re-set) and "title_map" (its details, or None), for metrics.json."""
+    `exclude`), the rows come from the title map fitted on them (`fit_title_map`, what export stores). `offset`
+    (logits) moves their biases (`set_unseen`). Returns {"calibration", "labels"} (how many were re-set), "offset"
+    and "title_map" (its details, or None), for metrics.json."""
+    cal, title_map = unseen_source(
+        model, titles, counts, gain=gain, num_rows=num_rows, method=method, labels=labels, texts=texts, exclude=exclude
+    )
+    count = set_unseen(model, titles, counts, cal, title_map, offset)
+    return {
+        "calibration": cal.as_dict(),
+        "labels": count,
+        "offset": float(offset),
+        "title_map": None if title_map is None else title_map.details,
+    }
+
+
+def unseen_source(
+    model: XMCModel,
+    titles: Sequence[str],
+    counts: np.ndarray,
+    *,
+    gain: float,
+    num_rows: int,
+    method: str = DEFAULT_CALIBRATION,
+    labels: sp.spmatrix | None = None,
+    texts: Sequence[str] | None = None,
+    exclude: np.ndarray | None = None,
+) -> tuple[Calibration, TitleMap | None]:
+    """(calibration, title map or None) that `reset_unseen` gives labels with no training point (its arguments),
+    measured with the model in eval mode."""
     was_training = model.training
     model.eval()
     try:
@@ -224,15 +252,34 @@ def reset_unseen(
         title_map = None
         if labels is not None and texts is not None:
             title_map = fit_title_map(model, titles, labels, texts, cal, exclude=exclude)
-        unseen = np.flatnonzero(np.asarray(counts) == 0)
+    finally:
+        model.train(was_training)
+    return cal, title_map
+
+
+def set_unseen(
+    model: XMCModel,
+    titles: Sequence[str],
+    counts: np.ndarray,
+    cal: Calibration,
+    title_map: TitleMap | None,
+    offset: float = 0.0,
+) -> int:
+    """Re-set the rows with counts[j] == 0 to the zero-shot rows of their titles (`set_rows`), their biases moved by
+    `offset` logits (how far below the trained labels' the rows of labels no point trained want to sit: chosen on a
+    held-out slice of the training rows, `training.unseen_offset`); returns how many rows were re-set."""
+    if title_map is not None:
+        title_map = replace(title_map, intercept=title_map.intercept + float(offset))
+    else:
+        cal = replace(cal, bias=cal.bias + float(offset))
+    unseen = np.flatnonzero(np.asarray(counts) == 0)
+    was_training = model.training
+    model.eval()
+    try:
         set_rows(model, unseen, [titles[j] for j in unseen], cal, title_map)
     finally:
         model.train(was_training)
-    return {
-        "calibration": cal.as_dict(),
-        "labels": int(len(unseen)),
-        "title_map": None if title_map is None else title_map.details,
-    }
+    return int(len(unseen))
 
 
 def config_calibration(gain: float, num_rows: int) -> Calibration:

@@ -160,7 +160,14 @@ def test_training_resets_labels_without_points_to_zero_shot_rows_that_rank_their
     cfg = dict(dim=32, epochs=3, batch_size=32, min_df=1, precision="fp8", progress=False, threads=2)
     art_path = tmp_path / "artifact"
     result = run(
-        TrainConfig(data=str(data), out=str(tmp_path / "run"), export=str(art_path), zero_shot_unseen=True, **cfg)
+        TrainConfig(
+            data=str(data),
+            out=str(tmp_path / "run"),
+            export=str(art_path),
+            zero_shot_unseen=True,
+            zero_shot_holdout=0.0,  # offset 0: the map's own rows (the offset: test_unseen_offset.py)
+            **cfg,
+        )
     )
     model, saved, _ = model_from_checkpoint(tmp_path / "run")
     trn = permute_labels(read_lf(data, "trn"), model.label_order.numpy())
