@@ -9,16 +9,22 @@ its weights converted to bf16 to travel to the GPU machine). Each run is `traini
 Reported per run: P@1/3/5, nDCG@5, PSP@5 (%), training seconds (tokenization, label-feature init and the steps;
 evaluation excluded) and the peak GPU memory. Rows are appended to --out after each run (a run cut short keeps the
 finished ones); a table is printed at the end, with the mean and spread over seeds.
+
+--time-steps N: what fine-tuning costs where a full run does not fit (this 2-core CPU): each run stops after N steps;
+reported are the seconds before the first step (tokenizer, label-feature init through the encoder), the median step
+(the first 3 left out), and the epoch and the whole run they extrapolate to (steps per epoch x median step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from training.config import load_config  # noqa: E402
+from training.data import read_lf  # noqa: E402
 from training.train import train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -34,6 +41,51 @@ METRICS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
 
 
 def run_one(dataset: str, precision: str, seed: int, args: argparse.Namespace) -> dict:
+    if args.time_steps:
+        return time_steps(dataset, precision, seed, args)
+    cfg = run_config(dataset, precision, seed, args)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train(cfg)
+    m = result["metrics"]
+    return {
+        "dataset": dataset,
+        "precision": precision,
+        "seed": seed,
+        **{k: round(m[k], 2) for k in METRICS},
+        "train_s": round(result["train_seconds"], 1),
+        "peak_gib": None if result.get("peak_gib") is None else round(result["peak_gib"], 2),
+        "overrides": json.loads(args.overrides),
+    }
+
+
+def time_steps(dataset: str, precision: str, seed: int, args: argparse.Namespace) -> dict:
+    """--time-steps: N steps of the run, timed; the epoch and the run extrapolated from the median step."""
+    cfg = replace(run_config(dataset, precision, seed, args), stop_after=args.time_steps, checkpoint_every=-1)
+    stamps = [time.perf_counter()]
+    train(cfg, on_step=lambda step: stamps.append(time.perf_counter()))
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)][3:]
+    median = statistics.median(steps)
+    rows = len(read_lf(cfg.data, "trn").labels.indptr) - 1
+    per_epoch = math.ceil(rows / cfg.batch_size)
+    return {
+        "dataset": dataset,
+        "precision": precision,
+        "seed": seed,
+        "timed_steps": len(steps),
+        "setup_s": round(stamps[1] - stamps[0] - median, 1),  # before the first step
+        "step_s": round(median, 3),
+        "batch_size": cfg.batch_size,
+        "steps_per_epoch": per_epoch,
+        "epoch_min": round(per_epoch * median / 60, 1),
+        "run_min": round(cfg.epochs * per_epoch * median / 60, 1),
+        "threads": torch.get_num_threads(),
+        "overrides": json.loads(args.overrides),
+    }
+
+
+def run_config(dataset: str, precision: str, seed: int, args: argparse.Namespace):
+    """The run's config: what `elmo train` builds from these flags (the recipe leaves what is given alone)."""
     overrides = json.loads(args.overrides)
     given = {
         "data": str(Path(args.data) / dataset),
@@ -46,20 +98,7 @@ def run_one(dataset: str, precision: str, seed: int, args: argparse.Namespace) -
         "progress": not args.quiet,
         **overrides,
     }
-    cfg = load_config(None, given)  # as `elmo train` with these flags: the recipe leaves what is given alone
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    result = train(cfg)
-    m = result["metrics"]
-    return {
-        "dataset": dataset,
-        "precision": precision,
-        "seed": seed,
-        **{k: round(m[k], 2) for k in METRICS},
-        "train_s": round(result["train_seconds"], 1),
-        "peak_gib": None if result.get("peak_gib") is None else round(result["peak_gib"], 2),
-        "overrides": overrides,
-    }
+    return load_config(None, given)
 
 
 def _append(path: Path, row: dict) -> None:
@@ -80,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default="runs/finetune")
     p.add_argument("--out", default="finetune.json")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--time-steps", type=int, default=0, help="stop each run after N steps and extrapolate (module doc)")
     args = p.parse_args(argv)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -94,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({**run_one(dataset, precision, seed, args), **meta})
                 _append(Path(args.out), rows[-1])
                 print(json.dumps(rows[-1]), flush=True)
+    if args.time_steps:
+        return
     print("| dataset | head | seeds | P@1 | P@3 | P@5 | PSP@5 | train s | peak GiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     groups: dict[tuple[str, str], list[dict]] = {}
