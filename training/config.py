@@ -68,9 +68,9 @@ class TrainConfig:
     label_init_gain: float = 20.0  # logit of a text identical to the title at init
     # with label_init: at the end of training, the labels with no training point get their zero-shot rows (the
     # title map's rows, fitted then on the trained labels, else the trained encoder's vector of the title:
-    # training/zero_shot.py), replacing the rows that only negatives trained. Off by default: on DebianDeps the
-    # title-map rows lift their recall@5 18.4 -> 35.7 % at +0.06 P@1 but cost 1.2 P@5 (3 seeds; the title-vector
-    # rows: 33.5 % at -0.8 P@1, one seed; BENCHMARKS.md, labels without training points)
+    # training/zero_shot.py), replacing the rows that only negatives trained. The recipe turns it on where labels
+    # have no point and there are >= 10,000 training rows (DebianDeps, 3 seeds, offset chosen on a held-out slice:
+    # BENCHMARKS.md, labels without training points)
     zero_shot_unseen: bool = False
     # zero_shot_unseen: the fraction of the training rows a nested run leaves out to choose how far below the map's
     # intercept those rows sit (training/unseen_offset.py: about 0.9x more training time); 0: no nested run, offset 0

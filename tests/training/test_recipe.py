@@ -12,6 +12,8 @@ from training.data import make_synthetic
 from training.recipe import (
     DENSE_POINTS_PER_LABEL,
     RESEMBLANCE_THRESHOLD,
+    UNSEEN_MIN_ROWS,
+    DataShape,
     choose,
     measure,
     recipe_for,
@@ -75,8 +77,34 @@ def test_a_dense_label_space_gets_the_small_batch_low_head_lr_and_mlp():
         "head_lr": defaults.head_lr,
         "mlp_hidden": defaults.mlp_hidden,
         "encoder_lr": defaults.encoder_lr,
+        "zero_shot_unseen": False,  # 1,000 rows: too few to hold out a slice
     }
     assert all("sparse label space, the default" in _reasons(plain)[k] for k in ("batch_size", "mlp_hidden"))
+
+
+def _shape(**given) -> DataShape:
+    """A DebianDeps-like shape (42K labels, 41K rows, 6K without a point, titles that resemble the items)."""
+    base = dict(num_labels=42242, num_rows=40952, unseen_labels=6340, labels_per_point=5.26, points_per_label=5.1)
+    return DataShape(**{**base, "title_similarity": 0.18, "random_similarity": 0.01, **given})
+
+
+def test_labels_without_points_are_re_set_where_there_are_rows_to_choose_their_offset():
+    got = choose(TrainConfig(), _shape())
+    assert _values(got)["zero_shot_unseen"] is True
+    assert "6340 of 42242 labels have no training point" in _reasons(got)["zero_shot_unseen"]
+    assert "0.1 of the training rows held out" in _reasons(got)["zero_shot_unseen"]
+    assert "offset 0" in _reasons(choose(TrainConfig(zero_shot_holdout=0.0), _shape()))["zero_shot_unseen"]
+    for shape, why in (
+        (_shape(unseen_labels=0), "every label has a training point"),
+        (_shape(num_rows=UNSEEN_MIN_ROWS - 1), "too few to hold out"),
+        (_shape(title_similarity=0.02), "no label-feature init"),  # titles unlike the items: no label init
+    ):
+        lever = next(lv for lv in choose(TrainConfig(), shape).levers if lv.field == "zero_shot_unseen")
+        assert lever.value is False and why in lever.reason, (shape, lever)
+    hf = choose(TrainConfig(encoder="hf", hf_path="m"), _shape())
+    assert _values(hf)["zero_shot_unseen"] is False and "transformer" in _reasons(hf)["zero_shot_unseen"]
+    mine = load_config(None, {"zero_shot_unseen": False})  # the user's choice wins, even at the default value
+    assert choose(mine, _shape()).apply(mine).zero_shot_unseen is False
 
 
 def test_the_small_planted_sets_of_the_tests_keep_the_defaults():
@@ -149,5 +177,6 @@ def test_a_run_records_its_recipe_and_a_resumed_run_keeps_it(tmp_path, capsys):
         "head_lr": 0.004,
         "mlp_hidden": 2048,
         "encoder_lr": 0.0015,
+        "zero_shot_unseen": False,
     }
     assert "dense label space" in written["mlp_hidden"]["reason"] and not written["head_lr"]["user_set"]
