@@ -58,7 +58,7 @@ def make_head(num_labels: int, dim: int, dtype: torch.dtype, device, chunk: int 
     return chunks
 
 
-def make_batch(batch: int, dim: int, num_labels: int, device, seed: int, pairs_on: str | None = None):
+def make_batch(batch: int, dim: int, num_labels: int, device, seed: int, pairs_on: str = "cpu"):
     """x on `device`; the pairs on `pairs_on` (default: the CPU, where the trainer keeps them: the head step then
     checks and sorts them without a device synchronisation)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -67,7 +67,7 @@ def make_batch(batch: int, dim: int, num_labels: int, device, seed: int, pairs_o
     ranks = torch.distributions.Pareto(torch.tensor(1.0), torch.tensor(1.1)).sample((batch * 5,)).long() - 1
     cols = ranks.clamp(max=num_labels - 1)
     rows = torch.arange(batch).repeat_interleave(5)
-    where = device if pairs_on in ("device", device) else "cpu"
+    where = device if pairs_on == "device" else "cpu"
     return x, rows.to(where), cols.to(where)
 
 
@@ -105,7 +105,7 @@ def check_case(device, name, batch, labels, dim, dtype, fp8_dots, kahan_rows, ex
     """Every Triton kernel vs the reference (and vs fp64 math when asked) on one problem."""
     torch.manual_seed(hash(name) % 1000)
     w0 = make_head(labels, dim, dtype, device, chunk=chunk)
-    x, rows, cols = make_batch(batch, dim, labels, device, seed=1, pairs_on=device)  # the device-pair path
+    x, rows, cols = make_batch(batch, dim, labels, device, seed=1, pairs_on="device")  # the device-pair path
     ex = {}
     if exclude:
         ex = {

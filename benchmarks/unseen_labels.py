@@ -53,6 +53,7 @@ from training.evaluation import filter_pairs  # noqa: E402
 from training.metrics import XMCMetrics  # noqa: E402
 from training.model import HeadConfig, XMCHead, XMCModel  # noqa: E402
 from training.train import train  # noqa: E402
+from training.unseen_offset import target_pairs  # noqa: E402
 from training.zero_shot import (  # noqa: E402
     CALIBRATIONS,
     Calibration,
@@ -94,9 +95,7 @@ def recall(top: np.ndarray, truth: sp.csr_matrix, targets: np.ndarray, ks=(5, 10
     y = sp.csr_matrix(truth, dtype=bool)
     mask = np.zeros(y.shape[1], dtype=bool)
     mask[targets] = True
-    coo = y.tocoo()
-    keep = mask[coo.col]
-    rows, cols = coo.row[keep], coo.col[keep]
+    rows, cols = target_pairs(y, mask)
     out: dict = {"pairs": int(len(rows)), "labels_in_test": int(len(np.unique(cols)))}
     if not len(rows):
         return out

@@ -18,6 +18,7 @@ of the training split lands there (BENCHMARKS.md, labels without training points
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from training import data as xd
@@ -42,18 +43,19 @@ def holdout_split(ds: xd.XMCDataset, fraction: float, seed: int) -> tuple[xd.XMC
     return ds.subset(np.sort(perm[held:])), ds.subset(np.sort(perm[:held]))
 
 
-def unseen_recall(ids: torch.Tensor, labels, unseen: np.ndarray) -> tuple[int, int]:
-    """(found, total): the (row, label) pairs of `labels` (rows x L CSR) with an `unseen` label (bool per label), and
+def target_pairs(labels: sp.spmatrix, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, labels) of the (row, label) pairs of `labels` (rows x L) whose label is a target (bool per label)."""
+    coo = sp.coo_matrix(labels)
+    keep = targets[coo.col]
+    return coo.row[keep], coo.col[keep]
+
+
+def unseen_recall(ids: torch.Tensor, labels: sp.spmatrix, unseen: np.ndarray) -> tuple[int, int]:
+    """(found, total): the (row, label) pairs of `labels` (rows x L) with an `unseen` label (bool per label), and
     how many of them are among the row's ranked `ids` (rows, k)."""
-    y = labels.tocsr()
-    found = total = 0
-    for r in range(y.shape[0]):
-        true = y.indices[y.indptr[r] : y.indptr[r + 1]]
-        true = true[unseen[true]]
-        if len(true):
-            total += len(true)
-            found += int(np.isin(true, ids[r].numpy()).sum())
-    return found, total
+    rows, cols = target_pairs(labels, unseen)
+    found = (np.asarray(ids)[rows] == cols[:, None]).any(1).sum() if len(rows) else 0
+    return int(found), int(len(rows))
 
 
 def sweep_offsets(
